@@ -1,0 +1,51 @@
+# pg_tenancy: `make demo` shows it working, `make test` runs every test.
+# Both install what they need first (scripts/deps.sh is idempotent).
+
+PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
+export PGT_ROOT ?= /tmp/pg_tenancy
+export PGT_PORT ?= 5499
+PGRX_TEST_DATA ?= /tmp/pg_tenancy-pgrx-test
+PYTEST = target/venv/bin/pytest
+
+.PHONY: all deps install cluster demo test test-unit test-regress test-scenarios bench stop clean
+
+all: install
+
+deps:
+	@scripts/deps.sh
+
+## Build (release) and install the extension into the system PostgreSQL 15.
+install: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+## (Re)start the throwaway cluster, so the postmaster preloads the library just installed.
+cluster: install
+	@scripts/cluster.sh restart
+
+## Build, install, start a cluster with pg_tenancy preloaded, and run the tour.
+demo: cluster
+	@scripts/demo.sh
+
+## Every test: #[pg_test] internals, pg_regress suites, multi-session scenarios (pgbouncer too).
+test: deps test-unit test-regress test-scenarios
+
+test-unit: deps
+	rm -rf $(PGRX_TEST_DATA)
+	CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=$(PGRX_TEST_DATA) cargo pgrx test pg15
+
+test-regress: cluster
+	@scripts/regress.sh
+
+test-scenarios: cluster
+	$(PYTEST) -q -p no:cacheprovider pg_test/scenarios
+
+## Benchmarks (see bench/README.md).
+bench: cluster
+	@bench/run.sh
+
+stop:
+	@scripts/cluster.sh stop
+
+clean: stop
+	@scripts/cluster.sh destroy
+	cargo clean

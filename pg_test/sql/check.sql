@@ -1,0 +1,48 @@
+-- tenancy.check(): the pre-go-live checklist.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+DROP ROLE IF EXISTS regress_bypass;
+CREATE ROLE regress_bypass LOGIN BYPASSRLS;
+SET ROLE regress_owner;
+CREATE TABLE app.unprotected (tenant_id text, x int);
+CREATE TABLE app.customers (tenant_id text NOT NULL, id int NOT NULL, email text,
+                            PRIMARY KEY (tenant_id, id));
+SELECT count(*) FROM tenancy.protect('app.customers');
+ALTER TABLE app.customers ADD CONSTRAINT customers_email_key UNIQUE (email);
+CREATE TABLE app.carts (tenant_id text NOT NULL, id int, customer_id int);
+SELECT count(*) FROM tenancy.protect('app.carts');
+ALTER TABLE app.carts ADD CONSTRAINT carts_id_key UNIQUE (tenant_id, id);
+CREATE UNIQUE INDEX customers_id_only ON app.customers (id);
+-- (validating a new foreign key reads every tenant's rows: FORCE RLS makes that the superuser's job)
+RESET ROLE;
+ALTER TABLE app.carts ADD CONSTRAINT carts_customer_fk FOREIGN KEY (customer_id) REFERENCES app.customers (id);
+SET ROLE regress_owner;
+CREATE TABLE app.payments (tenant_id text NOT NULL, cart int,
+    FOREIGN KEY (tenant_id, cart) REFERENCES app.carts (tenant_id, id));
+SELECT count(*) FROM tenancy.protect('app.payments', create_index => true);
+CREATE VIEW app.all_orders AS SELECT * FROM app.orders;
+CREATE VIEW app.my_orders WITH (security_invoker = true) AS SELECT * FROM app.orders;
+CREATE FUNCTION app.count_orders() RETURNS bigint LANGUAGE sql SECURITY DEFINER
+    AS $$ SELECT count(*) FROM app.orders $$;
+RESET ROLE;
+CREATE MATERIALIZED VIEW app.order_totals AS SELECT tenant_id, count(*) FROM app.events GROUP BY 1;
+GRANT SELECT ON tenancy.tenants TO PUBLIC;
+SELECT tenancy.grant_tenant('regress_reader', '*', 'read');
+SELECT * FROM tenancy.check() WHERE object NOT LIKE 'role postgres';
+-- fixing them clears the findings
+REVOKE SELECT ON tenancy.tenants FROM PUBLIC;
+SELECT tenancy.revoke_tenant('regress_reader', '*');
+DROP MATERIALIZED VIEW app.order_totals;
+DROP VIEW app.all_orders;
+DROP FUNCTION app.count_orders();
+ALTER TABLE app.carts DROP CONSTRAINT carts_customer_fk;
+DROP INDEX app.customers_id_only;
+ALTER TABLE app.customers DROP CONSTRAINT customers_email_key;
+DROP TABLE app.unprotected;
+DROP ROLE regress_bypass;
+SELECT severity, object, problem FROM tenancy.check() WHERE object NOT LIKE 'role postgres';
+
+-- clean up the cluster-wide roles
+DROP SCHEMA app, app2 CASCADE;
+DROP OWNED BY regress_app, regress_reader, regress_group, regress_member, regress_admin, regress_owner;
+DROP ROLE regress_app, regress_reader, regress_group, regress_member, regress_admin, regress_owner;

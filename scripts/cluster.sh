@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 cluster with pg_tenancy preloaded, run as the postgres user
+# (initdb and postgres refuse to run as root).
+#   cluster.sh start   create (if needed) and start it; idempotent
+#   cluster.sh stop    stop it
+#   cluster.sh destroy stop it and remove its files
+#   cluster.sh env     print the connection settings (PGHOST/PGPORT/PGUSER)
+set -euo pipefail
+
+BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+ROOT=${PGT_ROOT:-/tmp/pg_tenancy}
+PORT=${PGT_PORT:-5499}
+DATA=$ROOT/data
+SOCK=$ROOT/sock
+LOG=$ROOT/server.log
+as_pg() { sudo -u postgres "$@"; }
+
+case "${1:-start}" in
+start)
+    mkdir -p "$ROOT" "$SOCK"
+    chown postgres:postgres "$ROOT" "$SOCK"
+    if [ ! -s "$DATA/PG_VERSION" ]; then
+        as_pg "$BIN/initdb" -D "$DATA" -A trust -U postgres --no-sync >/dev/null
+        cat >>"$DATA/postgresql.conf" <<CONF
+# pg_tenancy test cluster
+shared_preload_libraries = 'pg_tenancy'
+listen_addresses = '127.0.0.1'
+port = $PORT
+unix_socket_directories = '$SOCK'
+max_connections = 200
+fsync = off
+log_line_prefix = '%m [%p] %u@%d '
+CONF
+    fi
+    if ! as_pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+        as_pg "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -w start >/dev/null
+    fi
+    echo "cluster: running on port $PORT (socket $SOCK), log $LOG"
+    ;;
+stop)
+    if [ -d "$DATA" ] && as_pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+        as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null
+    fi
+    ;;
+restart)
+    "$0" stop
+    "$0" start
+    ;;
+destroy)
+    "$0" stop
+    rm -rf "$ROOT"
+    ;;
+env)
+    echo "export PGHOST=$SOCK PGPORT=$PORT PGUSER=postgres"
+    ;;
+*)
+    echo "usage: $0 start|stop|restart|destroy|env" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what building and testing pg_tenancy needs, skipping whatever is already there.
+# Idempotent; safe to run on every `make demo` / `make test`.
+set -euo pipefail
+
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+PGRX_VERSION=0.18.1
+PACKAGES=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pgbouncer)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+    echo "deps: installing cargo-pgrx $PGRX_VERSION (a few minutes)"
+    cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+if ! grep -qs "pg15" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+    echo "deps: pointing pgrx at $PG_CONFIG"
+    cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+# Python driver and test runner for the multi-session scenarios, in a private venv.
+VENV=${VENV:-$(dirname "$0")/../target/venv}
+if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c 'import psycopg2' 2>/dev/null; then
+    echo "deps: creating $VENV (pytest, psycopg2)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check pytest psycopg2-binary
+fi
+echo "deps: ok"

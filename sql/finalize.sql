@@ -1,0 +1,490 @@
+-- pg_tenancy: the SQL half. Runs after the Rust functions exist.
+
+ALTER TABLE tenancy.tenants
+    ADD CONSTRAINT tenants_id_check CHECK (tenancy.valid_tenant_id(id));
+ALTER TABLE tenancy.grants
+    ADD CONSTRAINT grants_tenant_check CHECK (tenant = '*' OR tenancy.valid_tenant_id(tenant));
+
+------------------------------------------------------------------------------------------------
+-- Catalog changes invalidate every backend's cached context verifications (relcache
+-- invalidation of the changed table; see src/context.rs).
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy._catalog_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM tenancy._invalidate(TG_RELID);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.tenants
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.grants
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+
+------------------------------------------------------------------------------------------------
+-- Tenants
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.create_tenant(
+    id text, name text, plan text DEFAULT 'standard', region text DEFAULT 'default',
+    config jsonb DEFAULT '{}')
+RETURNS tenancy.tenants
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    r tenancy.tenants;
+BEGIN
+    IF id IS NULL OR NOT tenancy.valid_tenant_id(id) THEN
+        RAISE EXCEPTION 'invalid tenant id' USING ERRCODE = '22023',
+            DETAIL = 'A tenant id is 1 to 63 characters: letters, digits, ''_'', ''-'' and ''.''.',
+            HINT = 'UUID text is a valid tenant id.';
+    END IF;
+    IF name IS NULL OR btrim(name) = '' THEN
+        RAISE EXCEPTION 'tenant name must not be empty' USING ERRCODE = '22023',
+            HINT = 'Pass a display name as the second argument.';
+    END IF;
+    IF plan IS NULL OR region IS NULL THEN
+        RAISE EXCEPTION 'tenant plan and region must not be null' USING ERRCODE = '22023',
+            HINT = 'Omit them to get ''standard'' and ''default''.';
+    END IF;
+    IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
+        RAISE EXCEPTION 'tenant config must be a JSON object' USING ERRCODE = '22023',
+            HINT = 'For example ''{"flags": {"beta": true}}''.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM tenancy.tenants t WHERE t.id = id) THEN
+        RAISE EXCEPTION 'tenant already exists' USING ERRCODE = '42710',
+            HINT = 'Change it with tenancy.alter_tenant() or tenancy.set_status().';
+    END IF;
+    INSERT INTO tenancy.tenants (id, name, plan, region, config)
+    VALUES (id, name, plan, region, config)
+    RETURNING * INTO r;
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION tenancy.set_status(id text, status text)
+RETURNS tenancy.tenants
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    r tenancy.tenants;
+BEGIN
+    IF status IS NULL OR status NOT IN ('active', 'read_only', 'suspended', 'offboarded') THEN
+        RAISE EXCEPTION 'invalid tenant status' USING ERRCODE = '22023',
+            HINT = 'One of active, read_only, suspended, offboarded.';
+    END IF;
+    SELECT * INTO r FROM tenancy.tenants t WHERE t.id = id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant does not exist' USING ERRCODE = '42704',
+            HINT = 'Create it with tenancy.create_tenant(...).';
+    END IF;
+    IF r.status = 'offboarded' AND status <> 'offboarded' THEN
+        RAISE EXCEPTION 'an offboarded tenant cannot be reactivated' USING ERRCODE = '55000',
+            HINT = 'Offboarding is final; create a new tenant instead.';
+    END IF;
+    UPDATE tenancy.tenants t SET status = status, updated_at = now()
+     WHERE t.id = id RETURNING * INTO r;
+    RETURN r;
+END
+$$;
+
+CREATE FUNCTION tenancy.alter_tenant(
+    id text, name text DEFAULT NULL, plan text DEFAULT NULL, region text DEFAULT NULL,
+    config jsonb DEFAULT NULL)
+RETURNS tenancy.tenants
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    r tenancy.tenants;
+BEGIN
+    IF config IS NOT NULL AND jsonb_typeof(config) <> 'object' THEN
+        RAISE EXCEPTION 'tenant config must be a JSON object' USING ERRCODE = '22023',
+            HINT = 'config replaces the whole object; merge with old_config || patch first.';
+    END IF;
+    UPDATE tenancy.tenants t
+       SET name = coalesce(name, t.name), plan = coalesce(plan, t.plan),
+           region = coalesce(region, t.region), config = coalesce(config, t.config),
+           updated_at = now()
+     WHERE t.id = id RETURNING * INTO r;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant does not exist' USING ERRCODE = '42704',
+            HINT = 'Create it with tenancy.create_tenant(...).';
+    END IF;
+    RETURN r;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Grants (the checks live in src/grants.rs; these give the arguments their SQL types)
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.grant_tenant(role regrole, tenant text, scope text DEFAULT 'read_write')
+RETURNS void LANGUAGE sql VOLATILE
+AS $$ SELECT tenancy._grant_tenant($1::pg_catalog.oid, $2, $3) $$;
+
+CREATE FUNCTION tenancy.revoke_tenant(role regrole, tenant text)
+RETURNS boolean LANGUAGE sql VOLATILE
+AS $$ SELECT tenancy._revoke_tenant($1::pg_catalog.oid, $2) $$;
+
+------------------------------------------------------------------------------------------------
+-- Protection (the work is in src/protect.rs; these give the arguments their SQL types)
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.protect(rel regclass, tenant_column name DEFAULT 'tenant_id',
+                                create_index boolean DEFAULT false)
+RETURNS SETOF text LANGUAGE sql VOLATILE
+AS $$ SELECT tenancy._protect($1::pg_catalog.oid, $2::pg_catalog.text, $3) $$;
+
+CREATE FUNCTION tenancy.unprotect(rel regclass)
+RETURNS SETOF text LANGUAGE sql VOLATILE
+AS $$ SELECT tenancy._unprotect($1::pg_catalog.oid) $$;
+
+CREATE FUNCTION tenancy.protect_schema(schema name, tenant_column name DEFAULT 'tenant_id',
+                                       create_index boolean DEFAULT false)
+RETURNS SETOF text LANGUAGE sql VOLATILE
+AS $$ SELECT tenancy._protect_schema($1::pg_catalog.text, $2::pg_catalog.text, $3) $$;
+
+CREATE FUNCTION tenancy.policy_sql(rel regclass, tenant_column name DEFAULT 'tenant_id')
+RETURNS text LANGUAGE sql STABLE
+AS $$ SELECT tenancy._policy_sql($1::pg_catalog.oid, $2::pg_catalog.text) $$;
+
+------------------------------------------------------------------------------------------------
+-- Protection guard
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.truncate_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'TRUNCATE is refused on protected table %', TG_TABLE_NAME
+        USING ERRCODE = '42501',
+        DETAIL = 'TRUNCATE ignores row level security and would remove every tenant''s rows.',
+        HINT = 'Delete the current tenant''s rows with DELETE, or remove the protection with tenancy.unprotect().';
+END
+$$;
+
+-- The generated policies of a table, as text, for the guard to compare with what protect() made.
+CREATE FUNCTION tenancy._policy_fingerprint(rel regclass) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT string_agg(concat_ws('|', p.polname, p.polcmd, p.polpermissive, p.polroles::text,
+                                pg_get_expr(p.polqual, p.polrelid),
+                                pg_get_expr(p.polwithcheck, p.polrelid)), E'\n' ORDER BY p.polname)
+      FROM pg_policy p
+     WHERE p.polrelid = $1 AND p.polname IN ('tenancy_isolation', 'tenancy_write_guard')
+$$;
+
+-- What, if anything, weakens the protection of a protected table; NULL when intact.
+CREATE FUNCTION tenancy._protection_problem(rel regclass) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+        WHEN c.oid IS NULL THEN NULL
+        WHEN NOT c.relrowsecurity THEN 'row level security was disabled'
+        WHEN NOT c.relforcerowsecurity THEN 'row level security is no longer forced on the owner'
+        WHEN a.attnum IS NULL THEN 'the tenant column was dropped or renamed'
+        WHEN a.atttypid <> p.column_type THEN 'the tenant column was retyped'
+        WHEN tenancy._policy_fingerprint(c.oid) IS DISTINCT FROM p.fingerprint
+            THEN 'a generated tenancy policy was dropped or altered'
+        WHEN EXISTS (SELECT 1 FROM pg_policy x
+                      WHERE x.polrelid = c.oid AND x.polpermissive
+                        AND x.polname <> 'tenancy_isolation')
+            THEN 'another permissive policy was added: it would widen what each tenant can see'
+        WHEN NOT EXISTS (SELECT 1 FROM pg_trigger t
+                          WHERE t.tgrelid = c.oid AND t.tgname = 'tenancy_truncate_guard'
+                            AND t.tgenabled IN ('O', 'A'))
+            THEN 'the TRUNCATE guard trigger was dropped or disabled'
+        END
+      FROM tenancy.protected_tables p
+      LEFT JOIN pg_class c ON c.oid = p.rel
+      LEFT JOIN pg_attribute a ON a.attrelid = p.rel AND a.attname = p.tenant_column
+                              AND NOT a.attisdropped
+     WHERE p.rel = $1
+$$;
+
+CREATE FUNCTION tenancy._refuse_weakening(rel regclass, problem text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'the tenant isolation of table % cannot be weakened', rel
+        USING ERRCODE = '42501', DETAIL = problem,
+        HINT = 'Remove the protection on purpose with tenancy.unprotect(), or repair it with tenancy.protect().';
+END
+$$;
+
+-- Supported tenant column types for auto-protection.
+CREATE FUNCTION tenancy._has_tenant_column(rel regclass, col name) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                      AND a.atttypid IN ('text'::regtype, 'varchar'::regtype, 'uuid'::regtype,
+                                         'int4'::regtype, 'int8'::regtype))
+$$;
+
+-- ddl_command_end: refuse changes that weaken a protected table; protect new partitions and
+-- inheritance children of protected tables; protect new tables when pg_tenancy.auto_protect.
+CREATE FUNCTION tenancy._guard_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    problem text;
+    parent_col name;
+    col name := coalesce(nullif(current_setting('pg_tenancy.tenant_column', true), ''), 'tenant_id');
+BEGIN
+    FOR r IN
+        SELECT DISTINCT x.relid, x.tag
+          FROM (SELECT CASE d.classid
+                         WHEN 'pg_class'::regclass THEN d.objid
+                         WHEN 'pg_policy'::regclass
+                             THEN (SELECT polrelid FROM pg_policy WHERE oid = d.objid)
+                         WHEN 'pg_trigger'::regclass
+                             THEN (SELECT tgrelid FROM pg_trigger WHERE oid = d.objid)
+                       END AS relid,
+                       d.command_tag AS tag
+                  FROM pg_event_trigger_ddl_commands() d) x
+          JOIN pg_class c ON c.oid = x.relid AND c.relkind IN ('r', 'p')
+    LOOP
+        -- protect()/unprotect() of this very table is under way in this backend
+        CONTINUE WHEN tenancy._guard_exempt(r.relid);
+        IF EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = r.relid) THEN
+            problem := tenancy._protection_problem(r.relid);
+            IF problem IS NOT NULL THEN
+                PERFORM tenancy._refuse_weakening(r.relid, problem);
+            END IF;
+            -- partitions or children attached to a protected table are protected too
+            PERFORM tenancy.protect(i.inhrelid::regclass, p.tenant_column)
+               FROM pg_inherits i
+               JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+              WHERE i.inhparent = r.relid
+                AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhrelid);
+        ELSE
+            SELECT p.tenant_column INTO parent_col
+              FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+             WHERE i.inhrelid = r.relid
+             LIMIT 1;
+            IF parent_col IS NOT NULL THEN
+                PERFORM tenancy.protect(r.relid::regclass, parent_col);
+            ELSIF r.tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+                  AND coalesce(current_setting('pg_tenancy.auto_protect', true), 'off')::boolean
+                  AND tenancy._has_tenant_column(r.relid, col) THEN
+                PERFORM tenancy.protect(r.relid::regclass, col);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- sql_drop: forget dropped tables; refuse dropping a generated policy, the TRUNCATE guard or
+-- the tenant column of a protected table that stays.
+CREATE FUNCTION tenancy._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    problem text;
+BEGIN
+    DELETE FROM tenancy.protected_tables p
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND d.objid = p.rel::oid;
+    FOR r IN
+        SELECT DISTINCT p.rel
+          FROM pg_event_trigger_dropped_objects() d
+          JOIN tenancy.protected_tables p
+            ON p.rel::oid = to_regclass(quote_ident(d.address_names[1]) || '.'
+                                        || quote_ident(d.address_names[2]))::oid
+         WHERE d.object_type IN ('policy', 'trigger', 'table column', 'default value')
+    LOOP
+        IF NOT tenancy._guard_exempt(r.rel) THEN
+            problem := tenancy._protection_problem(r.rel);
+            IF problem IS NOT NULL THEN
+                PERFORM tenancy._refuse_weakening(r.rel, problem);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE EVENT TRIGGER tenancy_guard_ddl ON ddl_command_end
+    EXECUTE FUNCTION tenancy._guard_ddl();
+CREATE EVENT TRIGGER tenancy_guard_drop ON sql_drop
+    EXECUTE FUNCTION tenancy._guard_drop();
+
+------------------------------------------------------------------------------------------------
+-- tenancy.check(): the pre-go-live checklist items the database can verify itself.
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.check()
+RETURNS TABLE (severity text, object text, problem text, fix text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH prot AS (
+    SELECT p.rel, p.tenant_column,
+           (SELECT a.attnum FROM pg_attribute a
+             WHERE a.attrelid = p.rel AND a.attname = p.tenant_column AND NOT a.attisdropped) AS attnum
+      FROM tenancy.protected_tables p
+), col AS (
+    SELECT coalesce(nullif(current_setting('pg_tenancy.tenant_column', true), ''), 'tenant_id')::name AS name
+), findings AS (
+    -- tables with the tenant column that are not protected
+    SELECT 'ERROR' AS severity, c.oid::regclass::text AS object,
+           'table has a tenant column but is not protected' AS problem,
+           format('SELECT tenancy.protect(%L);', c.oid::regclass::text) AS fix
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = (SELECT name FROM col)
+                         AND NOT a.attisdropped
+     WHERE c.relkind IN ('r', 'p')
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+       AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
+       AND NOT EXISTS (SELECT 1 FROM prot WHERE prot.rel = c.oid)
+    UNION ALL
+    -- protected tables whose protection was weakened (RLS off, not forced, policies changed)
+    SELECT 'ERROR', p.rel::text, tenancy._protection_problem(p.rel),
+           format('SELECT tenancy.protect(%L, %L);', p.rel::text, p.tenant_column)
+      FROM prot p
+     WHERE tenancy._protection_problem(p.rel) IS NOT NULL
+    UNION ALL
+    -- the guard itself switched off
+    SELECT 'ERROR', 'event trigger ' || e.evtname, 'the pg_tenancy guard is disabled',
+           format('ALTER EVENT TRIGGER %I ENABLE;', e.evtname)
+      FROM pg_event_trigger e
+     WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled = 'D'
+    UNION ALL
+    -- roles that row level security does not apply to
+    SELECT 'WARNING', 'role ' || quote_ident(r.rolname),
+           CASE WHEN r.rolsuper
+                THEN 'role can log in as SUPERUSER: row level security does not apply to it'
+                ELSE 'role can log in with BYPASSRLS: row level security does not apply to it' END,
+           format('ALTER ROLE %I NOSUPERUSER NOBYPASSRLS; -- or NOLOGIN for a break-glass role',
+                  r.rolname)
+      FROM pg_roles r
+     WHERE r.rolcanlogin AND (r.rolsuper OR r.rolbypassrls)
+    UNION ALL
+    -- SECURITY DEFINER functions that mention a protected table
+    SELECT DISTINCT 'WARNING', 'function ' || f.oid::regprocedure::text,
+           'SECURITY DEFINER function mentions protected table ' || c.oid::regclass::text
+               || ': it runs with its owner''s rights',
+           format('ALTER FUNCTION %s SECURITY INVOKER;', f.oid::regprocedure)
+      FROM pg_proc f
+      JOIN pg_namespace n ON n.oid = f.pronamespace
+      CROSS JOIN prot p
+      JOIN pg_class c ON c.oid = p.rel
+     WHERE f.prosecdef
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+       AND f.prosrc ~* ('\m' || regexp_replace(c.relname, '([^[:alnum:]_])', '\\\1', 'g') || '\M')
+    UNION ALL
+    -- views without security_invoker and materialized views over protected tables
+    SELECT DISTINCT 'WARNING', v.oid::regclass::text,
+           CASE v.relkind WHEN 'm'
+                THEN 'materialized view copies protected table ' || p.rel::text
+                     || ' without row level security'
+                ELSE 'view over protected table ' || p.rel::text
+                     || ' is not security_invoker: it reads with its owner''s rights' END,
+           CASE v.relkind WHEN 'm'
+                THEN format('DROP MATERIALIZED VIEW %s; -- or protect a tenant-keyed table instead',
+                            v.oid::regclass)
+                ELSE format('ALTER VIEW %s SET (security_invoker = true);', v.oid::regclass) END
+      FROM pg_depend d
+      JOIN pg_rewrite rw ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
+      JOIN pg_class v ON v.oid = rw.ev_class
+      JOIN prot p ON d.refclassid = 'pg_class'::regclass AND d.refobjid = p.rel
+     WHERE v.oid <> p.rel
+       AND (v.relkind = 'm'
+            OR (v.relkind = 'v' AND NOT EXISTS (
+                    SELECT 1 FROM unnest(v.reloptions) o
+                     WHERE lower(o) IN ('security_invoker=true', 'security_invoker=on',
+                                        'security_invoker=1', 'security_invoker=yes'))))
+    UNION ALL
+    -- foreign keys to protected tables that do not carry the tenant column on both sides
+    SELECT 'WARNING', format('constraint %I on %s', k.conname, k.conrelid::regclass),
+           'foreign key to protected table ' || k.confrelid::regclass::text
+               || ' does not include the tenant column: a row can point at another tenant''s row, '
+               || 'and the error tells whether it exists',
+           'Make the key (tenant column, ...) on both sides, with a matching unique constraint.'
+      FROM pg_constraint k
+      JOIN prot b ON b.rel = k.confrelid
+      LEFT JOIN prot a ON a.rel = k.conrelid
+     WHERE k.contype = 'f' AND k.conparentid = 0
+       AND NOT (a.attnum IS NOT NULL AND b.attnum IS NOT NULL
+                AND array_position(k.conkey, a.attnum) IS NOT NULL
+                AND array_position(k.conkey, a.attnum) = array_position(k.confkey, b.attnum))
+    UNION ALL
+    -- unique constraints without the tenant column
+    SELECT 'WARNING', i.indexrelid::regclass::text,
+           'unique index on protected table ' || p.rel::text
+               || ' does not include the tenant column: a duplicate-key error tells a tenant '
+               || 'that another tenant has that value',
+           format('Make it unique on (%I, ...) instead.', p.tenant_column)
+      FROM pg_index i
+      JOIN prot p ON p.rel = i.indrelid
+     WHERE i.indisunique AND NOT (p.attnum = ANY (i.indkey::int2[]))
+       AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+    UNION ALL
+    -- no index leads with the tenant column
+    SELECT 'WARNING', p.rel::text, 'no index leads with the tenant column',
+           format('CREATE INDEX CONCURRENTLY ON %s (%I);', p.rel, p.tenant_column)
+      FROM prot p
+     WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = p.rel AND i.indkey[0] = p.attnum)
+    UNION ALL
+    -- nullable tenant column
+    SELECT 'WARNING', p.rel::text,
+           'tenant column allows NULL: such rows belong to no tenant and nobody can see them',
+           format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL;', p.rel, p.tenant_column)
+      FROM prot p
+      JOIN pg_attribute a ON a.attrelid = p.rel AND a.attnum = p.attnum
+     WHERE NOT a.attnotnull
+    UNION ALL
+    -- the extension's catalogs readable by PUBLIC
+    SELECT 'ERROR', c.oid::regclass::text,
+           'pg_tenancy catalog is readable by PUBLIC: every tenant could list the others',
+           format('REVOKE ALL ON %s FROM PUBLIC;', c.oid::regclass)
+      FROM pg_class c
+     WHERE c.relnamespace = 'tenancy'::regnamespace AND c.relkind IN ('r', 'v', 'm', 'p')
+       AND EXISTS (SELECT 1 FROM aclexplode(c.relacl) x WHERE x.grantee = 0)
+    UNION ALL
+    -- explicit all-tenants grants
+    SELECT 'WARNING', 'role ' || g.role::text,
+           format('role may enter every tenant (all-tenants grant, scope %s)', g.scope),
+           format('SELECT tenancy.revoke_tenant(%L, ''*'');', g.role::text)
+      FROM tenancy.grants g
+     WHERE g.tenant = '*'
+    UNION ALL
+    -- grants that point at nothing
+    SELECT 'INFO', 'grant ' || g.role::text || ' -> ' || g.tenant,
+           'grant for a tenant that does not exist or a role that was dropped',
+           format('DELETE FROM tenancy.grants WHERE role = %s AND tenant = %L;', g.role::oid, g.tenant)
+      FROM tenancy.grants g
+     WHERE (g.tenant <> '*' AND NOT EXISTS (SELECT 1 FROM tenancy.tenants t WHERE t.id = g.tenant))
+        OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.role)
+    UNION ALL
+    SELECT 'INFO', 'setting pg_tenancy.context_mode',
+           'the tenant context can be set with a plain tenant id (open mode)',
+           'ALTER SYSTEM SET pg_tenancy.context_mode = ''signed''; -- once the gateway mints tokens'
+     WHERE coalesce(current_setting('pg_tenancy.context_mode', true), 'open') = 'open'
+)
+SELECT f.severity, f.object, f.problem, f.fix
+  FROM findings f
+ ORDER BY CASE f.severity WHEN 'ERROR' THEN 0 WHEN 'WARNING' THEN 1 ELSE 2 END, f.object, f.problem
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Privileges: nothing by default, then exactly what applications and owners need.
+------------------------------------------------------------------------------------------------
+REVOKE ALL ON ALL TABLES IN SCHEMA tenancy FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA tenancy FROM PUBLIC;
+GRANT USAGE ON SCHEMA tenancy TO PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    tenancy.set_tenant(text, boolean),
+    tenancy.set_tenant_token(text, boolean),
+    tenancy.reset_tenant(),
+    tenancy.current_tenant(),
+    tenancy.writable_tenant(),
+    tenancy.has_tenant(),
+    tenancy.tenant_scope(),
+    tenancy.flag(text),
+    tenancy.config(text),
+    tenancy.valid_tenant_id(text),
+    tenancy.grant_tenant(regrole, text, text),
+    tenancy.revoke_tenant(regrole, text),
+    tenancy._grant_tenant(oid, text, text),
+    tenancy._revoke_tenant(oid, text),
+    tenancy.protect(regclass, name, boolean),
+    tenancy._protect(oid, text, boolean),
+    tenancy.protect_schema(name, name, boolean),
+    tenancy._protect_schema(text, text, boolean),
+    tenancy.policy_sql(regclass, name),
+    tenancy._policy_sql(oid, text),
+    tenancy.truncate_guard(),
+    tenancy._guard_exempt(oid),
+    tenancy._guard_ddl(),
+    tenancy._guard_drop()
+TO PUBLIC;

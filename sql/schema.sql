@@ -1,0 +1,51 @@
+-- pg_tenancy catalog tables. The schema "tenancy" itself is created by CREATE EXTENSION
+-- (control file: schema = tenancy). Nothing here is readable by PUBLIC: listing tenants
+-- would tell every tenant who the others are. Functions that need these tables read them as
+-- the schema owner (src/catalog.rs).
+
+CREATE TABLE tenancy.tenants (
+    id          text        PRIMARY KEY,
+    name        text        NOT NULL,
+    plan        text        NOT NULL DEFAULT 'standard',
+    region      text        NOT NULL DEFAULT 'default',
+    status      text        NOT NULL DEFAULT 'active'
+                CONSTRAINT tenants_status_check
+                CHECK (status IN ('active', 'read_only', 'suspended', 'offboarded')),
+    config      jsonb       NOT NULL DEFAULT '{}'
+                CONSTRAINT tenants_config_check CHECK (jsonb_typeof(config) = 'object'),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tenancy.tenants IS
+    'One row per tenant. config holds feature flags (config->''flags''), SLA and anything per tenant.';
+
+-- Which roles may enter which tenants. tenant = '*' is the explicit all-tenants grant.
+CREATE TABLE tenancy.grants (
+    role        regrole     NOT NULL,
+    tenant      text        NOT NULL,
+    scope       text        NOT NULL
+                CONSTRAINT grants_scope_check CHECK (scope IN ('read', 'read_write', 'admin')),
+    granted_by  regrole,
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (role, tenant)
+);
+CREATE INDEX grants_tenant_idx ON tenancy.grants (tenant);
+COMMENT ON TABLE tenancy.grants IS
+    'Tenant grants: a role enters only the tenants granted to it (directly or through membership).';
+
+-- Tables protected by tenancy.protect(). fingerprint is the text of the generated policies as
+-- created, so the guard can tell when they were altered.
+CREATE TABLE tenancy.protected_tables (
+    rel            regclass    PRIMARY KEY,
+    tenant_column  name        NOT NULL,
+    column_type    regtype     NOT NULL,
+    fingerprint    text,
+    protected_by   regrole,
+    protected_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tenancy.protected_tables IS
+    'Tables whose tenant isolation is generated and guarded by pg_tenancy.';
+
+SELECT pg_catalog.pg_extension_config_dump('tenancy.tenants', '');
+SELECT pg_catalog.pg_extension_config_dump('tenancy.grants', '');
+SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');

@@ -1,0 +1,420 @@
+//! The tenant context: the database side of "X-Tenant-ID is mandatory and validated".
+//!
+//! The context travels in one setting, `pg_tenancy.tenant`, whose value is a tenant id or a
+//! signed token. That makes it transaction-scoped by default (`SET LOCAL` semantics: safe behind
+//! transaction-pooling poolers), cleared by `DISCARD ALL`, and able to travel as a single
+//! `SET LOCAL` to other nodes, each of which verifies it on its own.
+//!
+//! The setting is never trusted: a check hook verifies every value when it is set, and
+//! [`resolve`] verifies it again, for the role running the statement, every time a policy reads
+//! it. Verification results are cached per backend; the cache is dropped when the extension's
+//! catalogs change (relcache invalidation, sent by triggers on those tables) or when a setting
+//! that governs verification changes.
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use crate::catalog;
+use crate::error::{OrRaise, Result, TenancyError};
+use crate::gucs::{self, ContextMode};
+use crate::token::{self, TokenError};
+
+/// 1 to 63 characters of letters, digits, `_`, `-` and `.` (UUID text fits).
+pub fn valid_tenant_id(id: &str) -> bool {
+    (1..=63).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// What a role may do inside a tenant, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Read,
+    ReadWrite,
+    Admin,
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "read" => Some(Scope::Read),
+            "read_write" => Some(Scope::ReadWrite),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::ReadWrite => "read_write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// A context value verified for one role.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    raw: String,
+    user: pg_sys::Oid,
+    pub tenant: String,
+    pub scope: Scope,
+    pub read_only: bool,
+    pub config: Option<String>,
+    /// `exp` of the token the context came from, re-checked at every use.
+    exp: Option<i64>,
+}
+
+const CACHE_CAPACITY: usize = 32;
+
+thread_local! {
+    static CACHE: RefCell<Vec<Verified>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Drop every cached verification (and the catalog OIDs they were read from).
+pub fn clear_cache() {
+    CACHE.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            c.clear();
+        }
+    });
+    catalog::forget();
+}
+
+pub fn init() {
+    // SAFETY: registers a #[pg_guard] callback once, from _PG_init.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+    }
+}
+
+/// Relcache invalidations of `tenancy.tenants` / `tenancy.grants` (sent by their triggers when
+/// rows change) or a full reset mean a cached verification may be stale.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let watched = match catalog::cached_ids() {
+        Some(ids) => relid == ids.tenants || relid == ids.grants,
+        None => false,
+    };
+    if relid == pg_sys::InvalidOid || watched {
+        clear_cache();
+    }
+}
+
+/// Assign hook of every setting that changes how a value verifies.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_setting_string(_new: *const c_char, _extra: *mut c_void) {
+    clear_cache();
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_setting_int(_new: i32, _extra: *mut c_void) {
+    clear_cache();
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn load_secret() -> Result<Vec<u8>> {
+    let secret = if let Some(s) = gucs::jwt_secret() {
+        s.into_bytes()
+    } else if let Some(path) = gucs::jwt_secret_file() {
+        let mut bytes = std::fs::read(path).map_err(|_| TenancyError::BadSecret("the secret file cannot be read"))?;
+        while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+            bytes.pop();
+        }
+        bytes
+    } else {
+        return Err(TenancyError::NoSecret);
+    };
+    if secret.len() < token::MIN_SECRET_LEN {
+        return Err(TenancyError::BadSecret("the secret is shorter than 32 bytes"));
+    }
+    Ok(secret)
+}
+
+fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
+    // SAFETY: superuser_arg only reads the role's catalog entry.
+    let is_super = unsafe { pg_sys::superuser_arg(user) };
+    let (tenant, exp) = if token::looks_like_token(raw) {
+        let secret = load_secret()?;
+        let claims = token::verify(raw, &secret, &gucs::tenant_claim(), now, gucs::jwt_leeway())
+            .map_err(TenancyError::Token)?;
+        (claims.tenant, Some(claims.exp))
+    } else {
+        if !valid_tenant_id(raw) {
+            return Err(TenancyError::InvalidTenantId);
+        }
+        if gucs::context_mode() == ContextMode::Signed && !is_super {
+            return Err(TenancyError::SignedModeRequired);
+        }
+        (raw.to_string(), None)
+    };
+    let access = catalog::tenant_access(&tenant, user)?;
+    let scope = if is_super {
+        Scope::Admin
+    } else {
+        // No grant: refuse before saying anything about the tenant, so a role cannot learn
+        // which tenants exist.
+        access
+            .scopes
+            .iter()
+            .filter_map(|s| Scope::parse(s))
+            .max()
+            .ok_or(TenancyError::NotPermitted)?
+    };
+    let read_only = match access.status.as_deref() {
+        None => return Err(TenancyError::UnknownTenant),
+        Some("active") => false,
+        Some("read_only") => true,
+        Some("suspended") => return Err(TenancyError::Unavailable("suspended")),
+        Some(_) => return Err(TenancyError::Unavailable("offboarded")),
+    };
+    Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp })
+}
+
+fn check_expiry(v: &Verified, now: i64) -> Result<()> {
+    match v.exp {
+        Some(exp) if now > exp.saturating_add(gucs::jwt_leeway()) => {
+            Err(TenancyError::Token(TokenError::Expired))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Verify `raw` for `user` (from the cache when possible) and hand the result to `f`.
+fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    let now = unix_now();
+    let mut f = Some(f);
+    let hit = CACHE.with(|c| {
+        let c = c.borrow();
+        c.iter().find(|v| v.user == user && v.raw.as_bytes() == raw).map(|v| {
+            check_expiry(v, now)?;
+            Ok((f.take().expect("called once"))(v))
+        })
+    });
+    if let Some(result) = hit {
+        return result;
+    }
+    let raw = std::str::from_utf8(raw).map_err(|_| TenancyError::InvalidTenantId)?;
+    let v = verify_fresh(raw, user, now)?;
+    check_expiry(&v, now)?;
+    let result = (f.take().expect("called once"))(&v);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= CACHE_CAPACITY {
+            c.remove(0);
+        }
+        c.push(v);
+    });
+    Ok(result)
+}
+
+/// Run `f` on the verified context of the role running the current statement.
+///
+/// This is the hot path (policies call it once per statement): on a cache hit it reads the
+/// setting in place, allocates nothing but what `f` returns, and runs no query.
+pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    // SAFETY: the setting's storage is a NUL-terminated string owned by the GUC machinery (or
+    // NULL); it is copied before anything that could change it runs (verify_fresh copies `raw`).
+    let raw: Vec<u8> = unsafe {
+        let p = *gucs::TENANT.as_ptr();
+        if p.is_null() {
+            return Err(TenancyError::NoContext);
+        }
+        CStr::from_ptr(p).to_bytes().to_vec()
+    };
+    if raw.is_empty() {
+        return Err(TenancyError::NoContext);
+    }
+    // SAFETY: GetUserId only reads a backend-local variable.
+    let user = unsafe { pg_sys::GetUserId() };
+    with_verified(&raw, user, f)
+}
+
+/// The verified context for the role running the current statement.
+pub fn resolve() -> Result<Verified> {
+    with_context(|v| v.clone())
+}
+
+/// Check hook of `pg_tenancy.tenant`: refuses, at SET time, any value the current role could
+/// not use. Outside a transaction (configuration reload, connection start) only the shape is
+/// checked; the value is verified again at first use anyway.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn check_tenant_guc(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
+    let value = unsafe {
+        let p = *newval;
+        if p.is_null() {
+            return true;
+        }
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    };
+    if value.is_empty() {
+        return true;
+    }
+    // SAFETY: plain reads of backend state.
+    let in_xact = unsafe { pg_sys::IsTransactionState() && pg_sys::ParallelWorkerNumber < 0 };
+    let outcome = if in_xact {
+        with_verified(value.as_bytes(), unsafe { pg_sys::GetUserId() }, |_| ())
+    } else if token::looks_like_token(&value) || valid_tenant_id(&value) {
+        Ok(())
+    } else {
+        Err(TenancyError::InvalidTenantId)
+    };
+    match outcome {
+        Ok(()) => true,
+        Err(e) => {
+            e.to_guc_check();
+            false
+        }
+    }
+}
+
+fn set_context(value: &str, session: bool) {
+    let name = c"pg_tenancy.tenant";
+    let value = CString::new(value).unwrap_or_default();
+    // SAFETY: valid NUL-terminated strings; errors are raised (elevel ERROR) as PostgreSQL errors.
+    unsafe {
+        let context = if pg_sys::superuser() {
+            pg_sys::GucContext::PGC_SUSET
+        } else {
+            pg_sys::GucContext::PGC_USERSET
+        };
+        let action =
+            if session { pg_sys::GucAction::GUC_ACTION_SET } else { pg_sys::GucAction::GUC_ACTION_LOCAL };
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            context,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+        if !session && !pg_sys::IsTransactionBlock() && !value.is_empty() {
+            pgrx::ereport!(
+                PgLogLevel::WARNING,
+                PgSqlErrorCode::ERRCODE_NO_ACTIVE_SQL_TRANSACTION,
+                "the tenant context lasts only until the end of this statement",
+                "Call it inside BEGIN ... COMMIT, or pass session => true for a session-wide context."
+            );
+        }
+    }
+}
+
+/// Enter a tenant for the rest of the transaction (or the session, when asked).
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_tenant(tenant: Option<&str>, session: default!(bool, false)) -> String {
+    let tenant = tenant.ok_or(TenancyError::InvalidArgument("tenant")).or_raise();
+    if tenant.is_empty() || token::looks_like_token(tenant) {
+        // A token is not a tenant id: refuse rather than guess what the caller meant.
+        TenancyError::InvalidTenantId.raise();
+    }
+    set_context(tenant, session);
+    resolve().or_raise().tenant
+}
+
+/// Enter the tenant named by a signed token (HS256 JWT) for the transaction or the session.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> String {
+    let token = token.ok_or(TenancyError::InvalidArgument("token")).or_raise();
+    if !token::looks_like_token(token) {
+        TenancyError::Token(TokenError::Malformed).raise();
+    }
+    set_context(token, session);
+    resolve().or_raise().tenant
+}
+
+/// Leave the tenant: no context, so protected tables refuse every statement.
+#[pg_extern(volatile, parallel_unsafe)]
+fn reset_tenant() {
+    set_context("", true);
+}
+
+/// The current tenant; raises 28000 when there is none. Policies call it once per statement.
+#[pg_extern(stable, parallel_safe)]
+fn current_tenant() -> String {
+    with_context(|v| v.tenant.clone()).or_raise()
+}
+
+/// The current tenant, if it may be written: raises 25006 for a read_only tenant and 42501 for
+/// a role whose grant has scope 'read'. Write policies call it.
+#[pg_extern(stable, parallel_safe)]
+fn writable_tenant() -> String {
+    with_context(|v| {
+        if v.read_only {
+            Err(TenancyError::ReadOnly)
+        } else if v.scope < Scope::ReadWrite {
+            Err(TenancyError::ReadScope)
+        } else {
+            Ok(v.tenant.clone())
+        }
+    })
+    .and_then(|r| r)
+    .or_raise()
+}
+
+/// Whether a usable tenant context is set (never raises for a missing or refused context).
+#[pg_extern(stable, parallel_safe)]
+fn has_tenant() -> bool {
+    with_context(|_| ()).is_ok()
+}
+
+/// The scope the current role holds in the current tenant: read, read_write or admin.
+#[pg_extern(stable, parallel_safe)]
+fn tenant_scope() -> &'static str {
+    with_context(|v| v.scope.as_str()).or_raise()
+}
+
+fn current_config() -> serde_json::Value {
+    with_context(|v| {
+        v.config
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or(serde_json::Value::Null)
+    })
+    .or_raise()
+}
+
+/// Feature flag of the current tenant: `config -> 'flags' -> name` is JSON true.
+#[pg_extern(stable, parallel_safe)]
+fn flag(name: &str) -> bool {
+    current_config().get("flags").and_then(|f| f.get(name)) == Some(&serde_json::Value::Bool(true))
+}
+
+/// One key of the current tenant's configuration (NULL when absent).
+#[pg_extern(stable, parallel_safe)]
+fn config(key: &str) -> Option<JsonB> {
+    current_config().get(key).cloned().map(JsonB)
+}
+
+/// Whether `id` is a well-formed tenant id.
+#[pg_extern(immutable, parallel_safe, strict, name = "valid_tenant_id")]
+fn valid_tenant_id_sql(id: &str) -> bool {
+    valid_tenant_id(id)
+}
+
+/// Invalidate every backend's cached context verifications (fired by the catalog triggers).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _invalidate(rel: pg_sys::Oid) {
+    // SAFETY: queues a relcache invalidation message for an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
+}
+
+/// Mint a token: for tests, the demo and the benchmark. Superuser-only (see finalize.sql).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _sign_token(payload: JsonB) -> String {
+    let secret = load_secret().or_raise();
+    token::sign(&payload.0, &secret)
+}

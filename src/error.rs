@@ -1,0 +1,161 @@
+//! Every error pg_tenancy raises: a SQLSTATE a client can catch, a message, a detail and a hint.
+//!
+//! Messages never carry row values, tokens, secrets or the tenant id a caller tried: a refused
+//! attempt must not teach the caller anything about other tenants (not even whether they exist).
+use pgrx::pg_sys;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+use std::ffi::CString;
+
+use crate::token::TokenError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenancyError {
+    #[error("no tenant context is set")]
+    NoContext,
+    #[error("permission denied to enter tenant")]
+    NotPermitted,
+    #[error("tenant does not exist")]
+    UnknownTenant,
+    #[error("tenant is {0}")]
+    Unavailable(&'static str),
+    #[error("tenant is read-only")]
+    ReadOnly,
+    #[error("role has read-only access to the current tenant")]
+    ReadScope,
+    #[error("invalid tenant id")]
+    InvalidTenantId,
+    #[error("tenant token rejected")]
+    Token(TokenError),
+    #[error("the tenant context can only be set with a signed token")]
+    SignedModeRequired,
+    #[error("no tenant token secret is configured")]
+    NoSecret,
+    #[error("tenant token secret is unusable")]
+    BadSecret(&'static str),
+    #[error("pg_tenancy is not installed in this database")]
+    NotInstalled,
+    #[error("invalid value for {0}")]
+    InvalidArgument(&'static str),
+    #[error("permission denied: {0}")]
+    Denied(&'static str),
+}
+
+impl TenancyError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            TenancyError::NoContext => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION, // 28000
+            TenancyError::NotPermitted
+            | TenancyError::ReadScope
+            | TenancyError::SignedModeRequired
+            | TenancyError::Denied(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
+            TenancyError::UnknownTenant => ERRCODE_UNDEFINED_OBJECT,    // 42704
+            TenancyError::Unavailable(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
+            TenancyError::ReadOnly => ERRCODE_READ_ONLY_SQL_TRANSACTION, // 25006
+            TenancyError::InvalidTenantId | TenancyError::InvalidArgument(_) => {
+                ERRCODE_INVALID_PARAMETER_VALUE // 22023
+            }
+            TenancyError::Token(_) => ERRCODE_INVALID_PASSWORD, // 28P01
+            TenancyError::NoSecret | TenancyError::BadSecret(_) => ERRCODE_CONFIG_FILE_ERROR, // F0000
+            TenancyError::NotInstalled => ERRCODE_INVALID_SCHEMA_NAME, // 3F000
+        }
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            TenancyError::Token(e) => Some(e.to_string()),
+            TenancyError::InvalidTenantId => Some(
+                "A tenant id is 1 to 63 characters: letters, digits, '_', '-' and '.'.".into(),
+            ),
+            TenancyError::BadSecret(why) => Some((*why).to_string()),
+            TenancyError::NotPermitted => Some(
+                "The role has no grant for that tenant, or the tenant does not exist.".into(),
+            ),
+            _ => None,
+        }
+    }
+
+    pub fn hint(&self) -> &'static str {
+        match self {
+            TenancyError::NoContext => {
+                "Call tenancy.set_tenant(...) or tenancy.set_tenant_token(...) in this transaction."
+            }
+            TenancyError::NotPermitted => {
+                "A superuser grants access with tenancy.grant_tenant(role, tenant, scope)."
+            }
+            TenancyError::UnknownTenant => "Create it with tenancy.create_tenant(...).",
+            TenancyError::Unavailable(_) => {
+                "A superuser can reactivate it with tenancy.set_status(tenant, 'active')."
+            }
+            TenancyError::ReadOnly => {
+                "The tenant's status is read_only; reads still work. tenancy.set_status() changes it."
+            }
+            TenancyError::ReadScope => {
+                "The role's grant for this tenant has scope 'read'; writes need 'read_write'."
+            }
+            TenancyError::InvalidTenantId => "Use the id given to tenancy.create_tenant().",
+            TenancyError::Token(TokenError::Expired) => "Obtain a fresh token from the gateway.",
+            TenancyError::Token(_) => {
+                "Tokens are HS256 JWTs signed with pg_tenancy.jwt_secret, with an exp claim and the tenant claim."
+            }
+            TenancyError::SignedModeRequired => {
+                "pg_tenancy.context_mode is 'signed': use tenancy.set_tenant_token(token)."
+            }
+            TenancyError::NoSecret | TenancyError::BadSecret(_) => {
+                "A superuser sets pg_tenancy.jwt_secret_file (or pg_tenancy.jwt_secret) to a secret of at least 32 bytes."
+            }
+            TenancyError::NotInstalled => "Run CREATE EXTENSION pg_tenancy in this database.",
+            TenancyError::InvalidArgument(_) => "See the SQL API in the pg_tenancy README.",
+            TenancyError::Denied(_) => "Ask a superuser, or a role with admin scope in that tenant.",
+        }
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        let mut report =
+            pgrx::pg_sys::panic::ErrorReport::new(self.sqlstate(), self.to_string(), "pg_tenancy").set_hint(self.hint());
+        if let Some(detail) = self.detail() {
+            report = report.set_detail(detail);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("an ERROR report does not return")
+    }
+
+    /// Hand this error to PostgreSQL's GUC machinery from inside a check hook.
+    pub fn to_guc_check(&self) {
+        // SAFETY: the GUC_check_* variables are read by PostgreSQL right after the check hook
+        // returns false; the strings are palloc'd in the current memory context, which lives
+        // at least that long.
+        unsafe {
+            pg_sys::GUC_check_errcode(self.sqlstate() as i32);
+            pg_sys::GUC_check_errmsg_string = pstrdup(&self.to_string());
+            if let Some(detail) = self.detail() {
+                pg_sys::GUC_check_errdetail_string = pstrdup(&detail);
+            }
+            pg_sys::GUC_check_errhint_string = pstrdup(self.hint());
+        }
+    }
+}
+
+fn pstrdup(s: &str) -> *mut std::ffi::c_char {
+    let c = CString::new(s.replace('\0', "")).unwrap_or_default();
+    // SAFETY: c is a valid NUL-terminated string; pstrdup copies it into the current context.
+    unsafe { pg_sys::pstrdup(c.as_ptr()) }
+}
+
+/// `Result` with pg_tenancy's error.
+pub type Result<T> = std::result::Result<T, TenancyError>;
+
+/// Unwrap or raise as a PostgreSQL ERROR.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Every `pg_tenancy.*` setting, in one place, with typed getters for the rest of the crate.
+//!
+//! The prefix is reserved, so a typo such as `SET pg_tenancy.tennant = ...` is an error rather
+//! than a silently created placeholder.
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::PostgresGucEnum;
+use std::ffi::CString;
+
+/// How the tenant context may be set by roles that are not superusers.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ContextMode {
+    /// `set_tenant(id)`, `SET pg_tenancy.tenant = id` and tokens, always subject to the role's
+    /// tenant grants.
+    #[name = c"open"]
+    Open,
+    /// Only a valid signed token (HS256 JWT) sets the context; a plain tenant id is refused.
+    #[name = c"signed"]
+    Signed,
+}
+
+/// The tenant context itself. Its value is a tenant id or a signed token; every value is
+/// verified against the role's grants (and the token's signature) when it is set and again
+/// when it is used, so the setting is a transport, never a source of trust.
+pub static TENANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Open or signed context; superuser-only so an application role cannot relax it.
+pub static CONTEXT_MODE: GucSetting<ContextMode> = GucSetting::<ContextMode>::new(ContextMode::Open);
+
+/// The HS256 secret shared with the API gateway that mints tenant tokens.
+pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// A file holding the HS256 secret (read by the server, so it never travels in SQL).
+pub static JWT_SECRET_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// The token claim that carries the tenant id.
+pub static TENANT_CLAIM: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub static JWT_LEEWAY: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// Protect new tables that carry the tenant column as soon as they are created.
+pub static AUTO_PROTECT: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// The column name `tenancy.check()` and auto-protection look for.
+pub static TENANT_COLUMN: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
+
+pub fn init() {
+    // SAFETY: the check hook is a #[pg_guard] function with the signature PostgreSQL expects.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_tenancy.tenant",
+            c"The current tenant context: a tenant id or a signed tenant token.",
+            c"Set it with tenancy.set_tenant() or tenancy.set_tenant_token(). Every value is checked \
+against the role's tenant grants and, for tokens, the signature and expiry.",
+            &TENANT,
+            GucContext::Userset,
+            GucFlags::NO_SHOW_ALL | GucFlags::DISALLOW_IN_FILE | GucFlags::DISALLOW_IN_AUTO_FILE,
+            Some(crate::context::check_tenant_guc),
+            None,
+            None,
+        );
+    }
+    // The settings below change how a context value verifies, so their assign hooks drop the
+    // per-backend verification cache.
+    // SAFETY (each *_with_hooks call): the hooks are #[pg_guard] functions with the right signature.
+    unsafe { GucRegistry::define_enum_guc_with_hooks(
+        c"pg_tenancy.context_mode",
+        c"Who may set the tenant context: 'open' (any granted role) or 'signed' (tokens only).",
+        c"In 'signed' mode a non-superuser can set the context only with a valid HS256 token, \
+through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
+        &CONTEXT_MODE,
+        GucContext::Suset,
+        GucFlags::default(),
+        None,
+        Some(crate::context::on_setting_int),
+        None,
+    ) };
+    unsafe { GucRegistry::define_string_guc_with_hooks(
+        c"pg_tenancy.jwt_secret",
+        c"HS256 secret used to verify tenant tokens (superuser only, hidden).",
+        c"At least 32 bytes. Prefer pg_tenancy.jwt_secret_file so the secret never appears in SQL.",
+        &JWT_SECRET,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+        None,
+        Some(crate::context::on_setting_string),
+        None,
+    ) };
+    unsafe { GucRegistry::define_string_guc_with_hooks(
+        c"pg_tenancy.jwt_secret_file",
+        c"Path of a file holding the HS256 secret used to verify tenant tokens.",
+        c"Read by the server process; a trailing newline is ignored. Used when pg_tenancy.jwt_secret is empty.",
+        &JWT_SECRET_FILE,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+        None,
+        Some(crate::context::on_setting_string),
+        None,
+    ) };
+    unsafe { GucRegistry::define_string_guc_with_hooks(
+        c"pg_tenancy.tenant_claim",
+        c"Name of the token claim that carries the tenant id.",
+        c"Defaults to tenant_id.",
+        &TENANT_CLAIM,
+        GucContext::Suset,
+        GucFlags::default(),
+        None,
+        Some(crate::context::on_setting_string),
+        None,
+    ) };
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"pg_tenancy.jwt_leeway",
+        c"Seconds of clock skew tolerated when checking a token's exp and nbf claims.",
+        c"Keep it small: an expired token is accepted for this long.",
+        &JWT_LEEWAY,
+        0,
+        300,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+        None,
+        Some(crate::context::on_setting_int),
+        None,
+    ) };
+    GucRegistry::define_bool_guc(
+        c"pg_tenancy.auto_protect",
+        c"Protect new tables that have the tenant column as soon as they are created.",
+        c"Partitions of protected tables are always protected, whatever this says.",
+        &AUTO_PROTECT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_tenancy.tenant_column",
+        c"Name of the tenant column that tenancy.check() and auto-protection look for.",
+        c"tenancy.protect() takes the column as an argument and does not read this.",
+        &TENANT_COLUMN,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: called from _PG_init with a static NUL-terminated string.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_tenancy".as_ptr()) };
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The raw context value, `None` when unset or empty.
+pub fn tenant_raw() -> Option<String> {
+    string(&TENANT)
+}
+
+pub fn context_mode() -> ContextMode {
+    CONTEXT_MODE.get()
+}
+
+pub fn jwt_secret() -> Option<String> {
+    string(&JWT_SECRET)
+}
+
+pub fn jwt_secret_file() -> Option<String> {
+    string(&JWT_SECRET_FILE)
+}
+
+pub fn tenant_claim() -> String {
+    string(&TENANT_CLAIM).unwrap_or_else(|| "tenant_id".to_string())
+}
+
+pub fn jwt_leeway() -> i64 {
+    JWT_LEEWAY.get() as i64
+}

@@ -1,0 +1,48 @@
+//! pg_tenancy: tenant isolation carried by PostgreSQL itself.
+//!
+//! One module per capability a user can name:
+//! - [`gucs`]: every `pg_tenancy.*` setting;
+//! - [`context`]: the tenant context (`set_tenant`, `set_tenant_token`, `current_tenant`, ...);
+//! - [`token`]: HS256 token verification for the signed context;
+//! - [`catalog`]: reads and writes of the extension's own tables, as their owner;
+//! - [`grants`]: which roles may enter which tenants, with which scope;
+//! - [`protect`]: generated row-level-security policies and the guard that keeps them;
+//! - [`error`]: every error the extension raises, with its SQLSTATE, detail and hint.
+use pgrx::prelude::*;
+
+pub mod catalog;
+pub mod context;
+pub mod error;
+pub mod grants;
+pub mod gucs;
+pub mod protect;
+pub mod token;
+
+::pgrx::pg_module_magic!();
+
+// Tables, helper functions and roles that are plain SQL live in sql/ and are placed around the
+// functions pgrx generates from Rust.
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    context::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    // The tests live next to the code they exercise (see each module's `tests`).
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_tenancy'"]
+    }
+}
