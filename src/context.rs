@@ -13,6 +13,7 @@
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use crate::catalog;
@@ -66,10 +67,14 @@ pub struct Verified {
     exp: Option<i64>,
 }
 
-const CACHE_CAPACITY: usize = 32;
+/// Distinct (value, role) verifications kept per backend. A pooled connection that serves many
+/// tenants keeps them all warm (bench/README.md: 1,000 tenants); past this the cache starts over.
+const CACHE_CAPACITY: usize = 4096;
 
 thread_local! {
-    static CACHE: RefCell<Vec<Verified>> = const { RefCell::new(Vec::new()) };
+    /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
+    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Verified>>> = RefCell::new(HashMap::new());
+    static CACHE_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Drop every cached verification (and the catalog OIDs they were read from).
@@ -79,6 +84,7 @@ pub fn clear_cache() {
             c.clear();
         }
     });
+    CACHE_LEN.with(|n| n.set(0));
     catalog::forget();
 }
 
@@ -193,7 +199,7 @@ fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> 
     let mut f = Some(f);
     let hit = CACHE.with(|c| {
         let c = c.borrow();
-        c.iter().find(|v| v.user == user && v.raw.as_bytes() == raw).map(|v| {
+        c.get(raw).and_then(|vs| vs.iter().find(|v| v.user == user)).map(|v| {
             check_expiry(v, now)?;
             Ok((f.take().expect("called once"))(v))
         })
@@ -205,13 +211,11 @@ fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> 
     let v = verify_fresh(raw, user, now)?;
     check_expiry(&v, now)?;
     let result = (f.take().expect("called once"))(&v);
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() >= CACHE_CAPACITY {
-            c.remove(0);
-        }
-        c.push(v);
-    });
+    if CACHE_LEN.with(|n| n.get()) >= CACHE_CAPACITY {
+        clear_cache();
+    }
+    CACHE.with(|c| c.borrow_mut().entry(v.raw.as_bytes().to_vec()).or_default().push(v));
+    CACHE_LEN.with(|n| n.set(n.get() + 1));
     Ok(result)
 }
 
@@ -417,4 +421,73 @@ fn _invalidate(rel: pg_sys::Oid) {
 fn _sign_token(payload: JsonB) -> String {
     let secret = load_secret().or_raise();
     token::sign(&payload.0, &secret)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn tenant_ids() {
+        for ok in ["acme", "a.b_c-1", "42", "7c9e6679-7425-40de-944b-e07fc1f90ae7", &"x".repeat(63)] {
+            assert!(valid_tenant_id(ok), "{ok}");
+        }
+        for bad in ["", " ", "a b", "a'b", "a;b", "a/b", "é", &"x".repeat(64), "a\0b"] {
+            assert!(!valid_tenant_id(bad), "{bad}");
+        }
+    }
+
+    #[pg_test]
+    fn scopes_are_ordered() {
+        assert!(Scope::Read < Scope::ReadWrite && Scope::ReadWrite < Scope::Admin);
+        for s in [Scope::Read, Scope::ReadWrite, Scope::Admin] {
+            assert_eq!(Scope::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Scope::parse("owner"), None);
+    }
+
+    fn setup_tenants() {
+        Spi::run("SELECT tenancy.create_tenant('ut_a', 'A'), tenancy.create_tenant('ut_b', 'B')").unwrap();
+        Spi::run("CREATE ROLE ut_app").unwrap();
+        Spi::run("SELECT tenancy.grant_tenant('ut_app', 'ut_a', 'read')").unwrap();
+    }
+
+    #[pg_test]
+    fn context_is_checked_for_the_role_using_it() {
+        setup_tenants();
+        Spi::run("SET LOCAL ROLE ut_app").unwrap();
+        assert_eq!(Spi::get_one::<String>("SELECT tenancy.set_tenant('ut_a')").unwrap().as_deref(), Some("ut_a"));
+        assert_eq!(resolve().map(|v| (v.tenant, v.scope)), Ok(("ut_a".to_string(), Scope::Read)));
+        // the role has no grant for ut_b: the setting cannot be pointed there
+        assert!(with_verified(b"ut_b", unsafe { pg_sys::GetUserId() }, |_| ()).is_err());
+        assert_eq!(
+            with_verified(b"ut_b", unsafe { pg_sys::GetUserId() }, |_| ()).unwrap_err(),
+            TenancyError::NotPermitted
+        );
+    }
+
+    #[pg_test]
+    fn catalog_changes_reach_the_cache() {
+        setup_tenants();
+        Spi::run("SET LOCAL ROLE ut_app").unwrap();
+        Spi::run("SELECT tenancy.set_tenant('ut_a')").unwrap();
+        assert!(resolve().is_ok());
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("SELECT tenancy.set_status('ut_a', 'suspended')").unwrap();
+        // the statement boundary processes the invalidation the trigger queued
+        Spi::run("SET LOCAL ROLE ut_app").unwrap();
+        assert_eq!(resolve().unwrap_err(), TenancyError::Unavailable("suspended"));
+    }
+
+    #[pg_test]
+    fn no_context_fails_closed() {
+        assert_eq!(resolve().unwrap_err(), TenancyError::NoContext);
+        assert_eq!(TenancyError::NoContext.sqlstate(), PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION);
+    }
+
+    #[pg_test(error = "no tenant context is set")]
+    fn current_tenant_raises_without_context() {
+        Spi::get_one::<String>("SELECT tenancy.current_tenant()").unwrap();
+    }
 }

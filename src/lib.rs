@@ -31,12 +31,6 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
 }
 
-#[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    // The tests live next to the code they exercise (see each module's `tests`).
-}
-
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
 pub mod pg_test {

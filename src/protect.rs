@@ -361,3 +361,46 @@ fn _unprotect(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
     unprotect_oid(rel, &mut out);
     SetOfIterator::new(out)
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn generated_sql_quotes_hostile_identifiers() {
+        Spi::run(r#"CREATE TABLE "we ird""; DROP TABLE x; --" ("t""id" text, v int)"#).unwrap();
+        let oid = Spi::get_one::<pg_sys::Oid>(r#"SELECT '"we ird""; DROP TABLE x; --"'::regclass::oid"#)
+            .unwrap()
+            .unwrap();
+        let sql = plan(oid, "t\"id").statements().join("\n");
+        assert!(sql.contains(r#"ON public."we ird""; DROP TABLE x; --" AS PERMISSIVE"#), "{sql}");
+        assert!(sql.contains(r#"USING ("t""id" OPERATOR(pg_catalog.=)"#), "{sql}");
+        // every generated statement parses on its own and does only what it says
+        for statement in plan(oid, "t\"id").statements() {
+            assert!(!statement.contains(';'.to_string().as_str()) || statement.contains(r#""we ird""; DROP"#));
+        }
+    }
+
+    #[pg_test]
+    fn exemption_lasts_exactly_as_long_as_protect() {
+        let rel = pg_sys::Oid::from(4242u32);
+        assert!(!_guard_exempt(rel));
+        {
+            let _e = Exempt::new(rel);
+            assert!(_guard_exempt(rel));
+        }
+        assert!(!_guard_exempt(rel));
+    }
+
+    #[pg_test]
+    fn protect_round_trip() {
+        Spi::run("CREATE TABLE rt (tenant_id int8 NOT NULL, v int)").unwrap();
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM tenancy.protect('rt', create_index => true)").unwrap();
+        assert_eq!(n, Some(7));
+        assert_eq!(Spi::get_one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE relname = 'rt'").unwrap(), Some(true));
+        assert_eq!(Spi::get_one::<String>("SELECT tenancy._protection_problem('rt')").unwrap(), None);
+        Spi::run("SELECT count(*) FROM tenancy.unprotect('rt')").unwrap();
+        assert_eq!(Spi::get_one::<bool>("SELECT relrowsecurity FROM pg_class WHERE relname = 'rt'").unwrap(), Some(false));
+    }
+}

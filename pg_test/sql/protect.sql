@@ -156,7 +156,7 @@ ROLLBACK;
 RESET ROLE;
 
 -- every supported tenant column type, and hostile identifiers
-SELECT tenancy.create_tenant('42', 'Forty-two');
+SELECT id FROM tenancy.create_tenant('42', 'Forty-two');
 SELECT tenancy.grant_tenant('regress_app', '42');
 SET ROLE regress_owner;
 CREATE TABLE app.by_uuid (tenant_id uuid NOT NULL, v int);

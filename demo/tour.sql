@@ -1,0 +1,87 @@
+-- The pg_tenancy tour (run by `make demo`). Expected refusals are shown as ERRORs.
+\set ON_ERROR_STOP 0
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+\pset footer off
+
+\echo '== 1. Install, two tenants, an application role that is neither owner nor BYPASSRLS'
+CREATE EXTENSION pg_tenancy;
+SELECT id, name, plan, region, status FROM tenancy.create_tenant('acme', 'Acme Corp', 'enterprise', 'eu-west',
+       '{"flags": {"new_checkout": true}, "sla": "99.95"}');
+SELECT id, name, plan, region, status FROM tenancy.create_tenant('globex', 'Globex', 'standard', 'us-east');
+CREATE ROLE demo_owner;
+CREATE ROLE demo_app LOGIN;
+CREATE SCHEMA shop AUTHORIZATION demo_owner;
+GRANT USAGE ON SCHEMA shop TO demo_app;
+SELECT tenancy.grant_tenant('demo_app', 'acme', 'read_write'), tenancy.grant_tenant('demo_app', 'globex', 'read_write');
+
+\echo '== 2. The table owner protects a shared table (the statements it ran are returned)'
+SET ROLE demo_owner;
+CREATE TABLE shop.orders (tenant_id text NOT NULL, id bigserial, item text, amount numeric,
+                          PRIMARY KEY (tenant_id, id));
+GRANT SELECT, INSERT, UPDATE, DELETE ON shop.orders TO demo_app;
+GRANT USAGE ON SEQUENCE shop.orders_id_seq TO demo_app;
+SELECT * FROM tenancy.protect('shop.orders');
+RESET ROLE;
+
+\echo '== 3. Each tenant writes without naming itself, and reads only its own rows'
+SET ROLE demo_app;
+BEGIN;
+SELECT tenancy.set_tenant('acme');
+INSERT INTO shop.orders (item, amount) VALUES ('anvil', 120), ('rocket skates', 80);
+SELECT tenant_id, item, amount FROM shop.orders ORDER BY id;
+SELECT tenancy.flag('new_checkout') AS new_checkout, tenancy.config('sla') AS sla;
+COMMIT;
+BEGIN;
+SELECT tenancy.set_tenant('globex');
+INSERT INTO shop.orders (item, amount) VALUES ('hammock', 45);
+SELECT tenant_id, item, amount FROM shop.orders ORDER BY id;
+\echo '-- a guessed WHERE finds nothing:'
+SELECT count(*) AS acme_rows_visible_to_globex FROM shop.orders WHERE tenant_id = 'acme';
+COMMIT;
+
+\echo '== 4. Refused: no context, a cross-tenant write, a tenant not granted'
+SELECT * FROM shop.orders;
+BEGIN;
+SELECT tenancy.set_tenant('globex');
+INSERT INTO shop.orders (tenant_id, item) VALUES ('acme', 'planted by globex');
+ROLLBACK;
+BEGIN;
+SELECT tenancy.set_tenant('initech');
+ROLLBACK;
+RESET ROLE;
+
+\echo '== 5. Signed mode: only a token from the gateway sets the context; forgeries are refused'
+ALTER DATABASE :DBNAME SET pg_tenancy.jwt_secret = 'demo-secret-demo-secret-demo-secret-42';
+ALTER DATABASE :DBNAME SET pg_tenancy.context_mode = 'signed';
+\connect - postgres
+-- (the gateway's side: mint tokens with the shared secret; applications cannot)
+SELECT tenancy._sign_token('{"tenant_id": "acme", "exp": 4102444800}') AS token \gset
+SELECT tenancy._sign_token('{"tenant_id": "globex", "exp": 4102444800}') AS globex_token \gset
+SELECT split_part(:'token', '.', 1) || '.' || split_part(:'globex_token', '.', 2) || '.' || split_part(:'token', '.', 3) AS forged \gset
+\connect - demo_app
+SHOW pg_tenancy.context_mode;
+SELECT tenancy._sign_token('{"tenant_id": "globex", "exp": 4102444800}');
+BEGIN;
+SET LOCAL pg_tenancy.tenant = 'globex';
+ROLLBACK;
+BEGIN;
+SELECT set_config('pg_tenancy.tenant', 'globex', true);
+ROLLBACK;
+BEGIN;
+SELECT tenancy.set_tenant_token(:'forged');
+ROLLBACK;
+SET pg_tenancy.context_mode = 'open';
+BEGIN;
+SELECT tenancy.set_tenant_token(:'token');
+SELECT tenant_id, item FROM shop.orders ORDER BY id;
+COMMIT;
+\connect - postgres
+ALTER DATABASE :DBNAME RESET pg_tenancy.context_mode;
+
+\echo '== 6. The guard: protection cannot be switched off by accident, not even by a superuser'
+ALTER TABLE shop.orders DISABLE ROW LEVEL SECURITY;
+TRUNCATE shop.orders;
+
+\echo '== 7. tenancy.check(): the pre-go-live checklist the database can verify itself'
+SELECT severity, object, problem FROM tenancy.check();

@@ -1,0 +1,106 @@
+"""Multi-session scenarios against the real test cluster (scripts/cluster.sh).
+
+Every scenario connects as an application role that is neither the table owner, nor a
+superuser, nor BYPASSRLS: a test run as the owner would pass for the wrong reason.
+"""
+import os
+import subprocess
+import uuid
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+ROOT = os.environ.get("PGT_ROOT", "/tmp/pg_tenancy")
+PORT = int(os.environ.get("PGT_PORT", "5499"))
+SOCK = f"{ROOT}/sock"
+DB = "pg_tenancy_scenarios"
+APP = "scn_app"
+OWNER = "scn_owner"
+SECRET = "scenario-secret-scenario-secret-scenario-secret"
+TENANTS = [f"t{i:03d}" for i in range(10)]
+
+
+def connect(user="postgres", dbname=DB, host=SOCK, port=PORT, autocommit=True, **kw):
+    conn = psycopg2.connect(host=host, port=port, user=user, dbname=dbname, **kw)
+    conn.autocommit = autocommit
+    return conn
+
+
+def run(conn, sql, *args):
+    with conn.cursor() as cur:
+        cur.execute(sql, args or None)
+        if cur.description is not None:
+            return cur.fetchall()
+        return None
+
+
+@pytest.fixture(scope="session")
+def database():
+    """A fresh database with the extension, ten tenants, an owner, an app role and a table."""
+    admin = connect(dbname="postgres")
+    run(admin, f"DROP DATABASE IF EXISTS {DB}")
+    for role in (APP, OWNER, "scn_other"):
+        run(admin, f"DROP ROLE IF EXISTS {role}")
+    run(admin, f"CREATE DATABASE {DB}")
+    run(admin, f"CREATE ROLE {APP} LOGIN")
+    run(admin, f"CREATE ROLE scn_other LOGIN")
+    run(admin, f"CREATE ROLE {OWNER} LOGIN")
+    admin.close()
+
+    su = connect()
+    run(su, "CREATE EXTENSION pg_tenancy")
+    for t in TENANTS:
+        run(su, "SELECT tenancy.create_tenant(%s, %s)", t, f"Tenant {t}")
+        run(su, "SELECT tenancy.grant_tenant(%s, %s, 'read_write')", APP, t)
+    run(su, f"CREATE SCHEMA app AUTHORIZATION {OWNER}")
+    run(su, f"GRANT USAGE ON SCHEMA app TO {APP}, scn_other")
+    run(su, f"ALTER DATABASE {DB} SET pg_tenancy.jwt_secret = '{SECRET}'")
+    own = connect(user=OWNER)
+    run(own, """CREATE TABLE app.orders (
+                    tenant_id text NOT NULL, id bigserial, client text, item text,
+                    PRIMARY KEY (tenant_id, id))""")
+    run(own, "SELECT count(*) FROM tenancy.protect('app.orders')")
+    run(own, f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON app.orders TO {APP}, scn_other")
+    run(own, f"GRANT USAGE ON SEQUENCE app.orders_id_seq TO {APP}, scn_other")
+    own.close()
+    su.close()
+    yield DB
+
+
+@pytest.fixture
+def su(database):
+    conn = connect()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def app(database):
+    conn = connect(user=APP)
+    # the premise of every scenario: this role gets no free pass from row level security
+    row = run(conn, "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
+    assert row == [(False, False)]
+    yield conn
+    conn.close()
+
+
+def sign(su_conn, payload):
+    return run(su_conn, "SELECT tenancy._sign_token(%s::jsonb)", payload)[0][0]
+
+
+def sqlstate_of(conn, sql, *args):
+    """Run sql in its own transaction; return the SQLSTATE it failed with (None if it worked)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args or None)
+        return None
+    except psycopg2.Error as e:
+        return e.pgcode
+    finally:
+        if not conn.autocommit:
+            conn.rollback()
+
+
+def unique(prefix="c"):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,64 @@
+"""Tenants working at the same time, each on its own connection, never see each other."""
+import random
+import threading
+
+from conftest import APP, TENANTS, connect, run, unique
+
+ROUNDS = 200
+
+
+def worker(tenant, client, errors, counts):
+    conn = connect(user=APP, autocommit=False)
+    try:
+        with conn.cursor() as cur:
+            for i in range(ROUNDS):
+                cur.execute("SELECT tenancy.set_tenant(%s)", (tenant,))
+                cur.execute("INSERT INTO app.orders (client, item) VALUES (%s, %s)", (client, f"item{i}"))
+                cur.execute("SELECT DISTINCT tenant_id FROM app.orders")
+                seen = {r[0] for r in cur.fetchall()}
+                if seen != {tenant}:
+                    errors.append(f"{client} in {tenant} saw tenants {seen}")
+                if random.random() < 0.2:
+                    conn.rollback()
+                else:
+                    conn.commit()
+                    counts[client] = counts.get(client, 0) + 1
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"{client}: {e!r}")
+    finally:
+        conn.close()
+
+
+def test_two_tenants_concurrently(database):
+    errors, counts = [], {}
+    clients = [(TENANTS[0], unique("a")), (TENANTS[1], unique("b")),
+               (TENANTS[0], unique("a")), (TENANTS[1], unique("b"))]
+    threads = [threading.Thread(target=worker, args=(t, c, errors, counts)) for t, c in clients]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    # every committed row is there, under its own tenant, and nowhere else
+    su = connect()
+    for tenant, client in clients:
+        rows = run(su, "SELECT tenant_id, count(*) FROM app.orders WHERE client = %s GROUP BY 1", client)
+        assert rows == [(tenant, counts.get(client, 0))]
+    su.close()
+
+
+def test_context_does_not_survive_the_transaction(database):
+    conn = connect(user=APP, autocommit=False)
+    with conn.cursor() as cur:
+        cur.execute("SELECT tenancy.set_tenant('t002')")
+        cur.execute("INSERT INTO app.orders (item) VALUES ('kept')")
+        conn.commit()
+        cur.execute("SELECT tenancy.has_tenant()")
+        assert cur.fetchone() == (False,)
+        try:
+            cur.execute("SELECT count(*) FROM app.orders")
+            raise AssertionError("a protected table answered without a tenant context")
+        except Exception as e:  # noqa: BLE001
+            assert getattr(e, "pgcode", None) == "28000"
+        conn.rollback()
+    conn.close()

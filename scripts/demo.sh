@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the tour against the throwaway cluster and say how to connect to it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/cluster.sh env)"
+DB=pg_tenancy_demo
+psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "DROP ROLE IF EXISTS demo_app" \
+     -c "DROP ROLE IF EXISTS demo_owner" 2>/dev/null || true
+psql -X -q -d postgres -c "CREATE DATABASE $DB"
+psql -X -d "$DB" -v DBNAME="$DB" -f demo/tour.sql
+cat <<MSG
+
+The demo cluster is running with pg_tenancy preloaded. Connect with:
+    psql -h $PGHOST -p $PGPORT -U postgres $DB          # superuser
+    psql -h $PGHOST -p $PGPORT -U demo_app $DB          # the application role
+Stop it with: make stop   (or scripts/cluster.sh destroy to remove it)
+MSG
