@@ -20,6 +20,8 @@ CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
 CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.grants
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.protected_tables
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
 
 ------------------------------------------------------------------------------------------------
 -- Tenants

@@ -16,6 +16,7 @@ pub struct CatalogIds {
     pub owner: pg_sys::Oid,
     pub tenants: pg_sys::Oid,
     pub grants: pg_sys::Oid,
+    pub protected: pg_sys::Oid,
 }
 
 thread_local! {
@@ -40,7 +41,8 @@ pub fn ids() -> Result<CatalogIds> {
         let t = client.select(
             "SELECT n.nspowner, \
                     pg_catalog.to_regclass('tenancy.tenants')::pg_catalog.oid, \
-                    pg_catalog.to_regclass('tenancy.grants')::pg_catalog.oid \
+                    pg_catalog.to_regclass('tenancy.grants')::pg_catalog.oid, \
+                    pg_catalog.to_regclass('tenancy.protected_tables')::pg_catalog.oid \
                FROM pg_catalog.pg_extension e \
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
               WHERE e.extname OPERATOR(pg_catalog.=) 'pg_tenancy'",
@@ -51,12 +53,17 @@ pub fn ids() -> Result<CatalogIds> {
             return Ok(None);
         }
         let t = t.first();
-        Ok(Some((t.get::<pg_sys::Oid>(1)?, t.get::<pg_sys::Oid>(2)?, t.get::<pg_sys::Oid>(3)?)))
+        Ok(Some((
+            t.get::<pg_sys::Oid>(1)?,
+            t.get::<pg_sys::Oid>(2)?,
+            t.get::<pg_sys::Oid>(3)?,
+            t.get::<pg_sys::Oid>(4)?,
+        )))
     })
     .unwrap_or(None);
     match row {
-        Some((Some(owner), Some(tenants), Some(grants))) => {
-            let ids = CatalogIds { owner, tenants, grants };
+        Some((Some(owner), Some(tenants), Some(grants), Some(protected))) => {
+            let ids = CatalogIds { owner, tenants, grants, protected };
             IDS.with(|c| c.set(Some(ids)));
             Ok(ids)
         }

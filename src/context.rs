@@ -85,7 +85,6 @@ pub fn clear_cache() {
         }
     });
     CACHE_LEN.with(|n| n.set(0));
-    catalog::forget();
 }
 
 pub fn init() {
@@ -96,14 +95,16 @@ pub fn init() {
 }
 
 /// Relcache invalidations of `tenancy.tenants` / `tenancy.grants` (sent by their triggers when
-/// rows change) or a full reset mean a cached verification may be stale.
+/// rows change) or a full reset mean a cached verification may be stale; of
+/// `tenancy.protected_tables`, that the executor hook's set of protected tables is.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let watched = match catalog::cached_ids() {
-        Some(ids) => relid == ids.tenants || relid == ids.grants,
-        None => false,
-    };
-    if relid == pg_sys::InvalidOid || watched {
+    // Invariant: whatever is cached was read through catalog::ids(), so while no ids are
+    // cached nothing else is either. (DROP EXTENSION invalidates these relations too.)
+    let Some(ids) = catalog::cached_ids() else { return };
+    if relid == pg_sys::InvalidOid || [ids.tenants, ids.grants, ids.protected].contains(&relid) {
+        catalog::forget();
+        crate::hooks::forget();
         clear_cache();
     }
 }
@@ -267,7 +268,13 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
         return true;
     }
     // SAFETY: plain reads of backend state.
-    let in_xact = unsafe { pg_sys::IsTransactionState() && pg_sys::ParallelWorkerNumber < 0 };
+    // (SPI needs a transaction and a snapshot or portal: SET and set_config() have them;
+    // connection start-up options and configuration reloads do not.)
+    let in_xact = unsafe {
+        pg_sys::IsTransactionState()
+            && pg_sys::ParallelWorkerNumber < 0
+            && (pg_sys::ActiveSnapshotSet() || !pg_sys::ActivePortal.is_null())
+    };
     let outcome = if in_xact {
         with_verified(value.as_bytes(), unsafe { pg_sys::GetUserId() }, |_| ())
     } else if token::looks_like_token(&value) || valid_tenant_id(&value) {
@@ -326,7 +333,7 @@ fn set_tenant(tenant: Option<&str>, session: default!(bool, false)) -> String {
         TenancyError::InvalidTenantId.raise();
     }
     set_context(tenant, session);
-    resolve().or_raise().tenant
+    with_context(|v| v.tenant.clone()).or_raise()
 }
 
 /// Enter the tenant named by a signed token (HS256 JWT) for the transaction or the session.
@@ -337,7 +344,7 @@ fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> Stri
         TenancyError::Token(TokenError::Malformed).raise();
     }
     set_context(token, session);
-    resolve().or_raise().tenant
+    with_context(|v| v.tenant.clone()).or_raise()
 }
 
 /// Leave the tenant: no context, so protected tables refuse every statement.

@@ -151,6 +151,15 @@ fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Whether the context setting holds anything (not whether it verifies). No allocation.
+pub fn has_tenant_value() -> bool {
+    // SAFETY: the setting's storage is NULL or a NUL-terminated string owned by the GUC machinery.
+    unsafe {
+        let p = *TENANT.as_ptr();
+        !p.is_null() && *p != 0
+    }
+}
+
 /// The raw context value, `None` when unset or empty.
 pub fn tenant_raw() -> Option<String> {
     string(&TENANT)

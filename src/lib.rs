@@ -7,6 +7,7 @@
 //! - [`catalog`]: reads and writes of the extension's own tables, as their owner;
 //! - [`grants`]: which roles may enter which tenants, with which scope;
 //! - [`protect`]: generated row-level-security policies and the guard that keeps them;
+//! - [`hooks`]: the executor hook that refuses protected tables without a context;
 //! - [`error`]: every error the extension raises, with its SQLSTATE, detail and hint.
 use pgrx::prelude::*;
 
@@ -15,6 +16,7 @@ pub mod context;
 pub mod error;
 pub mod grants;
 pub mod gucs;
+pub mod hooks;
 pub mod protect;
 pub mod token;
 
@@ -29,6 +31,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     context::init();
+    hooks::install();
 }
 
 /// Required by `cargo pgrx test`.

@@ -6,6 +6,7 @@ from conftest import APP, connect, run, sign, sqlstate_of
 CASES = [
     # (name, statements run in one transaction by the app role, expected SQLSTATE)
     ("no context on a protected table", ["SELECT * FROM app.orders"], "28000"),
+    ("no context, plan never reads a row", ["SELECT * FROM app.orders WHERE false"], "28000"),
     ("no context on insert", ["INSERT INTO app.orders (item) VALUES ('x')"], "28000"),
     ("current_tenant without context", ["SELECT tenancy.current_tenant()"], "28000"),
     ("tenant not granted", ["SELECT tenancy.set_tenant('nosuch')"], "42501"),
@@ -72,3 +73,14 @@ def test_token_sqlstates(su, app):
     app.autocommit = False
     assert sqlstate_of(app, "SELECT tenancy.set_tenant_token(%s)", expired) == "28P01"
     assert sqlstate_of(app, "SELECT tenancy.set_tenant_token(%s)", nosecret_ok) is None
+
+
+def test_context_from_connection_options(database):
+    """A context given at connection start (PGOPTIONS) is verified when it is first used."""
+    conn = connect(user=APP, options="-c pg_tenancy.tenant=t007")
+    assert run(conn, "SELECT tenancy.current_tenant()") == [("t007",)]
+    conn.close()
+    conn = connect(user="scn_other", options="-c pg_tenancy.tenant=t007")
+    assert sqlstate_of(conn, "SELECT count(*) FROM app.orders") == "42501"
+    assert sqlstate_of(conn, "SELECT tenancy.current_tenant()") == "42501"
+    conn.close()

@@ -93,6 +93,17 @@ ROLLBACK;
 SELECT * FROM app.orders;
 UPDATE app.orders SET amount = 1;
 DELETE FROM app.orders;
+-- ... even when the table is empty, or the plan would never look at a row
+SET ROLE regress_owner;
+CREATE TABLE app.empty (tenant_id text NOT NULL, v int);
+SELECT count(*) FROM tenancy.protect('app.empty', create_index => true);
+GRANT SELECT, INSERT, UPDATE, DELETE ON app.empty TO regress_app;
+SET ROLE regress_app;
+SELECT * FROM app.empty;
+SELECT * FROM app.orders WHERE false;
+DELETE FROM app.empty;
+CREATE TEMP VIEW v_empty AS SELECT * FROM app.empty;
+SELECT * FROM v_empty;
 -- row_security = off does not help an application role
 SET row_security = off;
 SELECT * FROM app.orders;
