@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 eval "$(../scripts/cluster.sh env)"
-SECS=${1:-${BENCH_SECONDS:-15}}
-CLIENTS=${BENCH_CLIENTS:-4}
+SECS=${1:-${BENCH_SECONDS:-4}}
+ROUNDS=${BENCH_ROUNDS:-7}
+CLIENTS=${BENCH_CLIENTS:-1}
 DB=pg_tenancy_bench
 PGBENCH=/usr/lib/postgresql/15/bin/pgbench
 
@@ -20,24 +21,31 @@ fi
 
 tps() { # tps SCRIPT [extra env]
     local out
-    out=$(env "${@:2}" "$PGBENCH" -n -M prepared -U bench_app -c "$CLIENTS" -j 2 -T "$SECS" -f "sql/$1" "$DB" 2>&1) \
+    out=$(env "${@:2}" "$PGBENCH" -n -M prepared -U bench_app -c "$CLIENTS" -j 1 -T "$SECS" -f "sql/$1" "$DB" 2>&1) \
         || { echo "$out" >&2; exit 1; }
     echo "$out" | awk '/^tps = / {print $3; exit}'
 }
 
 pair() { # pair NAME PROTECTED BASELINE [env for protected]
+    # ROUNDS back-to-back (protected, baseline) runs. This machine's speed drifts by +-20% from
+    # one run to the next, so each round's ratio compares neighbours, and the median of the
+    # rounds' ratios is the figure; the range shows the noise.
     local name=$1 p=$2 b=$3; shift 3
-    # A B A B: interleaved so drift on a shared machine hits both sides alike
-    local p1 b1 p2 b2
-    p1=$(tps "$p" "$@"); b1=$(tps "$b"); p2=$(tps "$p" "$@"); b2=$(tps "$b")
-    awk -v n="$name" -v p1="$p1" -v p2="$p2" -v b1="$b1" -v b2="$b2" 'BEGIN {
-        p = (p1 + p2) / 2; b = (b1 + b2) / 2;
-        printf "%-34s %12.0f %12.0f %8.3f\n", n, p, b, p / b }'
+    local results=""
+    for _ in $(seq "$ROUNDS"); do
+        results+="$(tps "$p" "$@") $(tps "$b")"$'\n'
+    done
+    echo -n "$results" | awk -v n="$name" '
+        { p += $1; b += $2; r[NR] = $1 / $2 }
+        END {
+            for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+            med = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+            printf "%-34s %11.0f %11.0f %8.3f   [%.3f .. %.3f]\n", n, p / NR, b / NR, med, r[1], r[NR] }'
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); PostgreSQL $(psql -X -qAt -d postgres -c 'SHOW server_version')"
-echo "pgbench: $CLIENTS clients, 2 threads, ${SECS}s per run, prepared protocol, each side run twice interleaved"
-printf "%-34s %12s %12s %8s\n" "benchmark" "pg_tenancy" "baseline" "ratio"
+echo "pgbench: $CLIENTS client(s), ${SECS}s per run, prepared protocol, $ROUNDS rounds of (pg_tenancy, baseline)"
+printf "%-34s %11s %11s %8s   %s\n" "benchmark" "tps" "base tps" "median" "[range of round ratios]"
 pair "point lookup, context in txn" point_prot.sql point_plain.sql
 pair "1,000-row range, context in txn" range_prot.sql range_plain.sql
 pair "point lookup, session context" stmt_prot.sql stmt_plain.sql PGOPTIONS="-c pg_tenancy.tenant=t0042"

@@ -202,7 +202,8 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RAISE EXCEPTION 'the tenant isolation of table % cannot be weakened', rel
         USING ERRCODE = '42501', DETAIL = problem,
-        HINT = 'Remove the protection on purpose with tenancy.unprotect(), or repair it with tenancy.protect().';
+        HINT = 'Remove the protection on purpose with tenancy.unprotect(), or repair it with tenancy.protect(). '
+               'Restoring a dump? Run it with PGOPTIONS=''-c pg_tenancy.guard=off'' as a superuser.';
 END
 $$;
 
@@ -225,6 +226,9 @@ DECLARE
     parent_col name;
     col name := coalesce(nullif(current_setting('pg_tenancy.tenant_column', true), ''), 'tenant_id');
 BEGIN
+    IF current_setting('pg_tenancy.guard', true) = 'off' THEN
+        RETURN;  -- a superuser restoring a dump (see README, "Backups")
+    END IF;
     FOR r IN
         SELECT DISTINCT x.relid, x.tag
           FROM (SELECT CASE d.classid
@@ -279,6 +283,9 @@ BEGIN
     DELETE FROM tenancy.protected_tables p
      USING pg_event_trigger_dropped_objects() d
      WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND d.objid = p.rel::oid;
+    IF current_setting('pg_tenancy.guard', true) = 'off' THEN
+        RETURN;
+    END IF;
     FOR r IN
         SELECT DISTINCT p.rel
           FROM pg_event_trigger_dropped_objects() d
@@ -340,6 +347,10 @@ WITH prot AS (
            format('ALTER EVENT TRIGGER %I ENABLE;', e.evtname)
       FROM pg_event_trigger e
      WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled = 'D'
+    UNION ALL
+    SELECT 'ERROR', 'setting pg_tenancy.guard', 'the guard is off in this session',
+           'RESET pg_tenancy.guard; -- and look for ALTER DATABASE/ROLE ... SET pg_tenancy.guard'
+     WHERE current_setting('pg_tenancy.guard', true) = 'off'
     UNION ALL
     -- roles that row level security does not apply to
     SELECT 'WARNING', 'role ' || quote_ident(r.rolname),

@@ -43,6 +43,11 @@ pub static JWT_LEEWAY: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Protect new tables that carry the tenant column as soon as they are created.
 pub static AUTO_PROTECT: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// The event-trigger guard. Off only for a superuser's session that restores a dump: pg_dump
+/// recreates a protected table's pieces one statement at a time, and the guard would refuse the
+/// intermediate states.
+pub static GUARD: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// The column name `tenancy.check()` and auto-protection look for.
 pub static TENANT_COLUMN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
@@ -129,6 +134,15 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         c"Protect new tables that have the tenant column as soon as they are created.",
         c"Partitions of protected tables are always protected, whatever this says.",
         &AUTO_PROTECT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tenancy.guard",
+        c"Refuse DDL that weakens a protected table (except through tenancy.unprotect).",
+        c"Turn it off only in a superuser session that restores a dump (PGOPTIONS='-c pg_tenancy.guard=off' \
+pg_restore ...), then run SELECT * FROM tenancy.check().",
+        &GUARD,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -31,11 +31,18 @@ ALTER TABLE app.orders DROP COLUMN note;
 ALTER TABLE app.orders RENAME TO orders_renamed;
 ALTER TABLE app.orders_renamed RENAME TO orders;
 CREATE INDEX ON app.orders (item);
+-- switching the guard off is a superuser's act (for restoring dumps)
+SET pg_tenancy.guard = off;
 RESET ROLE;
 -- superusers are refused as well: the guard protects against accidents
 ALTER TABLE app.orders DISABLE ROW LEVEL SECURITY;
 DROP POLICY tenancy_isolation ON app.orders;
 TRUNCATE app.orders;
+-- a superuser session with the guard off is reported by check()
+SET pg_tenancy.guard = off;
+SELECT severity, object, problem FROM tenancy.check() WHERE object = 'setting pg_tenancy.guard';
+RESET pg_tenancy.guard;
+SELECT count(*) FROM tenancy.check() WHERE object = 'setting pg_tenancy.guard';
 -- nothing was weakened
 SELECT rel, tenancy._protection_problem(rel) FROM tenancy.protected_tables ORDER BY rel::text;
 -- dropping a protected table is allowed and forgets it
