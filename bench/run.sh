@@ -50,3 +50,7 @@ pair "point lookup, context in txn" point_prot.sql point_plain.sql
 pair "1,000-row range, context in txn" range_prot.sql range_plain.sql
 pair "point lookup, session context" stmt_prot.sql stmt_plain.sql PGOPTIONS="-c pg_tenancy.tenant=t0042"
 pair "set_tenant() vs set_config()" set_tenant.sql set_config.sql
+
+echo
+echo "server side only (PL/pgSQL loop, COMMIT per iteration, no network; bench/server_side.sql):"
+psql -X -q -U bench_app -d "$DB" -f server_side.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'

@@ -52,7 +52,8 @@ ROLLBACK;
 RESET ROLE;
 
 \echo '== 5. Signed mode: only a token from the gateway sets the context; forgeries are refused'
-ALTER DATABASE :DBNAME SET pg_tenancy.jwt_secret = 'demo-secret-demo-secret-demo-secret-42';
+-- (the secret shared with the gateway lives in a file only the server reads)
+ALTER DATABASE :DBNAME SET pg_tenancy.jwt_secret_file = :'SECRET_FILE';
 ALTER DATABASE :DBNAME SET pg_tenancy.context_mode = 'signed';
 \connect - postgres
 -- (the gateway's side: mint tokens with the shared secret; applications cannot)

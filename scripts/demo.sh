@@ -7,7 +7,10 @@ DB=pg_tenancy_demo
 psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "DROP ROLE IF EXISTS demo_app" \
      -c "DROP ROLE IF EXISTS demo_owner" 2>/dev/null || true
 psql -X -q -d postgres -c "CREATE DATABASE $DB"
-psql -X -d "$DB" -v DBNAME="$DB" -f demo/tour.sql
+SECRET_FILE=${PGT_ROOT:-/tmp/pg_tenancy}/demo-jwt-secret
+[ -s "$SECRET_FILE" ] || head -c 48 /dev/urandom | base64 > "$SECRET_FILE"
+chown postgres:postgres "$SECRET_FILE" && chmod 600 "$SECRET_FILE"
+psql -X -d "$DB" -v DBNAME="$DB" -v SECRET_FILE="$SECRET_FILE" -f demo/tour.sql
 cat <<MSG
 
 The demo cluster is running with pg_tenancy preloaded. Connect with:

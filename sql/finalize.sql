@@ -352,6 +352,19 @@ WITH prot AS (
            'RESET pg_tenancy.guard; -- and look for ALTER DATABASE/ROLE ... SET pg_tenancy.guard'
      WHERE current_setting('pg_tenancy.guard', true) = 'off'
     UNION ALL
+    -- the token secret where every role can read it
+    SELECT 'ERROR', 'settings of ' || coalesce('database ' || quote_ident(d.datname), 'all databases')
+                    || coalesce(' for role ' || quote_ident(r.rolname), ''),
+           'pg_tenancy.jwt_secret is stored in pg_db_role_setting, which every role can read',
+           format('ALTER %s RESET pg_tenancy.jwt_secret; -- then rotate the secret',
+                  CASE WHEN r.rolname IS NOT NULL THEN 'ROLE ' || quote_ident(r.rolname)
+                       ELSE 'DATABASE ' || quote_ident(d.datname) END)
+      FROM pg_db_role_setting s
+      LEFT JOIN pg_database d ON d.oid = s.setdatabase
+      LEFT JOIN pg_roles r ON r.oid = s.setrole
+     WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+       AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c WHERE c LIKE 'pg\_tenancy.jwt\_secret=%')
+    UNION ALL
     -- roles that row level security does not apply to
     SELECT 'WARNING', 'role ' || quote_ident(r.rolname),
            CASE WHEN r.rolsuper

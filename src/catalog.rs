@@ -5,8 +5,9 @@
 //! call. Every query here is search_path-proof: objects and operators are schema-qualified, so a
 //! caller's `search_path` cannot substitute its own `=` while we run with the owner's rights.
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
-use std::cell::Cell;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+use std::cell::{Cell, RefCell};
 
 use crate::error::{Result, TenancyError};
 
@@ -114,27 +115,39 @@ pub struct TenantAccess {
     pub scopes: Vec<String>,
 }
 
+const TENANT_ACCESS_SQL: &str = "SELECT t.status, t.config::pg_catalog.text, \
+        ARRAY(SELECT g.scope FROM tenancy.grants g \
+               WHERE (g.tenant OPERATOR(pg_catalog.=) $1 OR g.tenant OPERATOR(pg_catalog.=) '*') \
+                 AND pg_catalog.pg_has_role($2, g.role::pg_catalog.oid, 'USAGE')) \
+   FROM (SELECT 1) AS one \
+   LEFT JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) $1";
+
+thread_local! {
+    /// The tenant lookup, prepared once per backend (a lookup costs ~140 us parsed and planned
+    /// each time, a few us prepared; bench/README.md). Tagged with the catalog it was planned
+    /// against, and replaced at its next use when that catalog is recreated.
+    static TENANT_ACCESS_PLAN: RefCell<Option<(pg_sys::Oid, OwnedPreparedStatement)>> =
+        const { RefCell::new(None) };
+}
+
 pub fn tenant_access(tenant: &str, role: pg_sys::Oid) -> Result<TenantAccess> {
+    let tenants_rel = ids()?.tenants;
     as_owner(|| {
         Spi::connect(|client: &SpiClient| -> std::result::Result<_, pgrx::spi::Error> {
-            let t = client
-                .select(
-                    "SELECT t.status, t.config::pg_catalog.text, \
-                            ARRAY(SELECT g.scope FROM tenancy.grants g \
-                                   WHERE (g.tenant OPERATOR(pg_catalog.=) $1 \
-                                          OR g.tenant OPERATOR(pg_catalog.=) '*') \
-                                     AND pg_catalog.pg_has_role($2, g.role::pg_catalog.oid, 'USAGE')) \
-                       FROM (SELECT 1) AS one \
-                       LEFT JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) $1",
-                    Some(1),
-                    &[tenant.into(), role.into()],
-                )?
-                .first();
-            Ok(TenantAccess {
-                status: t.get::<String>(1)?,
-                config: t.get::<String>(2)?,
-                scopes: t.get::<Vec<String>>(3)?.unwrap_or_default(),
-            })
+            let stale = TENANT_ACCESS_PLAN.with(|p| p.borrow().as_ref().map(|(rel, _)| *rel) != Some(tenants_rel));
+            if stale {
+                let plan = client
+                    .prepare(TENANT_ACCESS_SQL, &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::OIDOID)])?
+                    .keep();
+                TENANT_ACCESS_PLAN.with(|p| *p.borrow_mut() = Some((tenants_rel, plan)));
+            }
+            let t = TENANT_ACCESS_PLAN.with(|p| -> std::result::Result<_, pgrx::spi::Error> {
+                let p = p.borrow();
+                let (_, plan) = p.as_ref().expect("prepared above");
+                let t = client.select(plan, Some(1), &[tenant.into(), role.into()])?.first();
+                Ok((t.get::<String>(1)?, t.get::<String>(2)?, t.get::<Vec<String>>(3)?))
+            })?;
+            Ok(TenantAccess { status: t.0, config: t.1, scopes: t.2.unwrap_or_default() })
         })
         .unwrap_or_else(|e| pgrx::error!("pg_tenancy catalog lookup failed: {e}"))
     })

@@ -75,6 +75,9 @@ thread_local! {
     /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
     static CACHE: RefCell<HashMap<Vec<u8>, Vec<Verified>>> = RefCell::new(HashMap::new());
     static CACHE_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Whether this session was already told that a transaction-scoped context outside a
+    /// transaction block lasts one statement.
+    static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Drop every cached verification (and the catalog OIDs they were read from).
@@ -208,8 +211,8 @@ fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> 
     if let Some(result) = hit {
         return result;
     }
-    let raw = std::str::from_utf8(raw).map_err(|_| TenancyError::InvalidTenantId)?;
-    let v = verify_fresh(raw, user, now)?;
+    let raw = std::str::from_utf8(raw).map_err(|_| TenancyError::InvalidTenantId)?.to_owned();
+    let v = verify_fresh(&raw, user, now)?;
     check_expiry(&v, now)?;
     let result = (f.take().expect("called once"))(&v);
     if CACHE_LEN.with(|n| n.get()) >= CACHE_CAPACITY {
@@ -226,20 +229,21 @@ fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> 
 /// setting in place, allocates nothing but what `f` returns, and runs no query.
 pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
     // SAFETY: the setting's storage is a NUL-terminated string owned by the GUC machinery (or
-    // NULL); it is copied before anything that could change it runs (verify_fresh copies `raw`).
-    let raw: Vec<u8> = unsafe {
+    // NULL). Nothing below changes the setting (a miss copies the value before it runs SPI), so
+    // the borrow stays valid for this call.
+    let raw: &[u8] = unsafe {
         let p = *gucs::TENANT.as_ptr();
         if p.is_null() {
             return Err(TenancyError::NoContext);
         }
-        CStr::from_ptr(p).to_bytes().to_vec()
+        CStr::from_ptr(p).to_bytes()
     };
     if raw.is_empty() {
         return Err(TenancyError::NoContext);
     }
     // SAFETY: GetUserId only reads a backend-local variable.
     let user = unsafe { pg_sys::GetUserId() };
-    with_verified(&raw, user, f)
+    with_verified(raw, user, f)
 }
 
 /// The verified context for the role running the current statement.
@@ -313,7 +317,9 @@ fn set_context(value: &str, session: bool) {
             pg_sys::PGERROR as i32,
             false,
         );
-        if !session && !pg_sys::IsTransactionBlock() && !value.is_empty() {
+        // Once per session: the mistake it points at is a pattern, and procedures that COMMIT
+        // in a loop (where the context rightly lasts until the COMMIT) would repeat it forever.
+        if !session && !pg_sys::IsTransactionBlock() && !value.is_empty() && !WARNED.with(|w| w.replace(true)) {
             pgrx::ereport!(
                 PgLogLevel::WARNING,
                 PgSqlErrorCode::ERRCODE_NO_ACTIVE_SQL_TRANSACTION,

@@ -4,6 +4,7 @@
 //! than a silently created placeholder.
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
+use pgrx::pg_guard;
 use pgrx::PostgresGucEnum;
 use std::ffi::CString;
 
@@ -90,7 +91,7 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         &JWT_SECRET,
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
-        None,
+        Some(check_secret_source),
         Some(crate::context::on_setting_string),
         None,
     ) };
@@ -156,6 +157,35 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
     );
     // SAFETY: called from _PG_init with a static NUL-terminated string.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_tenancy".as_ptr()) };
+}
+
+/// Check hook of `pg_tenancy.jwt_secret`: the secret may come from the configuration files
+/// (ALTER SYSTEM) or a superuser's session, never from per-database or per-role settings or a
+/// function's SET clause, which land in pg_db_role_setting / pg_proc, readable by every role.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_secret_source(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    use pg_sys::GucSource::*;
+    // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
+    let empty = unsafe { (*newval).is_null() || **newval == 0 };
+    if empty || !matches!(source, PGC_S_DATABASE | PGC_S_USER | PGC_S_DATABASE_USER | PGC_S_TEST) {
+        return true;
+    }
+    // SAFETY: the GUC_check_* strings are read by PostgreSQL right after this returns false.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+        pg_sys::GUC_check_errmsg_string =
+            pg_sys::pstrdup(c"pg_tenancy.jwt_secret cannot be stored in database, role or function settings".as_ptr());
+        pg_sys::GUC_check_errdetail_string =
+            pg_sys::pstrdup(c"Those settings are readable by every role.".as_ptr());
+        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
+            c"Use pg_tenancy.jwt_secret_file (a path is not a secret), or ALTER SYSTEM SET pg_tenancy.jwt_secret.".as_ptr(),
+        );
+    }
+    false
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {

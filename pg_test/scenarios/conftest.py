@@ -4,7 +4,7 @@ Every scenario connects as an application role that is neither the table owner, 
 superuser, nor BYPASSRLS: a test run as the owner would pass for the wrong reason.
 """
 import os
-import subprocess
+import shutil
 import uuid
 
 import psycopg2
@@ -57,7 +57,13 @@ def database():
         run(su, "SELECT tenancy.grant_tenant(%s, %s, 'read_write')", APP, t)
     run(su, f"CREATE SCHEMA app AUTHORIZATION {OWNER}")
     run(su, f"GRANT USAGE ON SCHEMA app TO {APP}, scn_other")
-    run(su, f"ALTER DATABASE {DB} SET pg_tenancy.jwt_secret = '{SECRET}'")
+    # the secret lives in a file only the server reads; the database setting holds its path
+    secret_file = f"{ROOT}/scenario-secret"
+    with open(secret_file, "w") as f:
+        f.write(SECRET + "\n")
+    os.chmod(secret_file, 0o600)
+    shutil.chown(secret_file, "postgres", "postgres")
+    run(su, f"ALTER DATABASE {DB} SET pg_tenancy.jwt_secret_file = '{secret_file}'")
     own = connect(user=OWNER)
     run(own, """CREATE TABLE app.orders (
                     tenant_id text NOT NULL, id bigserial, client text, item text,

@@ -7,6 +7,10 @@ SELECT tenancy.set_tenant_token('eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJhY21lIi
 RESET ROLE;
 SET pg_tenancy.jwt_secret = 'short';
 SELECT tenancy._sign_token('{"tenant_id": "acme", "exp": 4102444800}');
+-- the secret may not be stored where every role can read it
+ALTER DATABASE pg_tenancy_regress SET pg_tenancy.jwt_secret = 'regress-secret-regress-secret-regress-secret';
+ALTER ROLE regress_app SET pg_tenancy.jwt_secret = 'regress-secret-regress-secret-regress-secret';
+CREATE FUNCTION leak() RETURNS int LANGUAGE sql SET pg_tenancy.jwt_secret = 'regress-secret-regress-secret-regress-secret' AS 'SELECT 1';
 SET pg_tenancy.jwt_secret = 'regress-secret-regress-secret-regress-secret';
 SELECT tenancy._sign_token('{"tenant_id": "acme", "exp": 4102444800}') AS acme \gset
 SELECT tenancy._sign_token('{"tenant_id": "initech", "exp": 4102444800}') AS initech \gset
