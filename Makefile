@@ -15,7 +15,9 @@ deps:
 	@scripts/deps.sh
 
 ## Build (release) and install the extension into the system PostgreSQL 15.
+# (The running cluster is stopped first: overwriting a preloaded library in place crashes it.)
 install: deps
+	@scripts/cluster.sh stop
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
 
 ## (Re)start the throwaway cluster, so the postmaster preloads the library just installed.
@@ -30,6 +32,7 @@ demo: cluster
 test: deps test-unit test-regress test-scenarios
 
 test-unit: deps
+	@scripts/cluster.sh stop
 	rm -rf $(PGRX_TEST_DATA)
 	CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=$(PGRX_TEST_DATA) cargo pgrx test pg15
 

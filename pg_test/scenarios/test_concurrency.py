@@ -62,3 +62,32 @@ def test_context_does_not_survive_the_transaction(database):
             assert getattr(e, "pgcode", None) == "28000"
         conn.rollback()
     conn.close()
+
+
+def test_parallel_query_sees_only_the_tenant(database):
+    """Parallel workers get the context from the leader and filter exactly like it."""
+    su = connect()
+    expected = dict(run(su, "SELECT tenant_id, count(*) FROM app.orders GROUP BY 1"))
+    su.close()
+    conn = connect(user=APP, autocommit=False)
+    with conn.cursor() as cur:
+        for setting in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0",
+                        "min_parallel_table_scan_size = 0", "enable_indexscan = off",
+                        "enable_indexonlyscan = off", "enable_bitmapscan = off",
+                        "max_parallel_workers_per_gather = 2"):
+            cur.execute("SET " + setting)
+        for tenant in TENANTS[:3]:
+            cur.execute("SELECT tenancy.set_tenant(%s)", (tenant,))
+            cur.execute("EXPLAIN (COSTS OFF) SELECT tenant_id, count(*) FROM app.orders GROUP BY 1")
+            plan = "\n".join(r[0] for r in cur.fetchall())
+            assert "Parallel Seq Scan" in plan, plan
+            cur.execute("SELECT tenant_id, count(*) FROM app.orders GROUP BY 1")
+            assert cur.fetchall() == ([(tenant, expected[tenant])] if tenant in expected else [])
+            conn.commit()
+        try:
+            cur.execute("SELECT count(*) FROM app.orders")
+            raise AssertionError("parallel scan answered without a context")
+        except Exception as e:  # noqa: BLE001
+            assert getattr(e, "pgcode", None) == "28000"
+        conn.rollback()
+    conn.close()
