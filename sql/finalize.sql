@@ -22,6 +22,15 @@ CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
 CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.protected_tables
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.keys
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+
+-- Tenants whose active data key is older than pg_tenancy.key_rotation_interval.
+CREATE VIEW tenancy.keys_due AS
+SELECT k.tenant, k.version, k.created_at, now() - k.created_at AS age
+  FROM tenancy.keys k
+ WHERE k.kind = 'data' AND k.state = 'active'
+   AND k.created_at < now() - current_setting('pg_tenancy.key_rotation_interval')::interval;
 
 ------------------------------------------------------------------------------------------------
 -- Tenants
@@ -512,5 +521,12 @@ GRANT EXECUTE ON FUNCTION
     tenancy.truncate_guard(),
     tenancy._guard_exempt(oid),
     tenancy._guard_ddl(),
-    tenancy._guard_drop()
+    tenancy._guard_drop(),
+    tenancy.encrypt(bytea, text),
+    tenancy.encrypt(text, text),
+    tenancy.decrypt(bytea, text),
+    tenancy.decrypt_text(bytea, text),
+    tenancy.rewrap(bytea, text),
+    tenancy.key_version(bytea),
+    tenancy.blind_index(text, text)
 TO PUBLIC;

@@ -49,3 +49,24 @@ COMMENT ON TABLE tenancy.protected_tables IS
 SELECT pg_catalog.pg_extension_config_dump('tenancy.tenants', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.grants', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');
+
+-- Tenant keys, only ever stored wrapped by the master key (whose identity, a hash, is kek_id).
+-- kind 'data' encrypts; kind 'index' keys tenancy.blind_index() and is not rotated with data keys.
+CREATE TABLE tenancy.keys (
+    tenant        text        NOT NULL REFERENCES tenancy.tenants (id),
+    kind          text        NOT NULL CONSTRAINT keys_kind_check CHECK (kind IN ('data', 'index')),
+    version       integer     NOT NULL,
+    state         text        NOT NULL
+                  CONSTRAINT keys_state_check CHECK (state IN ('active', 'decrypt_only', 'destroyed')),
+    wrapped       bytea,
+    kek_id        text        NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    retired_at    timestamptz,
+    destroyed_at  timestamptz,
+    PRIMARY KEY (tenant, kind, version),
+    CONSTRAINT keys_destroyed_check CHECK ((state = 'destroyed') = (wrapped IS NULL))
+);
+CREATE UNIQUE INDEX keys_one_active ON tenancy.keys (tenant, kind) WHERE state = 'active';
+COMMENT ON TABLE tenancy.keys IS
+    'Per-tenant keys, wrapped by the master key. A destroyed key cannot be recovered (crypto-shredding).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.keys', '');

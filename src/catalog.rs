@@ -18,6 +18,7 @@ pub struct CatalogIds {
     pub tenants: pg_sys::Oid,
     pub grants: pg_sys::Oid,
     pub protected: pg_sys::Oid,
+    pub keys: pg_sys::Oid,
 }
 
 thread_local! {
@@ -43,7 +44,8 @@ pub fn ids() -> Result<CatalogIds> {
             "SELECT n.nspowner, \
                     pg_catalog.to_regclass('tenancy.tenants')::pg_catalog.oid, \
                     pg_catalog.to_regclass('tenancy.grants')::pg_catalog.oid, \
-                    pg_catalog.to_regclass('tenancy.protected_tables')::pg_catalog.oid \
+                    pg_catalog.to_regclass('tenancy.protected_tables')::pg_catalog.oid, \
+                    pg_catalog.to_regclass('tenancy.keys')::pg_catalog.oid \
                FROM pg_catalog.pg_extension e \
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
               WHERE e.extname OPERATOR(pg_catalog.=) 'pg_tenancy'",
@@ -59,12 +61,13 @@ pub fn ids() -> Result<CatalogIds> {
             t.get::<pg_sys::Oid>(2)?,
             t.get::<pg_sys::Oid>(3)?,
             t.get::<pg_sys::Oid>(4)?,
+            t.get::<pg_sys::Oid>(5)?,
         )))
     })
     .unwrap_or(None);
     match row {
-        Some((Some(owner), Some(tenants), Some(grants), Some(protected))) => {
-            let ids = CatalogIds { owner, tenants, grants, protected };
+        Some((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys))) => {
+            let ids = CatalogIds { owner, tenants, grants, protected, keys };
             IDS.with(|c| c.set(Some(ids)));
             Ok(ids)
         }
@@ -150,5 +153,17 @@ pub fn tenant_access(tenant: &str, role: pg_sys::Oid) -> Result<TenantAccess> {
             Ok(TenantAccess { status: t.0, config: t.1, scopes: t.2.unwrap_or_default() })
         })
         .unwrap_or_else(|e| pgrx::error!("pg_tenancy catalog lookup failed: {e}"))
+    })
+}
+
+pub fn tenant_exists(tenant: &str) -> Result<bool> {
+    as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1)",
+            &[tenant.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
     })
 }

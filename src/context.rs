@@ -105,9 +105,10 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
     // Invariant: whatever is cached was read through catalog::ids(), so while no ids are
     // cached nothing else is either. (DROP EXTENSION invalidates these relations too.)
     let Some(ids) = catalog::cached_ids() else { return };
-    if relid == pg_sys::InvalidOid || [ids.tenants, ids.grants, ids.protected].contains(&relid) {
+    if relid == pg_sys::InvalidOid || [ids.tenants, ids.grants, ids.protected, ids.keys].contains(&relid) {
         catalog::forget();
         crate::hooks::forget();
+        crate::crypto::forget_keys();
         clear_cache();
     }
 }
@@ -116,6 +117,12 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 #[pg_guard]
 pub unsafe extern "C-unwind" fn on_setting_string(_new: *const c_char, _extra: *mut c_void) {
     clear_cache();
+}
+
+/// Assign hook of the master-key settings: drop the cached master and tenant keys.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_master_key_setting(_new: *const c_char, _extra: *mut c_void) {
+    crate::crypto::forget_master_keys();
 }
 
 #[pg_guard]

@@ -38,6 +38,18 @@ pub enum TenancyError {
     InvalidArgument(&'static str),
     #[error("permission denied: {0}")]
     Denied(&'static str),
+    #[error("no master key is configured")]
+    NoMasterKey,
+    #[error("the master key is unusable")]
+    MasterKeyUnusable(&'static str),
+    #[error("the master key does not unwrap the tenant's keys")]
+    MasterKeyMismatch,
+    #[error("ciphertext is malformed")]
+    CiphertextMalformed,
+    #[error("ciphertext does not decrypt for this tenant and context")]
+    CiphertextInvalid,
+    #[error("the tenant's keys were destroyed")]
+    KeysDestroyed,
 }
 
 impl TenancyError {
@@ -58,6 +70,12 @@ impl TenancyError {
             TenancyError::Token(_) => ERRCODE_INVALID_PASSWORD, // 28P01
             TenancyError::NoSecret | TenancyError::BadSecret(_) => ERRCODE_CONFIG_FILE_ERROR, // F0000
             TenancyError::NotInstalled => ERRCODE_INVALID_SCHEMA_NAME, // 3F000
+            TenancyError::NoMasterKey
+            | TenancyError::MasterKeyUnusable(_)
+            | TenancyError::MasterKeyMismatch => ERRCODE_CONFIG_FILE_ERROR, // F0000
+            TenancyError::CiphertextMalformed => ERRCODE_INVALID_BINARY_REPRESENTATION, // 22P03
+            TenancyError::CiphertextInvalid => ERRCODE_DATA_EXCEPTION, // 22000
+            TenancyError::KeysDestroyed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
         }
     }
 
@@ -67,7 +85,10 @@ impl TenancyError {
             TenancyError::InvalidTenantId => Some(
                 "A tenant id is 1 to 63 characters: letters, digits, '_', '-' and '.'.".into(),
             ),
-            TenancyError::BadSecret(why) => Some((*why).to_string()),
+            TenancyError::BadSecret(why) | TenancyError::MasterKeyUnusable(why) => Some((*why).to_string()),
+            TenancyError::CiphertextInvalid => Some(
+                "It was altered, or made for another tenant, column or row (another context).".into(),
+            ),
             TenancyError::NotPermitted => Some(
                 "The role has no grant for that tenant, or the tenant does not exist.".into(),
             ),
@@ -107,6 +128,15 @@ impl TenancyError {
             TenancyError::NotInstalled => "Run CREATE EXTENSION pg_tenancy in this database.",
             TenancyError::InvalidArgument(_) => "See the SQL API in the pg_tenancy README.",
             TenancyError::Denied(_) => "Ask a superuser, or a role with admin scope in that tenant.",
+            TenancyError::NoMasterKey | TenancyError::MasterKeyUnusable(_) => {
+                "A superuser sets pg_tenancy.master_key_file or pg_tenancy.master_key_command (32 bytes: 64 hex digits or base64)."
+            }
+            TenancyError::MasterKeyMismatch => {
+                "Configure the master key that wrapped them (or the old one as pg_tenancy.previous_master_key_file and run tenancy.rotate_master_key())."
+            }
+            TenancyError::CiphertextMalformed => "Pass a value produced by tenancy.encrypt().",
+            TenancyError::CiphertextInvalid => "Decrypt with the tenant and the context it was encrypted with.",
+            TenancyError::KeysDestroyed => "The tenant was crypto-shredded with tenancy.shred(); its ciphertexts are gone for good.",
         }
     }
 

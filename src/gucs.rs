@@ -49,6 +49,15 @@ pub static AUTO_PROTECT: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// intermediate states.
 pub static GUARD: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// Where the master key (KEK) comes from: a file, or a command that prints it (e.g. reading it
+/// from Vault). Superuser-only; the key itself never enters the database.
+pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The master key being replaced, during tenancy.rotate_master_key().
+pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Age after which a tenant's active data key is listed in tenancy.keys_due.
+pub static KEY_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(180 * 24 * 3600);
+
 /// The column name `tenancy.check()` and auto-protection look for.
 pub static TENANT_COLUMN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
@@ -147,6 +156,52 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
         GucContext::Suset,
         GucFlags::default(),
     );
+    // SAFETY (each call): the assign hook is a #[pg_guard] function with the right signature.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_tenancy.master_key_file",
+            c"File holding the 32-byte master key that wraps every tenant key.",
+            c"64 hex digits, base64, or 32 raw bytes. Readable by the server only. Ignored when pg_tenancy.master_key_command is set.",
+            &MASTER_KEY_FILE,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            None,
+            Some(crate::context::on_master_key_setting),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_tenancy.master_key_command",
+            c"Shell command that prints the 32-byte master key (for example a Vault CLI call).",
+            c"Run by the server once per session, on first use; its stdout is the key, as for master_key_file.",
+            &MASTER_KEY_COMMAND,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            None,
+            Some(crate::context::on_master_key_setting),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_tenancy.previous_master_key_file",
+            c"The master key being replaced, read while tenancy.rotate_master_key() rewraps the tenant keys.",
+            c"Set it with the new key in master_key_file, run tenancy.rotate_master_key(), then clear it.",
+            &PREVIOUS_MASTER_KEY_FILE,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            None,
+            Some(crate::context::on_master_key_setting),
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.key_rotation_interval",
+        c"Age after which a tenant's active data key is due for rotation (tenancy.keys_due).",
+        c"Six months by default, as the security policy asks.",
+        &KEY_ROTATION_INTERVAL,
+        3600,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_string_guc(
         c"pg_tenancy.tenant_column",
         c"Name of the tenant column that tenancy.check() and auto-protection look for.",
@@ -227,4 +282,16 @@ pub fn tenant_claim() -> String {
 
 pub fn jwt_leeway() -> i64 {
     JWT_LEEWAY.get() as i64
+}
+
+pub fn master_key_file() -> Option<String> {
+    string(&MASTER_KEY_FILE)
+}
+
+pub fn master_key_command() -> Option<String> {
+    string(&MASTER_KEY_COMMAND)
+}
+
+pub fn previous_master_key_file() -> Option<String> {
+    string(&PREVIOUS_MASTER_KEY_FILE)
 }

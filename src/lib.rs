@@ -4,6 +4,7 @@
 //! - [`gucs`]: every `pg_tenancy.*` setting;
 //! - [`context`]: the tenant context (`set_tenant`, `set_tenant_token`, `current_tenant`, ...);
 //! - [`token`]: HS256 token verification for the signed context;
+//! - [`crypto`]: per-tenant keys, encryption bound to tenant and context, rotation, shredding;
 //! - [`catalog`]: reads and writes of the extension's own tables, as their owner;
 //! - [`grants`]: which roles may enter which tenants, with which scope;
 //! - [`protect`]: generated row-level-security policies and the guard that keeps them;
@@ -13,6 +14,7 @@ use pgrx::prelude::*;
 
 pub mod catalog;
 pub mod context;
+pub mod crypto;
 pub mod error;
 pub mod grants;
 pub mod gucs;
@@ -32,6 +34,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     context::init();
     hooks::install();
+    crypto::init();
 }
 
 /// Required by `cargo pgrx test`.

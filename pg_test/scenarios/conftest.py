@@ -64,6 +64,12 @@ def database():
     os.chmod(secret_file, 0o600)
     shutil.chown(secret_file, "postgres", "postgres")
     run(su, f"ALTER DATABASE {DB} SET pg_tenancy.jwt_secret_file = '{secret_file}'")
+    master_key = f"{ROOT}/scenario-master-key"
+    with open(master_key, "w") as f:
+        f.write(os.urandom(32).hex() + "\n")
+    os.chmod(master_key, 0o600)
+    shutil.chown(master_key, "postgres", "postgres")
+    run(su, f"ALTER DATABASE {DB} SET pg_tenancy.master_key_file = '{master_key}'")
     own = connect(user=OWNER)
     run(own, """CREATE TABLE app.orders (
                     tenant_id text NOT NULL, id bigserial, client text, item text,

@@ -1,7 +1,9 @@
 -- tenancy.check(): the pre-go-live checklist.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+SET client_min_messages = warning;
 DROP ROLE IF EXISTS regress_bypass;
+RESET client_min_messages;
 CREATE ROLE regress_bypass LOGIN BYPASSRLS;
 SET ROLE regress_owner;
 CREATE TABLE app.unprotected (tenant_id text, x int);

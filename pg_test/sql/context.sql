@@ -1,7 +1,9 @@
 -- The tenant context: scope, grants, statuses, flags, and every way to set or clear it.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+SET client_min_messages = warning;
 DROP ROLE IF EXISTS regress_app, regress_reader, regress_group, regress_member, regress_admin;
+RESET client_min_messages;
 CREATE ROLE regress_app;
 CREATE ROLE regress_reader;
 CREATE ROLE regress_group;

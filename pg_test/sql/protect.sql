@@ -1,7 +1,9 @@
 -- tenancy.protect(): generated policies, and what they let an application role do.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+SET client_min_messages = warning;
 DROP ROLE IF EXISTS regress_owner;
+RESET client_min_messages;
 CREATE ROLE regress_owner;
 CREATE SCHEMA app AUTHORIZATION regress_owner;
 GRANT USAGE ON SCHEMA app TO regress_app, regress_reader;

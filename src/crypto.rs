@@ -1,0 +1,560 @@
+//! Per-tenant encryption: data keys per tenant, wrapped by a master key that never enters the
+//! database, AES-256-GCM ciphertexts bound to their tenant and context, rotation, crypto-shredding
+//! and blind indexes.
+//!
+//! Key hierarchy: the master key (KEK, 32 bytes) comes from `pg_tenancy.master_key_file` or the
+//! output of `pg_tenancy.master_key_command` (e.g. a Vault CLI call). Each tenant has versioned
+//! data keys (DEKs) and one blind-index key, generated from the OS random source and stored only
+//! wrapped (AES-256-GCM under the KEK, bound to tenant, kind and version) in `tenancy.keys`, with
+//! the KEK's identity (a hash, never the key). Unwrapped keys are cached per backend in zeroizing
+//! buffers; the cache is dropped when `tenancy.keys` changes (relcache invalidation), so a
+//! rotation or a shred in another session is seen at this session's next statement.
+//!
+//! Ciphertext v1: `01 | 01 (AES-256-GCM) | key version (u32 BE) | nonce (12) | ct | tag (16)`.
+//! The associated data is the 6 header bytes, the tenant id and the caller's context, so a
+//! ciphertext copied to another tenant, column or row does not decrypt.
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use hmac::{Hmac, Mac};
+use pgrx::prelude::*;
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use zeroize::Zeroizing;
+
+use crate::catalog;
+use crate::context;
+use crate::error::{OrRaise, Result, TenancyError};
+use crate::gucs;
+
+const FORMAT_V1: u8 = 1;
+const ALG_AES_256_GCM: u8 = 1;
+const HEADER_LEN: usize = 6;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+type Key = Zeroizing<[u8; 32]>;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Kind {
+    Data,
+    Index,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Data => "data",
+            Kind::Index => "index",
+        }
+    }
+}
+
+struct Kek {
+    key: Key,
+    id: String,
+}
+
+thread_local! {
+    /// Master keys by the setting they came from (file path or command).
+    static KEKS: RefCell<HashMap<String, std::rc::Rc<Kek>>> = RefCell::new(HashMap::new());
+    /// Unwrapped tenant keys by (tenant, kind, version).
+    static DEKS: RefCell<HashMap<(String, Kind, i32), Key>> = RefCell::new(HashMap::new());
+    /// Active key version by (tenant, kind).
+    static ACTIVE: RefCell<HashMap<(String, Kind), i32>> = RefCell::new(HashMap::new());
+}
+
+/// Register the abort callbacks: a key created in a transaction (or savepoint) that rolls back
+/// must not survive in the cache. (The relcache invalidation already covers this; this does not
+/// depend on it.)
+pub fn init() {
+    // SAFETY: registers plain #[pg_guard] callbacks once, from _PG_init.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
+        forget_keys();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        forget_keys();
+    }
+}
+
+/// Forget every unwrapped tenant key (tenancy.keys changed somewhere).
+pub fn forget_keys() {
+    DEKS.with(|d| {
+        if let Ok(mut d) = d.try_borrow_mut() {
+            d.clear();
+        }
+    });
+    ACTIVE.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            a.clear();
+        }
+    });
+}
+
+/// Forget the master keys (a master-key setting changed).
+pub fn forget_master_keys() {
+    KEKS.with(|k| {
+        if let Ok(mut k) = k.try_borrow_mut() {
+            k.clear();
+        }
+    });
+    forget_keys();
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).unwrap_or_else(|_| pgrx::error!("pg_tenancy: the OS random source failed"));
+    b
+}
+
+/// 64 hex digits, base64 of 32 bytes, or 32 raw bytes; surrounding white space ignored.
+fn parse_key_material(raw: &[u8]) -> Result<Key> {
+    use base64::Engine;
+    let text = std::str::from_utf8(raw).ok().map(str::trim);
+    let mut key = Zeroizing::new([0u8; 32]);
+    if let Some(t) = text {
+        if t.len() == 64 && hex::decode_to_slice(t, &mut key[..]).is_ok() {
+            return Ok(key);
+        }
+        if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(t) {
+            let bytes = Zeroizing::new(bytes);
+            if bytes.len() == 32 {
+                key.copy_from_slice(&bytes);
+                return Ok(key);
+            }
+        }
+    }
+    if raw.len() == 32 {
+        key.copy_from_slice(raw);
+        return Ok(key);
+    }
+    Err(TenancyError::MasterKeyUnusable("it is not 32 bytes (64 hex digits, base64, or raw)"))
+}
+
+fn kek_id(key: &[u8; 32]) -> String {
+    let digest = Sha256::new().chain_update(b"pg_tenancy master key id\0").chain_update(key).finalize();
+    format!("sha256:{}", hex::encode(&digest[..8]))
+}
+
+fn load_kek(source: &str, is_command: bool) -> Result<std::rc::Rc<Kek>> {
+    let cache_key = format!("{}{source}", if is_command { "cmd:" } else { "file:" });
+    if let Some(k) = KEKS.with(|k| k.borrow().get(&cache_key).cloned()) {
+        return Ok(k);
+    }
+    let raw = Zeroizing::new(if is_command {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(source)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map_err(|_| TenancyError::MasterKeyUnusable("the master key command could not be run"))?;
+        if !out.status.success() {
+            return Err(TenancyError::MasterKeyUnusable("the master key command failed"));
+        }
+        out.stdout
+    } else {
+        std::fs::read(source).map_err(|_| TenancyError::MasterKeyUnusable("the master key file cannot be read"))?
+    });
+    let key = parse_key_material(&raw)?;
+    let kek = std::rc::Rc::new(Kek { id: kek_id(&key), key });
+    KEKS.with(|k| k.borrow_mut().insert(cache_key, kek.clone()));
+    Ok(kek)
+}
+
+fn current_kek() -> Result<std::rc::Rc<Kek>> {
+    if let Some(cmd) = gucs::master_key_command() {
+        load_kek(&cmd, true)
+    } else if let Some(file) = gucs::master_key_file() {
+        load_kek(&file, false)
+    } else {
+        Err(TenancyError::NoMasterKey)
+    }
+}
+
+fn previous_kek() -> Option<std::rc::Rc<Kek>> {
+    gucs::previous_master_key_file().and_then(|f| load_kek(&f, false).ok())
+}
+
+fn wrap_aad(tenant: &str, kind: Kind, version: i32) -> Vec<u8> {
+    format!("pg_tenancy:key:{tenant}:{}:{version}", kind.as_str()).into_bytes()
+}
+
+fn wrap(kek: &Kek, dek: &[u8; 32], tenant: &str, kind: Kind, version: i32) -> Vec<u8> {
+    let nonce = random_bytes::<NONCE_LEN>();
+    let cipher = Aes256Gcm::new_from_slice(&kek.key[..]).expect("32-byte key");
+    let aad = wrap_aad(tenant, kind, version);
+    let ct = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: dek, aad: &aad })
+        .expect("AES-GCM encryption of 32 bytes cannot fail");
+    [nonce.as_slice(), &ct].concat()
+}
+
+fn unwrap(kek_id_stored: &str, wrapped: &[u8], tenant: &str, kind: Kind, version: i32) -> Result<Key> {
+    let current = current_kek()?;
+    let kek = if current.id == kek_id_stored {
+        current
+    } else {
+        previous_kek().filter(|k| k.id == kek_id_stored).ok_or(TenancyError::MasterKeyMismatch)?
+    };
+    if wrapped.len() != NONCE_LEN + 32 + TAG_LEN {
+        return Err(TenancyError::MasterKeyMismatch);
+    }
+    let cipher = Aes256Gcm::new_from_slice(&kek.key[..]).expect("32-byte key");
+    let aad = wrap_aad(tenant, kind, version);
+    let plain = Zeroizing::new(
+        cipher
+            .decrypt(Nonce::from_slice(&wrapped[..NONCE_LEN]), Payload { msg: &wrapped[NONCE_LEN..], aad: &aad })
+            .map_err(|_| TenancyError::MasterKeyMismatch)?,
+    );
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&plain);
+    Ok(key)
+}
+
+struct KeyRow {
+    version: i32,
+    state: String,
+    wrapped: Option<Vec<u8>>,
+    kek_id: String,
+}
+
+fn fetch_key(tenant: &str, kind: Kind, version: Option<i32>) -> Result<Option<KeyRow>> {
+    catalog::as_owner(|| {
+        Spi::connect(|c| -> std::result::Result<_, pgrx::spi::Error> {
+            let t = c.select(
+                "SELECT version, state, wrapped, kek_id FROM tenancy.keys \
+                  WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 \
+                    AND CASE WHEN $3 IS NULL THEN state OPERATOR(pg_catalog.=) 'active' \
+                             ELSE version OPERATOR(pg_catalog.=) $3 END \
+                  ORDER BY version DESC LIMIT 1",
+                Some(1),
+                &[tenant.into(), kind.as_str().into(), version.into()],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let t = t.first();
+            Ok(Some(KeyRow {
+                version: t.get::<i32>(1)?.unwrap_or(0),
+                state: t.get::<String>(2)?.unwrap_or_default(),
+                wrapped: t.get::<Vec<u8>>(3)?,
+                kek_id: t.get::<String>(4)?.unwrap_or_default(),
+            }))
+        })
+        .unwrap_or_else(|e| pgrx::error!("pg_tenancy key lookup failed: {e}"))
+    })
+}
+
+fn destroyed_any(tenant: &str) -> Result<bool> {
+    catalog::as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM tenancy.keys WHERE tenant OPERATOR(pg_catalog.=) $1 \
+                              AND state OPERATOR(pg_catalog.=) 'destroyed')",
+            &[tenant.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
+/// Insert a new key version (the first, or a rotation); returns its version. Serialized per
+/// tenant by a row lock on its tenancy.tenants row; `first` returns an existing active key
+/// instead (another session created it while this one waited).
+fn create_key(tenant: &str, kind: Kind, first: bool) -> Result<i32> {
+    let kek = current_kek()?;
+    catalog::as_owner(|| {
+        Spi::run_with_args(
+            "SELECT 1 FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE",
+            &[tenant.into()],
+        )
+    })?
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+    if destroyed_any(tenant)? {
+        return Err(TenancyError::KeysDestroyed);
+    }
+    if first {
+        if let Some(row) = fetch_key(tenant, kind, None)? {
+            return Ok(row.version);
+        }
+    }
+    let version = catalog::as_owner(|| {
+        Spi::get_one_with_args::<i32>(
+            "SELECT coalesce(max(version), 0) + 1 FROM tenancy.keys \
+              WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2",
+            &[tenant.into(), kind.as_str().into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(1)
+    })?;
+    let dek: Key = Zeroizing::new(random_bytes::<32>());
+    let wrapped = wrap(&kek, &dek, tenant, kind, version);
+    catalog::as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE tenancy.keys SET state = 'decrypt_only', retired_at = pg_catalog.now() \
+              WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 \
+                AND state OPERATOR(pg_catalog.=) 'active'",
+            &[tenant.into(), kind.as_str().into()],
+        )?;
+        Spi::run_with_args(
+            "INSERT INTO tenancy.keys (tenant, kind, version, state, wrapped, kek_id) \
+             VALUES ($1, $2, $3, 'active', $4, $5)",
+            &[tenant.into(), kind.as_str().into(), version.into(), wrapped.into(), kek.id.as_str().into()],
+        )
+    })?
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not store the new key: {e}"));
+    DEKS.with(|d| d.borrow_mut().insert((tenant.to_string(), kind, version), dek));
+    ACTIVE.with(|a| a.borrow_mut().insert((tenant.to_string(), kind), version));
+    Ok(version)
+}
+
+/// The unwrapped key `version` (or the active one, created on first use) of `tenant`.
+fn key_for(tenant: &str, kind: Kind, version: Option<i32>, create: bool) -> Result<(i32, [u8; 32])> {
+    let version = match version.or_else(|| ACTIVE.with(|a| a.borrow().get(&(tenant.to_string(), kind)).copied())) {
+        Some(v) => v,
+        None => match fetch_key(tenant, kind, None)? {
+            Some(row) => row.version,
+            None if create => create_key(tenant, kind, true)?,
+            None => return Err(TenancyError::CiphertextInvalid),
+        },
+    };
+    if let Some(k) = DEKS.with(|d| d.borrow().get(&(tenant.to_string(), kind, version)).map(|k| **k)) {
+        return Ok((version, k));
+    }
+    let row = fetch_key(tenant, kind, Some(version))?.ok_or(TenancyError::CiphertextInvalid)?;
+    if row.state == "destroyed" {
+        return Err(TenancyError::KeysDestroyed);
+    }
+    let wrapped = row.wrapped.ok_or(TenancyError::KeysDestroyed)?;
+    let key = unwrap(&row.kek_id, &wrapped, tenant, kind, version)?;
+    let out = *key;
+    if row.state == "active" {
+        ACTIVE.with(|a| a.borrow_mut().insert((tenant.to_string(), kind), version));
+    }
+    DEKS.with(|d| d.borrow_mut().insert((tenant.to_string(), kind, version), key));
+    Ok((version, out))
+}
+
+fn aad(header: &[u8], tenant: &str, context: &str) -> Vec<u8> {
+    let mut a = Vec::with_capacity(header.len() + tenant.len() + context.len() + 2);
+    a.extend_from_slice(header);
+    a.extend_from_slice(tenant.as_bytes());
+    a.push(0);
+    a.extend_from_slice(context.as_bytes());
+    a
+}
+
+fn encrypt_bytes(plain: &[u8], context: &str) -> Result<Vec<u8>> {
+    let tenant = context::with_context(|v| v.tenant.clone())?;
+    let (version, key) = key_for(&tenant, Kind::Data, None, true)?;
+    let key = Zeroizing::new(key);
+    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
+    out.extend_from_slice(&[FORMAT_V1, ALG_AES_256_GCM]);
+    out.extend_from_slice(&(version as u32).to_be_bytes());
+    let nonce = random_bytes::<NONCE_LEN>();
+    out.extend_from_slice(&nonce);
+    let cipher = Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key");
+    let ct = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad: &aad(&out[..HEADER_LEN], &tenant, context) })
+        .map_err(|_| TenancyError::CiphertextInvalid)?;
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+fn decrypt_bytes(ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
+    if ciphertext.len() < HEADER_LEN + NONCE_LEN + TAG_LEN
+        || ciphertext[0] != FORMAT_V1
+        || ciphertext[1] != ALG_AES_256_GCM
+    {
+        return Err(TenancyError::CiphertextMalformed);
+    }
+    let version = u32::from_be_bytes(ciphertext[2..6].try_into().expect("4 bytes"));
+    let version = i32::try_from(version).map_err(|_| TenancyError::CiphertextMalformed)?;
+    let tenant = context::with_context(|v| v.tenant.clone())?;
+    let (_, key) = key_for(&tenant, Kind::Data, Some(version), false)?;
+    let key = Zeroizing::new(key);
+    let cipher = Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key");
+    let nonce = &ciphertext[HEADER_LEN..HEADER_LEN + NONCE_LEN];
+    cipher
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload { msg: &ciphertext[HEADER_LEN + NONCE_LEN..], aad: &aad(&ciphertext[..HEADER_LEN], &tenant, context) },
+        )
+        .map_err(|_| TenancyError::CiphertextInvalid)
+}
+
+/// Encrypt with the current tenant's active key, bound to the tenant and `context`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn encrypt(data: Option<&[u8]>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+    data.map(|d| encrypt_bytes(d, context).or_raise())
+}
+
+#[pg_extern(volatile, parallel_unsafe, name = "encrypt")]
+fn encrypt_text(data: Option<&str>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+    data.map(|d| encrypt_bytes(d.as_bytes(), context).or_raise())
+}
+
+/// Decrypt a ciphertext of the current tenant made with the same `context`.
+#[pg_extern(stable, parallel_unsafe)]
+fn decrypt(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+    ciphertext.map(|c| decrypt_bytes(c, context).or_raise())
+}
+
+#[pg_extern(stable, parallel_unsafe)]
+fn decrypt_text(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<String> {
+    ciphertext.map(|c| {
+        String::from_utf8(decrypt_bytes(c, context).or_raise())
+            .map_err(|_| TenancyError::CiphertextMalformed)
+            .or_raise()
+    })
+}
+
+/// Re-encrypt under the tenant's newest key version.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rewrap(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+    ciphertext.map(|c| {
+        let plain = Zeroizing::new(decrypt_bytes(c, context).or_raise());
+        encrypt_bytes(&plain, context).or_raise()
+    })
+}
+
+/// The key version a ciphertext was made with (NULL for NULL; raises for a malformed one).
+#[pg_extern(immutable, parallel_safe)]
+fn key_version(ciphertext: Option<&[u8]>) -> Option<i32> {
+    ciphertext.map(|c| {
+        if c.len() < HEADER_LEN + NONCE_LEN + TAG_LEN || c[0] != FORMAT_V1 || c[1] != ALG_AES_256_GCM {
+            TenancyError::CiphertextMalformed.raise();
+        }
+        u32::from_be_bytes(c[2..6].try_into().expect("4 bytes")) as i32
+    })
+}
+
+/// A new active key version for `tenant`; older versions keep decrypting. Returns the version.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rotate_key(tenant: &str) -> i32 {
+    if !catalog::tenant_exists(tenant).or_raise() {
+        TenancyError::UnknownTenant.raise();
+    }
+    create_key(tenant, Kind::Data, false).or_raise()
+}
+
+/// Destroy every key of `tenant` (crypto-shredding). `confirm` must repeat the tenant id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
+    if confirm != Some(tenant) {
+        TenancyError::InvalidArgument("confirm (it must repeat the tenant id)").raise();
+    }
+    if !catalog::tenant_exists(tenant).or_raise() {
+        TenancyError::UnknownTenant.raise();
+    }
+    let n = catalog::as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH d AS (UPDATE tenancy.keys SET state = 'destroyed', wrapped = NULL, \
+                               destroyed_at = pg_catalog.now() \
+                         WHERE tenant OPERATOR(pg_catalog.=) $1 \
+                           AND state OPERATOR(pg_catalog.<>) 'destroyed' RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
+            &[tenant.into()],
+        )
+    })
+    .or_raise()
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not shred: {e}"))
+    .unwrap_or(0);
+    // A tenant without keys yet gets a destroyed marker, so no key is ever created for it.
+    if n == 0 && !destroyed_any(tenant).or_raise() {
+        catalog::as_owner(|| {
+            Spi::run_with_args(
+                "INSERT INTO tenancy.keys (tenant, kind, version, state, wrapped, kek_id, destroyed_at) \
+                 VALUES ($1, 'data', 0, 'destroyed', NULL, '', pg_catalog.now())",
+                &[tenant.into()],
+            )
+        })
+        .or_raise()
+        .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not shred: {e}"));
+    }
+    forget_keys();
+    n
+}
+
+/// Rewrap every tenant key that the current master key did not wrap (those wrapped by
+/// `pg_tenancy.previous_master_key_file`). Data rows are not touched. Returns how many.
+#[pg_extern(volatile, parallel_unsafe)]
+fn rotate_master_key() -> i64 {
+    let kek = current_kek().or_raise();
+    let rows = catalog::as_owner(|| {
+        Spi::connect(|c| -> std::result::Result<_, pgrx::spi::Error> {
+            let mut out = Vec::new();
+            for r in c.select(
+                "SELECT tenant, kind, version FROM tenancy.keys \
+                  WHERE wrapped IS NOT NULL AND kek_id OPERATOR(pg_catalog.<>) $1 ORDER BY 1, 2, 3",
+                None,
+                &[kek.id.as_str().into()],
+            )? {
+                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<i32>(3)?.unwrap_or(0)));
+            }
+            Ok(out)
+        })
+        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"))
+    })
+    .or_raise();
+    let mut n = 0;
+    for (tenant, kind, version) in rows {
+        let kind = if kind == "index" { Kind::Index } else { Kind::Data };
+        let row = fetch_key(&tenant, kind, Some(version)).or_raise().expect("listed above");
+        let key = unwrap(&row.kek_id, row.wrapped.as_deref().unwrap_or_default(), &tenant, kind, version).or_raise();
+        let wrapped = wrap(&kek, &key, &tenant, kind, version);
+        catalog::as_owner(|| {
+            Spi::run_with_args(
+                "UPDATE tenancy.keys SET wrapped = $4, kek_id = $5 \
+                  WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 \
+                    AND version OPERATOR(pg_catalog.=) $3",
+                &[tenant.as_str().into(), kind.as_str().into(), version.into(), wrapped.into(), kek.id.as_str().into()],
+            )
+        })
+        .or_raise()
+        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+        n += 1;
+    }
+    n
+}
+
+/// Keyed HMAC-SHA256 of `value` with the current tenant's blind-index key, for equality lookups
+/// on encrypted columns. Stable across data-key rotations.
+#[pg_extern(volatile, parallel_unsafe)]
+fn blind_index(value: Option<&str>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+    value.map(|v| {
+        let tenant = context::with_context(|c| c.tenant.clone()).or_raise();
+        let (_, key) = key_for(&tenant, Kind::Index, None, true).or_raise();
+        let key = Zeroizing::new(key);
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("any key length");
+        mac.update(context.as_bytes());
+        mac.update(&[0]);
+        mac.update(v.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    })
+}
+
+/// The identity of the configured master key (a hash; never the key).
+#[pg_extern(volatile, parallel_unsafe)]
+fn master_key_id() -> String {
+    current_kek().or_raise().id.clone()
+}
