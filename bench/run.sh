@@ -12,7 +12,10 @@ DB=pg_tenancy_bench
 PGBENCH=/usr/lib/postgresql/15/bin/pgbench
 
 if [ "$(psql -X -qAt -d postgres -c "SELECT count(*) FROM pg_database WHERE datname = '$DB'")" != 1 ] \
-   || [ "$(psql -X -qAt -d $DB -c "SELECT count(*) FROM b.prot" 2>/dev/null)" != 1000000 ]; then
+   || [ "$(psql -X -qAt -d $DB -c "SELECT count(*) FROM b.prot" 2>/dev/null)" != 1000000 ] \
+   || [ "$(psql -X -qAt -d $DB -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_tenancy'")" \
+        != "$(psql -X -qAt -d postgres -c "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_tenancy'")" ] \
+   || ! psql -X -qAt -d $DB -c "SELECT 'tenancy.keys'::regclass" >/dev/null 2>&1; then
     echo "bench: loading 1M rows over 1,000 tenants (once)"
     psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "DROP ROLE IF EXISTS bench_app" \
          -c "DROP ROLE IF EXISTS bench_owner" -c "CREATE DATABASE $DB"
@@ -54,3 +57,10 @@ pair "set_tenant() vs set_config()" set_tenant.sql set_config.sql
 echo
 echo "server side only (PL/pgSQL loop, COMMIT per iteration, no network; bench/server_side.sql):"
 psql -X -q -U bench_app -d "$DB" -f server_side.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
+
+echo
+echo "encryption (bench/crypto.sql; best of 3 per line):"
+KEY=${PGT_ROOT:-/tmp/pg_tenancy}/bench-master-key
+[ -s "$KEY" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY"
+chown postgres:postgres "$KEY" && chmod 600 "$KEY"
+PGOPTIONS="-c pg_tenancy.master_key_file=$KEY" psql -X -q -d "$DB" -f crypto.sql

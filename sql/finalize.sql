@@ -157,6 +157,37 @@ RETURNS text LANGUAGE sql STABLE
 AS $$ SELECT tenancy._policy_sql($1::pg_catalog.oid, $2::pg_catalog.text) $$;
 
 ------------------------------------------------------------------------------------------------
+-- Online re-encryption: one batch of the current tenant's rows whose ciphertext is older than the
+-- active key. Returns how many it moved; call it until it returns 0. Skips rows that writers hold
+-- locked (a later batch picks them up), so it never blocks the application. Runs as the caller;
+-- context_expr is an SQL expression over the row, e.g. $$'orders.card:' || id$$.
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.reencrypt(rel regclass, col name, context_expr text DEFAULT $$''$$,
+                                  batch_size integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    active integer := tenancy.active_key_version();
+    n bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be positive' USING ERRCODE = '22023',
+            HINT = 'For example 1000.';
+    END IF;
+    EXECUTE format(
+        'WITH todo AS (SELECT tableoid, ctid FROM %1$s '
+        '               WHERE %2$I IS NOT NULL AND tenancy.key_version(%2$I) OPERATOR(pg_catalog.<) $1 '
+        '               LIMIT $2 FOR UPDATE SKIP LOCKED) '
+        'UPDATE %1$s AS t SET %2$I = tenancy.rewrap(t.%2$I, %3$s) FROM todo '
+        ' WHERE t.tableoid OPERATOR(pg_catalog.=) todo.tableoid AND t.ctid OPERATOR(pg_catalog.=) todo.ctid',
+        rel, col, coalesce(context_expr, $$''$$))
+    USING active, batch_size;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$fn$;
+
+------------------------------------------------------------------------------------------------
 -- Protection guard
 ------------------------------------------------------------------------------------------------
 CREATE FUNCTION tenancy.truncate_guard() RETURNS trigger
@@ -528,5 +559,7 @@ GRANT EXECUTE ON FUNCTION
     tenancy.decrypt_text(bytea, text),
     tenancy.rewrap(bytea, text),
     tenancy.key_version(bytea),
-    tenancy.blind_index(text, text)
+    tenancy.blind_index(text, text),
+    tenancy.active_key_version(),
+    tenancy.reencrypt(regclass, name, text, integer)
 TO PUBLIC;

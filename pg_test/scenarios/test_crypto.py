@@ -35,7 +35,7 @@ def test_first_key_created_in_a_rolled_back_transaction_is_forgotten(su):
 def test_rotation_while_writers_write(su):
     run(su, "CREATE TABLE IF NOT EXISTS app.secrets (tenant_id text NOT NULL DEFAULT tenancy.current_tenant(), "
             "id serial, body bytea, PRIMARY KEY (tenant_id, id))")
-    run(su, f"GRANT SELECT, INSERT ON app.secrets TO {APP}; GRANT USAGE ON SEQUENCE app.secrets_id_seq TO {APP}")
+    run(su, f"GRANT SELECT, INSERT, UPDATE ON app.secrets TO {APP}; GRANT USAGE ON SEQUENCE app.secrets_id_seq TO {APP}")
     run(su, "SELECT count(*) FROM tenancy.protect('app.secrets')")
     stop = threading.Event()
     errors = []
@@ -74,6 +74,23 @@ def test_rotation_while_writers_write(su):
         conn.close()
         assert n > 0 and ok, (t, n, ok)
         assert versions > 1, "the writers should have spanned several key versions"
+    # online re-encryption, batch by batch, until nothing is left on an old version
+    for t in TENANTS[:2]:
+        conn = app_in(t)
+        with conn.cursor() as cur:
+            batches = 0
+            while True:
+                cur.execute("SELECT tenancy.reencrypt('app.secrets', 'body', $$'secrets.body'$$, 50)")
+                moved = cur.fetchone()[0]
+                conn.commit()
+                batches += 1
+                if moved == 0:
+                    break
+            cur.execute("SELECT count(DISTINCT tenancy.key_version(body)), "
+                        "bool_and(tenancy.decrypt_text(body, 'secrets.body') LIKE %s) FROM app.secrets", (f"{t}-%",))
+            assert cur.fetchone() == (1, True)
+            assert batches > 1
+        conn.close()
 
 
 def test_shred_reaches_an_open_session(su):

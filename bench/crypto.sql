@@ -1,0 +1,70 @@
+-- Encryption benchmark (issue #3): pg_tenancy's AES-256-GCM (integrity + tenant/context binding)
+-- against pgcrypto's raw encrypt(data, key, 'aes') (no integrity), pgcrypto's
+-- pgp_sym_encrypt/pgp_sym_decrypt, and the floor of the same scan computing only length().
+-- Run as a superuser on the bench database with pg_tenancy.master_key_file set (bench/run.sh).
+\set ON_ERROR_STOP 1
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+SELECT tenancy.set_tenant('t0001', true) IS NOT NULL AS entered;
+
+CREATE OR REPLACE FUNCTION pg_temp.ms(q text) RETURNS float8 LANGUAGE plpgsql AS $$
+DECLARE t0 timestamptz; best float8 := 'infinity';
+BEGIN
+    FOR i IN 1..3 LOOP   -- best of three: the machine is noisy
+        t0 := clock_timestamp();
+        EXECUTE q;
+        best := least(best, extract(epoch FROM clock_timestamp() - t0) * 1000);
+    END LOOP;
+    RETURN best;
+END $$;
+
+DROP TABLE IF EXISTS pg_temp.p100, pg_temp.p4k, pg_temp.p1m;
+CREATE TEMP TABLE p100 AS SELECT i, substr(repeat(md5(i::text), 4), 1, 100)::bytea AS v FROM generate_series(1, 1000000) i;
+CREATE TEMP TABLE p4k AS SELECT i, convert_to(repeat(md5(i::text), 128), 'UTF8') AS v FROM generate_series(1, 100000) i;
+CREATE TEMP TABLE p1m AS SELECT i, convert_to(repeat(md5(i::text), 32768), 'UTF8') AS v FROM generate_series(1, 64) i;
+ALTER TABLE p1m ALTER COLUMN v SET STORAGE EXTERNAL;   -- no compression in the way
+-- ciphertexts to decrypt (the 1 MiB floors read and copy the whole value: detoasting is part of the scan)
+CREATE TEMP TABLE c100 AS SELECT tenancy.encrypt(v, 'bench') AS t, encrypt(v, '0123456789abcdef0123456789abcdef', 'aes') AS r FROM p100;
+CREATE TEMP TABLE c4k AS SELECT tenancy.encrypt(v, 'bench') AS t, encrypt(v, '0123456789abcdef0123456789abcdef', 'aes') AS r FROM p4k;
+CREATE TEMP TABLE cpgp AS SELECT pgp_sym_encrypt_bytea(v, 'bench-password') AS g FROM p100 WHERE i <= 10000;
+CREATE TEMP TABLE c1m AS SELECT tenancy.encrypt(v) AS t FROM p1m;
+ANALYZE;
+
+CREATE TEMP TABLE r (what text, rows int, ms float8);
+INSERT INTO r VALUES
+ ('100 B floor length()',            1000000, pg_temp.ms('SELECT sum(length(v)) FROM p100')),
+ ('100 B tenancy.encrypt',           1000000, pg_temp.ms('SELECT sum(length(tenancy.encrypt(v, ''bench''))) FROM p100')),
+ ('100 B pgcrypto encrypt aes',      1000000, pg_temp.ms('SELECT sum(length(encrypt(v, ''0123456789abcdef0123456789abcdef'', ''aes''))) FROM p100')),
+ ('100 B pgp_sym_encrypt',             10000, pg_temp.ms('SELECT sum(length(pgp_sym_encrypt_bytea(v, ''bench-password''))) FROM p100 WHERE i <= 10000')),
+ ('100 B tenancy.decrypt',           1000000, pg_temp.ms('SELECT sum(length(tenancy.decrypt(t, ''bench''))) FROM c100')),
+ ('100 B pgcrypto decrypt aes',      1000000, pg_temp.ms('SELECT sum(length(decrypt(r, ''0123456789abcdef0123456789abcdef'', ''aes''))) FROM c100')),
+ ('100 B pgp_sym_decrypt',             10000, pg_temp.ms('SELECT sum(length(pgp_sym_decrypt_bytea(g, ''bench-password''))) FROM cpgp')),
+ ('4 KiB floor length()',             100000, pg_temp.ms('SELECT sum(length(v)) FROM p4k')),
+ ('4 KiB tenancy.encrypt',            100000, pg_temp.ms('SELECT sum(length(tenancy.encrypt(v, ''bench''))) FROM p4k')),
+ ('4 KiB pgcrypto encrypt aes',       100000, pg_temp.ms('SELECT sum(length(encrypt(v, ''0123456789abcdef0123456789abcdef'', ''aes''))) FROM p4k')),
+ ('4 KiB tenancy.decrypt',            100000, pg_temp.ms('SELECT sum(length(tenancy.decrypt(t, ''bench''))) FROM c4k')),
+ ('4 KiB pgcrypto decrypt aes',       100000, pg_temp.ms('SELECT sum(length(decrypt(r, ''0123456789abcdef0123456789abcdef'', ''aes''))) FROM c4k')),
+ ('1 MiB floor length()',                 64, pg_temp.ms('SELECT sum(length(v || ''''::bytea)) FROM p1m')),
+ ('1 MiB ciphertext floor length()',      64, pg_temp.ms('SELECT sum(length(t || ''''::bytea)) FROM c1m')),
+ ('1 MiB tenancy.encrypt',                64, pg_temp.ms('SELECT sum(length(tenancy.encrypt(v))) FROM p1m')),
+ ('1 MiB tenancy.decrypt',                64, pg_temp.ms('SELECT sum(length(tenancy.decrypt(t))) FROM c1m'));
+
+SELECT what, rows, round(ms::numeric, 1) AS ms, round((1000 * ms / rows)::numeric, 3) AS us_per_row FROM r;
+
+WITH x AS (SELECT what, ms / rows AS per_row FROM r)
+SELECT 'encrypt 100 B: pg_tenancy speed / pgcrypto aes' AS ratio,
+       round(((SELECT per_row FROM x WHERE what = '100 B pgcrypto encrypt aes') / (SELECT per_row FROM x WHERE what = '100 B tenancy.encrypt'))::numeric, 2) AS value
+UNION ALL SELECT 'decrypt 100 B: pg_tenancy speed / pgcrypto aes',
+       round(((SELECT per_row FROM x WHERE what = '100 B pgcrypto decrypt aes') / (SELECT per_row FROM x WHERE what = '100 B tenancy.decrypt'))::numeric, 2)
+UNION ALL SELECT 'encrypt 4 KiB: pg_tenancy speed / pgcrypto aes',
+       round(((SELECT per_row FROM x WHERE what = '4 KiB pgcrypto encrypt aes') / (SELECT per_row FROM x WHERE what = '4 KiB tenancy.encrypt'))::numeric, 2)
+UNION ALL SELECT 'decrypt 4 KiB: pg_tenancy speed / pgcrypto aes',
+       round(((SELECT per_row FROM x WHERE what = '4 KiB pgcrypto decrypt aes') / (SELECT per_row FROM x WHERE what = '4 KiB tenancy.decrypt'))::numeric, 2)
+UNION ALL SELECT 'encrypt 100 B: pg_tenancy speed / pgp_sym_encrypt',
+       round(((SELECT per_row FROM x WHERE what = '100 B pgp_sym_encrypt') / (SELECT per_row FROM x WHERE what = '100 B tenancy.encrypt'))::numeric, 1)
+UNION ALL SELECT 'decrypt 100 B: pg_tenancy speed / pgp_sym_decrypt',
+       round(((SELECT per_row FROM x WHERE what = '100 B pgp_sym_decrypt') / (SELECT per_row FROM x WHERE what = '100 B tenancy.decrypt'))::numeric, 1)
+UNION ALL SELECT '1 MiB encrypt GiB/s (minus the floor)',
+       round((64.0 / 1024 / (((SELECT ms FROM r WHERE what = '1 MiB tenancy.encrypt') - (SELECT ms FROM r WHERE what = '1 MiB floor length()')) / 1000))::numeric, 2)
+UNION ALL SELECT '1 MiB decrypt GiB/s (minus the floor)',
+       round((64.0 / 1024 / (((SELECT ms FROM r WHERE what = '1 MiB tenancy.decrypt') - (SELECT ms FROM r WHERE what = '1 MiB ciphertext floor length()')) / 1000))::numeric, 2);
