@@ -609,3 +609,52 @@ fn blind_index(value: Option<&str>, context: default!(&str, "''")) -> Option<Vec
 fn master_key_id() -> String {
     current_kek().or_raise().id.clone()
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn master_key_material_formats() {
+        let raw = [7u8; 32];
+        let hexed = hex::encode(raw);
+        let b64 = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        };
+        for input in [hexed.as_bytes(), format!("{hexed}\n").as_bytes(), b64.as_bytes(), &raw[..]] {
+            assert_eq!(*parse_key_material(input).unwrap(), raw);
+        }
+        for bad in [&b"short"[..], &[1u8; 31][..], &[1u8; 33][..], hexed[..62].as_bytes()] {
+            assert!(parse_key_material(bad).is_err());
+        }
+        assert_eq!(kek_id(&raw), kek_id(&raw));
+        assert_ne!(kek_id(&raw), kek_id(&[8u8; 32]));
+        assert!(!kek_id(&raw).contains(&hexed[..8]), "the id must not reveal the key");
+    }
+
+    #[pg_test]
+    fn wrapped_keys_are_bound_to_tenant_kind_and_version() {
+        let kek = Kek { key: Zeroizing::new([9u8; 32]), id: kek_id(&[9u8; 32]) };
+        KEKS.with(|k| k.borrow_mut().insert("file:/unit".into(), std::rc::Rc::new(Kek { key: kek.key.clone(), id: kek.id.clone() })));
+        Spi::run("SET pg_tenancy.master_key_file = '/unit'").unwrap();
+        // (the assign hook emptied the cache: put the test key back)
+        KEKS.with(|k| k.borrow_mut().insert("file:/unit".into(), std::rc::Rc::new(Kek { key: kek.key.clone(), id: kek.id.clone() })));
+        let dek = [3u8; 32];
+        let w = wrap(&kek, &dek, "acme", Kind::Data, 1);
+        assert_eq!(*unwrap(&kek.id, &w, "acme", Kind::Data, 1).unwrap(), dek);
+        assert!(unwrap(&kek.id, &w, "globex", Kind::Data, 1).is_err());
+        assert!(unwrap(&kek.id, &w, "acme", Kind::Index, 1).is_err());
+        assert!(unwrap(&kek.id, &w, "acme", Kind::Data, 2).is_err());
+        assert!(unwrap("sha256:0000000000000000", &w, "acme", Kind::Data, 1).is_err());
+    }
+
+    #[pg_test]
+    fn nonces_do_not_repeat() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5000 {
+            assert!(seen.insert(random_nonce()));
+        }
+    }
+}
