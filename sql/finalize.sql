@@ -22,8 +22,13 @@ CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
 CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.protected_tables
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
-CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.keys
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR DELETE OR TRUNCATE ON tenancy.keys
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+-- (counting encryptions updates keys often; only changes that matter to cached keys invalidate)
+CREATE TRIGGER tenancy_invalidate_update AFTER UPDATE ON tenancy.keys
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.wrapped IS DISTINCT FROM NEW.wrapped
+                       OR OLD.kek_id IS DISTINCT FROM NEW.kek_id)
+    EXECUTE FUNCTION tenancy._catalog_changed();
 
 -- Tenants whose active data key is older than pg_tenancy.key_rotation_interval.
 CREATE VIEW tenancy.keys_due AS

@@ -60,6 +60,7 @@ CREATE TABLE tenancy.keys (
                   CONSTRAINT keys_state_check CHECK (state IN ('active', 'decrypt_only', 'destroyed')),
     wrapped       bytea,
     kek_id        text        NOT NULL,
+    encryptions   bigint      NOT NULL DEFAULT 0,
     created_at    timestamptz NOT NULL DEFAULT now(),
     retired_at    timestamptz,
     destroyed_at  timestamptz,

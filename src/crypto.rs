@@ -70,6 +70,54 @@ thread_local! {
     static NONCES: RefCell<(Box<[u8; 4096]>, usize)> = RefCell::new((Box::new([0u8; 4096]), 4096));
 }
 
+thread_local! {
+    /// Encryptions made in this backend and not yet added to tenancy.keys.encryptions.
+    static COUNTS: RefCell<HashMap<(String, i32), i64>> = RefCell::new(HashMap::new());
+}
+
+/// Count one encryption under (tenant, version). Every `max/4` (at most 1,000) encryptions the
+/// backend adds its count to the key's row; when the total reaches
+/// `pg_tenancy.max_encryptions_per_key` (2^31 by default, half the 2^32 that random 96-bit nonces
+/// allow under one key) the key is rotated. A backend that exits loses at most its last batch, so
+/// the real total can exceed the recorded one by (backends x batch), far below the 2^31 margin.
+fn note_encryption(tenant: &str, version: i32) -> Result<()> {
+    let limit = gucs::max_encryptions_per_key();
+    let every = (limit / 4).clamp(1, 1000);
+    let pending = COUNTS.with(|c| {
+        let mut c = c.borrow_mut();
+        let n = c.entry((tenant.to_string(), version)).or_insert(0);
+        *n += 1;
+        if *n >= every {
+            std::mem::take(n)
+        } else {
+            0
+        }
+    });
+    if pending == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain reads of backend state.
+    if unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() } {
+        // keep the count for a transaction that can write it
+        COUNTS.with(|c| *c.borrow_mut().entry((tenant.to_string(), version)).or_insert(0) += pending);
+        return Ok(());
+    }
+    let total = catalog::as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "UPDATE tenancy.keys SET encryptions = encryptions + $3 \
+              WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) 'data' \
+                AND version OPERATOR(pg_catalog.=) $2 RETURNING encryptions",
+            &[tenant.into(), version.into(), pending.into()],
+        )
+    })?
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not count encryptions: {e}"))
+    .unwrap_or(0);
+    if total >= limit {
+        create_key(tenant, Kind::Data, Create::RotateIfActive(version))?;
+    }
+    Ok(())
+}
+
 fn random_nonce() -> [u8; NONCE_LEN] {
     NONCES.with(|n| {
         let mut n = n.borrow_mut();
@@ -324,7 +372,17 @@ fn destroyed_any(tenant: &str) -> Result<bool> {
 /// Insert a new key version (the first, or a rotation); returns its version. Serialized per
 /// tenant by a row lock on its tenancy.tenants row; `first` returns an existing active key
 /// instead (another session created it while this one waited).
-fn create_key(tenant: &str, kind: Kind, first: bool) -> Result<i32> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Create {
+    /// The tenant's first key (or the one another session created meanwhile).
+    First,
+    /// Always a new version (tenancy.rotate_key).
+    Rotate,
+    /// A new version only if `version` is still the active one (automatic rotation).
+    RotateIfActive(i32),
+}
+
+fn create_key(tenant: &str, kind: Kind, mode: Create) -> Result<i32> {
     let kek = current_kek()?;
     catalog::as_owner(|| {
         Spi::run_with_args(
@@ -336,10 +394,10 @@ fn create_key(tenant: &str, kind: Kind, first: bool) -> Result<i32> {
     if destroyed_any(tenant)? {
         return Err(TenancyError::KeysDestroyed);
     }
-    if first {
-        if let Some(row) = fetch_key(tenant, kind, None)? {
-            return Ok(row.version);
-        }
+    match (mode, fetch_key(tenant, kind, None)?) {
+        (Create::First, Some(row)) => return Ok(row.version),
+        (Create::RotateIfActive(v), Some(row)) if row.version != v => return Ok(row.version),
+        _ => {}
     }
     let version = catalog::as_owner(|| {
         Spi::get_one_with_args::<i32>(
@@ -378,7 +436,7 @@ fn key_for(tenant: &str, kind: Kind, version: Option<i32>, create: bool) -> Resu
         Some(v) => v,
         None => match fetch_key(tenant, kind, None)? {
             Some(row) => row.version,
-            None if create => create_key(tenant, kind, true)?,
+            None if create => create_key(tenant, kind, Create::First)?,
             None => return Err(TenancyError::CiphertextInvalid),
         },
     };
@@ -422,6 +480,7 @@ fn encrypt_bytes(plain: &[u8], context: &str) -> Result<Vec<u8>> {
         .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN + NONCE_LEN..])
         .map_err(|_| TenancyError::CiphertextInvalid)?;
     out.extend_from_slice(&tag);
+    note_encryption(&tenant, version)?;
     Ok(out)
 }
 
@@ -505,7 +564,7 @@ fn rotate_key(tenant: &str) -> i32 {
     if !catalog::tenant_exists(tenant).or_raise() {
         TenancyError::UnknownTenant.raise();
     }
-    create_key(tenant, Kind::Data, false).or_raise()
+    create_key(tenant, Kind::Data, Create::Rotate).or_raise()
 }
 
 /// Destroy every key of `tenant` (crypto-shredding). `confirm` must repeat the tenant id.

@@ -58,6 +58,9 @@ pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<
 /// Age after which a tenant's active data key is listed in tenancy.keys_due.
 pub static KEY_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(180 * 24 * 3600);
 
+/// Encryptions under one data key version after which it is rotated automatically.
+pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
+
 /// The column name `tenancy.check()` and auto-protection look for.
 pub static TENANT_COLUMN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
@@ -202,6 +205,16 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.max_encryptions_per_key",
+        c"Encryptions under one data key version after which pg_tenancy rotates it automatically.",
+        c"Random 96-bit nonces stay safe for 2^32 encryptions under one key; the default, 2^31 - 1, rotates well before.",
+        &MAX_ENCRYPTIONS_PER_KEY,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"pg_tenancy.tenant_column",
         c"Name of the tenant column that tenancy.check() and auto-protection look for.",
@@ -294,4 +307,8 @@ pub fn master_key_command() -> Option<String> {
 
 pub fn previous_master_key_file() -> Option<String> {
     string(&PREVIOUS_MASTER_KEY_FILE)
+}
+
+pub fn max_encryptions_per_key() -> i64 {
+    MAX_ENCRYPTIONS_PER_KEY.get() as i64
 }

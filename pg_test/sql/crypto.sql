@@ -193,5 +193,22 @@ SELECT tenancy.rotate_key('acme');
 -- a tenant shredded before it ever had a key never gets one
 SELECT tenancy.shred('initech', 'initech') AS keys_destroyed;
 SELECT tenancy.rotate_key('initech');
+-- automatic rotation before a key has been used too often (2^31 by default; 40 here)
+SET ROLE regress_app;
+SET pg_tenancy.max_encryptions_per_key = 40;
+RESET ROLE;
+SET pg_tenancy.max_encryptions_per_key = 40;
+SET ROLE regress_app;
+BEGIN;
+SELECT tenancy.set_tenant('globex') IS NOT NULL AS entered;
+CREATE TEMP TABLE many AS SELECT i, tenancy.encrypt('secret ' || i, 'many:' || i) AS c FROM generate_series(1, 100) i;
+SELECT count(DISTINCT tenancy.key_version(c)) > 1 AS rotated,
+       bool_and(tenancy.decrypt_text(c, 'many:' || i) = 'secret ' || i) AS all_decrypt
+  FROM many;
+COMMIT;
+RESET ROLE;
+SELECT bool_and(encryptions <= 40 + 10) AS counted_within_limit, count(*) > 2 AS versions
+  FROM tenancy.keys WHERE tenant = 'globex' AND kind = 'data';
+RESET pg_tenancy.max_encryptions_per_key;
 RESET pg_tenancy.master_key_file;
 \! rm -f /tmp/pg_tenancy_regress_mk1 /tmp/pg_tenancy_regress_mk2 /tmp/pg_tenancy_regress_mk3
