@@ -11,15 +11,15 @@ CLIENTS=${BENCH_CLIENTS:-1}
 DB=pg_tenancy_bench
 PGBENCH=/usr/lib/postgresql/15/bin/pgbench
 
-if [ "$(psql -X -qAt -d postgres -c "SELECT count(*) FROM pg_database WHERE datname = '$DB'")" != 1 ] \
-   || [ "$(psql -X -qAt -d $DB -c "SELECT count(*) FROM b.prot" 2>/dev/null)" != 1000000 ] \
-   || [ "$(psql -X -qAt -d $DB -c "SELECT extversion FROM pg_extension WHERE extname = 'pg_tenancy'")" \
-        != "$(psql -X -qAt -d postgres -c "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_tenancy'")" ] \
-   || ! psql -X -qAt -d $DB -c "SELECT 'tenancy.keys'::regclass" >/dev/null 2>&1; then
+# Rebuild the data set when it is missing or was made by another build of the extension.
+SQL_MD5=$(cat "$(/usr/lib/postgresql/15/bin/pg_config --sharedir)"/extension/pg_tenancy--*.sql | md5sum | cut -c1-32)
+if [ "$(psql -X -qAt -d $DB -c "SELECT sql_md5 FROM b.meta" 2>/dev/null)" != "$SQL_MD5" ] \
+   || [ "$(psql -X -qAt -d $DB -c "SELECT count(*) FROM b.prot" 2>/dev/null)" != 1000000 ]; then
     echo "bench: loading 1M rows over 1,000 tenants (once)"
     psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "DROP ROLE IF EXISTS bench_app" \
          -c "DROP ROLE IF EXISTS bench_owner" -c "CREATE DATABASE $DB"
     psql -X -q -d $DB -f setup.sql >/dev/null
+    psql -X -q -d $DB -c "CREATE TABLE b.meta AS SELECT '$SQL_MD5'::text AS sql_md5"
 fi
 
 tps() { # tps SCRIPT [extra env]
