@@ -78,11 +78,31 @@ SELECT tenancy.set_tenant_token(:'token');
 SELECT tenant_id, item FROM shop.orders ORDER BY id;
 COMMIT;
 \connect - postgres
-ALTER DATABASE :DBNAME RESET pg_tenancy.context_mode;
 
-\echo '== 6. The guard: protection cannot be switched off by accident, not even by a superuser'
+\echo '== 6. Per-tenant encryption: keys wrapped by a master key kept outside the database'
+ALTER DATABASE :DBNAME SET pg_tenancy.master_key_file = :'MASTER_KEY_FILE';
+ALTER DATABASE :DBNAME RESET pg_tenancy.context_mode;
+\connect - demo_app
+BEGIN;
+SELECT tenancy.set_tenant('acme');
+SELECT tenancy.encrypt('4111 1111 1111 1111', 'orders.card:1') AS card \gset
+SELECT length(:'card'::bytea) AS ciphertext_bytes, tenancy.key_version(:'card') AS key_version,
+       tenancy.decrypt_text(:'card', 'orders.card:1') AS decrypted_by_acme;
+COMMIT;
+\echo '-- the same ciphertext is refused to another tenant, and to another row:'
+BEGIN;
+SELECT tenancy.set_tenant('globex');
+SELECT tenancy.decrypt_text(:'card', 'orders.card:1');
+ROLLBACK;
+BEGIN;
+SELECT tenancy.set_tenant('acme');
+SELECT tenancy.decrypt_text(:'card', 'orders.card:2');
+ROLLBACK;
+\connect - postgres
+
+\echo '== 7. The guard: protection cannot be switched off by accident, not even by a superuser'
 ALTER TABLE shop.orders DISABLE ROW LEVEL SECURITY;
 TRUNCATE shop.orders;
 
-\echo '== 7. tenancy.check(): the pre-go-live checklist the database can verify itself'
+\echo '== 8. tenancy.check(): the pre-go-live checklist the database can verify itself'
 SELECT severity, object, problem FROM tenancy.check();

@@ -10,7 +10,10 @@ psql -X -q -d postgres -c "CREATE DATABASE $DB"
 SECRET_FILE=${PGT_ROOT:-/tmp/pg_tenancy}/demo-jwt-secret
 [ -s "$SECRET_FILE" ] || head -c 48 /dev/urandom | base64 > "$SECRET_FILE"
 chown postgres:postgres "$SECRET_FILE" && chmod 600 "$SECRET_FILE"
-psql -X -d "$DB" -v DBNAME="$DB" -v SECRET_FILE="$SECRET_FILE" -f demo/tour.sql
+MASTER_KEY_FILE=${PGT_ROOT:-/tmp/pg_tenancy}/demo-master-key   # stands in for Vault
+[ -s "$MASTER_KEY_FILE" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$MASTER_KEY_FILE"
+chown postgres:postgres "$MASTER_KEY_FILE" && chmod 600 "$MASTER_KEY_FILE"
+psql -X -d "$DB" -v DBNAME="$DB" -v SECRET_FILE="$SECRET_FILE" -v MASTER_KEY_FILE="$MASTER_KEY_FILE" -f demo/tour.sql
 cat <<MSG
 
 The demo cluster is running with pg_tenancy preloaded. Connect with:
