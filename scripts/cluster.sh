@@ -10,6 +10,9 @@ set -euo pipefail
 BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 ROOT=${PGT_ROOT:-/tmp/pg_tenancy}
 PORT=${PGT_PORT:-5499}
+# PGT_PRELOAD=0 makes a cluster without shared_preload_libraries (the audit needs it; the
+# rest must keep working without it, which tests and the audit benchmark check).
+PRELOAD=${PGT_PRELOAD:-1}
 DATA=$ROOT/data
 SOCK=$ROOT/sock
 LOG=$ROOT/server.log
@@ -23,7 +26,7 @@ start)
         as_pg "$BIN/initdb" -D "$DATA" -A trust -U postgres --no-sync >/dev/null
         cat >>"$DATA/postgresql.conf" <<CONF
 # pg_tenancy test cluster
-shared_preload_libraries = 'pg_tenancy'
+shared_preload_libraries = '$([ "$PRELOAD" = 1 ] && echo pg_tenancy)'
 listen_addresses = '127.0.0.1'
 port = $PORT
 unix_socket_directories = '$SOCK'

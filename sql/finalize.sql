@@ -195,16 +195,6 @@ $fn$;
 ------------------------------------------------------------------------------------------------
 -- Protection guard
 ------------------------------------------------------------------------------------------------
-CREATE FUNCTION tenancy.truncate_guard() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RAISE EXCEPTION 'TRUNCATE is refused on protected table %', TG_TABLE_NAME
-        USING ERRCODE = '42501',
-        DETAIL = 'TRUNCATE ignores row level security and would remove every tenant''s rows.',
-        HINT = 'Delete the current tenant''s rows with DELETE, or remove the protection with tenancy.unprotect().';
-END
-$$;
-
 -- The generated policies of a table, as text, for the guard to compare with what protect() made.
 CREATE FUNCTION tenancy._policy_fingerprint(rel regclass) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -242,16 +232,6 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      WHERE p.rel = $1
 $$;
 
-CREATE FUNCTION tenancy._refuse_weakening(rel regclass, problem text) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RAISE EXCEPTION 'the tenant isolation of table % cannot be weakened', rel
-        USING ERRCODE = '42501', DETAIL = problem,
-        HINT = 'Remove the protection on purpose with tenancy.unprotect(), or repair it with tenancy.protect(). '
-               'Restoring a dump? Run it with PGOPTIONS=''-c pg_tenancy.guard=off'' as a superuser.';
-END
-$$;
-
 -- Supported tenant column types for auto-protection.
 CREATE FUNCTION tenancy._has_tenant_column(rel regclass, col name) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -287,12 +267,16 @@ BEGIN
                   FROM pg_event_trigger_ddl_commands() d) x
           JOIN pg_class c ON c.oid = x.relid AND c.relkind IN ('r', 'p')
     LOOP
+        -- the audit log keeps its definition (and its append-only trigger) outside upgrades
+        IF r.relid = to_regclass('tenancy.audit_log') AND NOT tenancy._in_extension_script() THEN
+            PERFORM tenancy._refuse_audit_change();
+        END IF;
         -- protect()/unprotect() of this very table is under way in this backend
         CONTINUE WHEN tenancy._guard_exempt(r.relid);
         IF EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = r.relid) THEN
             problem := tenancy._protection_problem(r.relid);
             IF problem IS NOT NULL THEN
-                PERFORM tenancy._refuse_weakening(r.relid, problem);
+                PERFORM tenancy._refuse_weakening(r.relid::oid, problem);
             END IF;
             -- partitions or children attached to a protected table are protected too
             PERFORM tenancy.protect(i.inhrelid::regclass, p.tenant_column)
@@ -342,7 +326,7 @@ BEGIN
         IF NOT tenancy._guard_exempt(r.rel) THEN
             problem := tenancy._protection_problem(r.rel);
             IF problem IS NOT NULL THEN
-                PERFORM tenancy._refuse_weakening(r.rel, problem);
+                PERFORM tenancy._refuse_weakening(r.rel::oid, problem);
             END IF;
         END IF;
     END LOOP;
@@ -527,6 +511,73 @@ SELECT f.severity, f.object, f.problem, f.fix
  ORDER BY CASE f.severity WHEN 'ERROR' THEN 0 WHEN 'WARNING' THEN 1 ELSE 2 END, f.object, f.problem
 $$;
 
+
+------------------------------------------------------------------------------------------------
+-- The denial log (src/audit.rs). Rows come only from pg_tenancy's audit writer; they leave only
+-- through tenancy.prune_audit(). tenancy_auditor reads it; application roles do not.
+------------------------------------------------------------------------------------------------
+CREATE TABLE tenancy.audit_log (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at                timestamptz NOT NULL,
+    event             text        NOT NULL CONSTRAINT audit_log_event_check CHECK (event IN (
+                          'no_context', 'cross_tenant_write', 'cross_tenant_probe',
+                          'forbidden_tenant', 'bypass_read', 'policy_tamper',
+                          'read_only_write', 'wrong_tenant_key')),
+    database          name        NOT NULL,
+    role              name        NOT NULL,
+    session_tenant    text,
+    attempted_tenant  text,
+    relation          text,
+    command           text,
+    sqlstate          text        NOT NULL,
+    query_id          bigint,
+    backend_pid       integer     NOT NULL,
+    detail            text,
+    written_at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+CREATE INDEX audit_log_at_idx ON tenancy.audit_log (at);
+CREATE INDEX audit_log_event_at_idx ON tenancy.audit_log (event, at);
+COMMENT ON TABLE tenancy.audit_log IS
+    'Every cross-tenant attempt pg_tenancy saw, written outside the attempt''s transaction. Append-only.';
+CREATE TRIGGER audit_log_append_only
+    BEFORE INSERT OR UPDATE OR DELETE ON tenancy.audit_log
+    FOR EACH ROW EXECUTE FUNCTION tenancy._audit_log_guard();
+CREATE TRIGGER audit_log_no_truncate
+    BEFORE TRUNCATE ON tenancy.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._audit_log_guard();
+-- ALWAYS: session_replication_role = replica does not silence them.
+ALTER TABLE tenancy.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
+ALTER TABLE tenancy.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_log', '');
+-- (and its id sequence, or a restored log would hand out ids it already holds)
+SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_log_id_seq', '');
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tenancy_auditor') THEN
+        CREATE ROLE tenancy_auditor NOLOGIN;
+    END IF;
+END
+$$;
+COMMENT ON ROLE tenancy_auditor IS 'Reads pg_tenancy''s audit log (tenancy.audit_log) and its reports.';
+
+-- Denials an operator did not plan for, per event, role, tenant and relation, over the last
+-- `since`: the runbook's "unexpected RLS denials" alert. Left out: bypass_read (not a denial;
+-- listed in the log) and read_only_write (the consequence of a status an operator set).
+CREATE FUNCTION tenancy.unexpected_denials(since interval DEFAULT '5 minutes')
+RETURNS TABLE (event text, role name, session_tenant text, relation text,
+               attempts bigint, first_at timestamptz, last_at timestamptz)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.event, a.role, a.session_tenant, a.relation,
+           count(*), min(a.at), max(a.at)
+      FROM tenancy.audit_log a
+     WHERE a.at >= now() - $1
+       AND a.event IN ('no_context', 'cross_tenant_write', 'cross_tenant_probe',
+                       'forbidden_tenant', 'policy_tamper', 'wrong_tenant_key')
+     GROUP BY 1, 2, 3, 4
+     ORDER BY count(*) DESC, 1, 2
+$$;
+
 ------------------------------------------------------------------------------------------------
 -- Privileges: nothing by default, then exactly what applications and owners need.
 ------------------------------------------------------------------------------------------------
@@ -566,5 +617,9 @@ GRANT EXECUTE ON FUNCTION
     tenancy.key_version(bytea),
     tenancy.blind_index(text, text),
     tenancy.active_key_version(),
-    tenancy.reencrypt(regclass, name, text, integer)
+    tenancy.reencrypt(regclass, name, text, integer),
+    tenancy._write_denied(text)
 TO PUBLIC;
+-- The auditor reads the log and the reports; pruning stays with superusers.
+GRANT SELECT ON tenancy.audit_log TO tenancy_auditor;
+GRANT EXECUTE ON FUNCTION tenancy.unexpected_denials(interval), tenancy.audit_status() TO tenancy_auditor;

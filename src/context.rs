@@ -211,16 +211,31 @@ fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> 
     let hit = CACHE.with(|c| {
         let c = c.borrow();
         c.get(raw).and_then(|vs| vs.iter().find(|v| v.user == user)).map(|v| {
-            check_expiry(v, now)?;
+            if let Err(e) = check_expiry(v, now) {
+                refused(&e, &v.raw);
+                return Err(e);
+            }
             Ok((f.take().expect("called once"))(v))
         })
     });
     if let Some(result) = hit {
         return result;
     }
-    let raw = std::str::from_utf8(raw).map_err(|_| TenancyError::InvalidTenantId)?.to_owned();
-    let v = verify_fresh(&raw, user, now)?;
-    check_expiry(&v, now)?;
+    let raw = match std::str::from_utf8(raw) {
+        Ok(r) => r.to_owned(),
+        Err(_) => {
+            refused(&TenancyError::InvalidTenantId, "");
+            return Err(TenancyError::InvalidTenantId);
+        }
+    };
+    let v = verify_fresh(&raw, user, now).and_then(|v| check_expiry(&v, now).map(|_| v));
+    let v = match v {
+        Ok(v) => v,
+        Err(e) => {
+            refused(&e, &raw);
+            return Err(e);
+        }
+    };
     let result = (f.take().expect("called once"))(&v);
     if CACHE_LEN.with(|n| n.get()) >= CACHE_CAPACITY {
         clear_cache();
@@ -228,6 +243,52 @@ fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> 
     CACHE.with(|c| c.borrow_mut().entry(v.raw.as_bytes().to_vec()).or_default().push(v));
     CACHE_LEN.with(|n| n.set(n.get() + 1));
     Ok(result)
+}
+
+/// A context value was refused: record `forbidden_tenant` (configuration errors are not attempts).
+fn refused(e: &TenancyError, raw: &str) {
+    let detail = match e {
+        TenancyError::NotPermitted => "role has no grant for the tenant",
+        TenancyError::UnknownTenant => "tenant does not exist",
+        TenancyError::Unavailable("suspended") => "tenant is suspended",
+        TenancyError::Unavailable(_) => "tenant is offboarded",
+        TenancyError::InvalidTenantId => "malformed tenant context",
+        TenancyError::SignedModeRequired => "plain tenant id refused in signed mode",
+        TenancyError::Token(TokenError::Expired) => "token expired",
+        TenancyError::Token(_) => "token rejected (bad signature, algorithm or claims)",
+        _ => return,
+    };
+    let attempted = if token::looks_like_token(raw) {
+        token::unverified_tenant(raw, &gucs::tenant_claim())
+    } else {
+        Some(raw.to_string())
+    };
+    crate::audit::record(
+        crate::audit::Event::ForbiddenTenant,
+        pg_sys::InvalidOid,
+        attempted.as_deref(),
+        &sqlstate_text(e),
+        detail,
+    );
+}
+
+/// The five-character SQLSTATE of an error, for the audit log.
+pub fn sqlstate_text(e: &TenancyError) -> String {
+    let code = e.sqlstate() as i32;
+    // PostgreSQL packs each of the five characters into 6 bits (MAKE_SQLSTATE).
+    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+}
+
+/// The session's tenant as it may appear in the audit log: a plain id, or the tenant of a
+/// token this backend already verified (a token itself is never logged).
+pub fn session_tenant_for_log() -> String {
+    let Some(raw) = gucs::tenant_raw() else { return String::new() };
+    if !token::looks_like_token(&raw) {
+        return crate::audit::loggable_tenant(&raw);
+    }
+    CACHE
+        .with(|c| c.try_borrow().ok().and_then(|c| c.get(raw.as_bytes()).and_then(|vs| vs.first().map(|v| v.tenant.clone()))))
+        .unwrap_or_else(|| "(unverified token)".to_string())
 }
 
 /// Run `f` on the verified context of the role running the current statement.
@@ -376,7 +437,7 @@ fn current_tenant() -> String {
 /// a role whose grant has scope 'read'. Write policies call it.
 #[pg_extern(stable, parallel_safe)]
 fn writable_tenant() -> String {
-    with_context(|v| {
+    let r = with_context(|v| {
         if v.read_only {
             Err(TenancyError::ReadOnly)
         } else if v.scope < Scope::ReadWrite {
@@ -385,8 +446,39 @@ fn writable_tenant() -> String {
             Ok(v.tenant.clone())
         }
     })
-    .and_then(|r| r)
-    .or_raise()
+    .and_then(|r| r);
+    if let Err(e @ (TenancyError::ReadOnly | TenancyError::ReadScope)) = &r {
+        crate::audit::record(
+            crate::audit::Event::ReadOnlyWrite,
+            crate::hooks::last_write_target(),
+            None,
+            &sqlstate_text(e),
+            if *e == TenancyError::ReadOnly { "write to a read_only tenant" } else { "write with a read-scope grant" },
+        );
+    }
+    r.or_raise()
+}
+
+/// Called by the generated WITH CHECK policy only when a written row carries a tenant other
+/// than the current one: records `cross_tenant_write` against the protected table the
+/// statement writes, and returns false, so PostgreSQL refuses the row (42501) as it would
+/// without pg_tenancy. Calling it directly records nothing an attempted write would not: it
+/// needs a statement that writes a protected table, and a row of the current tenant records
+/// nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _write_denied(attempted: Option<&str>) -> bool {
+    let current = with_context(|v| v.tenant.clone()).ok();
+    let rel = crate::hooks::last_write_target();
+    if rel != pg_sys::InvalidOid && (attempted.is_none() || attempted != current.as_deref()) {
+        crate::audit::record(
+            crate::audit::Event::CrossTenantWrite,
+            rel,
+            attempted,
+            "42501",
+            "row carries another tenant's id",
+        );
+    }
+    false
 }
 
 /// Whether a usable tenant context is set (never raises for a missing or refused context).

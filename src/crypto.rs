@@ -29,7 +29,9 @@ use crate::gucs;
 
 const FORMAT_V1: u8 = 1;
 const ALG_AES_256_GCM: u8 = 1;
-const HEADER_LEN: usize = 6;
+/// format, algorithm, key version (4 bytes), key id (8 bytes: identifies the key, not the tenant)
+const HEADER_LEN: usize = 14;
+const KEY_ID_LEN: usize = 8;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 
@@ -64,7 +66,7 @@ thread_local! {
     static ACTIVE: RefCell<HashMap<(String, Kind), i32>> = RefCell::new(HashMap::new());
     /// Ready AES-GCM instances (expanded key schedules, zeroized on drop) by (tenant, version):
     /// expanding the key on every call cost ~15% of a 100-byte encryption (bench/README.md).
-    static CIPHERS: RefCell<HashMap<(String, i32), std::rc::Rc<Aes256Gcm>>> = RefCell::new(HashMap::new());
+    static CIPHERS: RefCell<HashMap<(String, i32), std::rc::Rc<Cipher>>> = RefCell::new(HashMap::new());
     /// OS random bytes, fetched 4 KiB at a time: one getrandom() call per 12-byte nonce cost more
     /// than the encryption of 100 bytes. Nonces are not secret; they only must not repeat.
     static NONCES: RefCell<(Box<[u8; 4096]>, usize)> = RefCell::new((Box::new([0u8; 4096]), 4096));
@@ -136,8 +138,25 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     })
 }
 
+/// A ready data key: the AES-GCM instance and the key's public id, written into each
+/// ciphertext's header so that a ciphertext of another tenant (another key) is told apart from
+/// one that was altered, and reported.
+pub struct Cipher {
+    aead: Aes256Gcm,
+    id: [u8; KEY_ID_LEN],
+}
+
+fn key_id(key: &[u8]) -> [u8; KEY_ID_LEN] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(b"pg_tenancy key id v1");
+    let full = mac.finalize().into_bytes();
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&full[..KEY_ID_LEN]);
+    id
+}
+
 /// The AES-GCM instance for the tenant's data key `version` (or the active one).
-fn cipher_for(tenant: &str, version: Option<i32>, create: bool) -> Result<(i32, std::rc::Rc<Aes256Gcm>)> {
+fn cipher_for(tenant: &str, version: Option<i32>, create: bool) -> Result<(i32, std::rc::Rc<Cipher>)> {
     let version = match version.or_else(|| ACTIVE.with(|a| a.borrow().get(&(tenant.to_string(), Kind::Data)).copied())) {
         Some(v) => v,
         None => key_for(tenant, Kind::Data, None, create)?.0,
@@ -147,7 +166,10 @@ fn cipher_for(tenant: &str, version: Option<i32>, create: bool) -> Result<(i32, 
     }
     let (_, key) = key_for(tenant, Kind::Data, Some(version), false)?;
     let key = Zeroizing::new(key);
-    let cipher = std::rc::Rc::new(Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key"));
+    let cipher = std::rc::Rc::new(Cipher {
+        aead: Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key"),
+        id: key_id(&key[..]),
+    });
     CIPHERS.with(|c| c.borrow_mut().insert((tenant.to_string(), version), cipher.clone()));
     Ok((version, cipher))
 }
@@ -473,10 +495,12 @@ fn encrypt_bytes(plain: &[u8], context: &str) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
     out.extend_from_slice(&[FORMAT_V1, ALG_AES_256_GCM]);
     out.extend_from_slice(&(version as u32).to_be_bytes());
+    out.extend_from_slice(&cipher.id);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plain);
     let aad = aad(&out[..HEADER_LEN], &tenant, context);
     let tag = cipher
+        .aead
         .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN + NONCE_LEN..])
         .map_err(|_| TenancyError::CiphertextInvalid)?;
     out.extend_from_slice(&tag);
@@ -494,12 +518,27 @@ fn decrypt_bytes(ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
     let version = u32::from_be_bytes(ciphertext[2..6].try_into().expect("4 bytes"));
     let version = i32::try_from(version).map_err(|_| TenancyError::CiphertextMalformed)?;
     let tenant = context::with_context(|v| v.tenant.clone())?;
-    let (_, cipher) = cipher_for(&tenant, Some(version), false)?;
+    let cipher = match cipher_for(&tenant, Some(version), false) {
+        Ok((_, c)) if c.id[..] == ciphertext[6..HEADER_LEN] => c,
+        // Not this tenant's key: another tenant's ciphertext (or a forged header).
+        Ok(_) | Err(TenancyError::CiphertextInvalid) => {
+            crate::audit::record(
+                crate::audit::Event::WrongTenantKey,
+                pg_sys::InvalidOid,
+                None,
+                "22000",
+                "ciphertext made with a key that is not the current tenant's",
+            );
+            return Err(TenancyError::CiphertextInvalid);
+        }
+        Err(e) => return Err(e),
+    };
     let nonce = &ciphertext[HEADER_LEN..HEADER_LEN + NONCE_LEN];
     let (body, tag) = ciphertext[HEADER_LEN + NONCE_LEN..].split_at(ciphertext.len() - HEADER_LEN - NONCE_LEN - TAG_LEN);
     let mut plain = body.to_vec();
     let aad = aad(&ciphertext[..HEADER_LEN], &tenant, context);
     cipher
+        .aead
         .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, &mut plain, Tag::from_slice(tag))
         .map_err(|_| TenancyError::CiphertextInvalid)?;
     Ok(plain)

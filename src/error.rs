@@ -50,6 +50,10 @@ pub enum TenancyError {
     CiphertextInvalid,
     #[error("the tenant's keys were destroyed")]
     KeysDestroyed,
+    #[error("pg_tenancy auditing requires shared_preload_libraries")]
+    PreloadRequired,
+    #[error("the audit log is append-only")]
+    AuditAppendOnly,
 }
 
 impl TenancyError {
@@ -76,6 +80,8 @@ impl TenancyError {
             TenancyError::CiphertextMalformed => ERRCODE_INVALID_BINARY_REPRESENTATION, // 22P03
             TenancyError::CiphertextInvalid => ERRCODE_DATA_EXCEPTION, // 22000
             TenancyError::KeysDestroyed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
+            TenancyError::PreloadRequired => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
+            TenancyError::AuditAppendOnly => ERRCODE_INSUFFICIENT_PRIVILEGE,           // 42501
         }
     }
 
@@ -137,6 +143,13 @@ impl TenancyError {
             TenancyError::CiphertextMalformed => "Pass a value produced by tenancy.encrypt().",
             TenancyError::CiphertextInvalid => "Decrypt with the tenant and the context it was encrypted with.",
             TenancyError::KeysDestroyed => "The tenant was crypto-shredded with tenancy.shred(); its ciphertexts are gone for good.",
+            TenancyError::PreloadRequired => {
+                "Add pg_tenancy to shared_preload_libraries in postgresql.conf and restart the server."
+            }
+            TenancyError::AuditAppendOnly => {
+                "Rows are only added by pg_tenancy and only removed by tenancy.prune_audit(older_than). \
+Restoring a dump? Run it with PGOPTIONS='-c pg_tenancy.guard=off' as a superuser."
+            }
         }
     }
 

@@ -312,3 +312,7 @@ pub fn previous_master_key_file() -> Option<String> {
 pub fn max_encryptions_per_key() -> i64 {
     MAX_ENCRYPTIONS_PER_KEY.get() as i64
 }
+
+pub fn guard() -> bool {
+    GUARD.get()
+}

@@ -1,35 +1,60 @@
 //! Executor hooks, each chained to the one installed before it.
 //!
-//! `ExecutorCheckPerms_hook`: a statement that reads or writes a protected table with no tenant
-//! context is refused before it runs (28000). The policies already refuse it as soon as they
-//! look at a row; this makes the refusal unconditional, so a table that happens to be empty (or a
-//! plan that never evaluates the policy) does not answer with a silent empty result. It costs
-//! nothing when a context is set: the range table is only examined when there is none.
+//! `ExecutorCheckPerms_hook` (once per statement, before it runs), for each protected table in
+//! the range table:
+//! - with no tenant context, a statement subject to row security is refused (28000) and
+//!   recorded as `no_context`. The policies would refuse it at the first row; this makes the
+//!   refusal unconditional, so an empty table does not answer with a silent empty result;
+//! - a superuser or BYPASSRLS role that reads it is recorded as `bypass_read` (row security
+//!   does not apply to such roles, FORCE or not);
+//! - the table a statement writes is remembered, for events raised while it runs.
+//!
+//! `ExecutorStart_hook`: after the plan is ready, a statement on a protected table whose
+//! filters compare the tenant column with a constant or a parameter naming another tenant is
+//! recorded as `cross_tenant_probe` (it returns nothing, but it is a probe). Statements that
+//! touch no protected table are not examined.
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::ffi::{c_int, CStr};
 
+use crate::audit::{self, Event};
 use crate::catalog;
 use crate::error::TenancyError;
 use crate::gucs;
 
 static mut PREV_CHECK_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 
 pub fn install() {
     // SAFETY: called once from _PG_init, before any query runs in this backend; the previous
-    // hook is kept and called first.
+    // hooks are kept and called first.
     unsafe {
         PREV_CHECK_PERMS = pg_sys::ExecutorCheckPerms_hook;
         pg_sys::ExecutorCheckPerms_hook = Some(check_perms);
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        // A schema created or dropped (CREATE/DROP EXTENSION in another session) may change
+        // whether anything is protected here.
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as c_int,
+            Some(on_namespace_change),
+            pg_sys::Datum::from(0),
+        );
     }
 }
 
 thread_local! {
-    /// OIDs of protected tables in this database; `None` until loaded or after invalidation.
-    static PROTECTED: RefCell<Option<HashSet<pg_sys::Oid>>> = const { RefCell::new(None) };
+    /// Protected tables of this database and the attribute number of their tenant column;
+    /// `None` until loaded or after an invalidation. Empty where pg_tenancy is not installed.
+    static PROTECTED: RefCell<Option<HashMap<pg_sys::Oid, i16>>> = const { RefCell::new(None) };
     /// Set while the set is being loaded (the loading query itself passes through this hook).
     static LOADING: Cell<bool> = const { Cell::new(false) };
+    /// The protected table the latest statement writes (InvalidOid when none).
+    static LAST_WRITE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Whether the statement being started touches a protected table.
+    static TOUCHED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Forget the protected set (relcache invalidation of `tenancy.protected_tables`).
@@ -41,28 +66,52 @@ pub fn forget() {
     });
 }
 
-fn load_protected() -> Option<HashSet<pg_sys::Oid>> {
-    // SAFETY: syscache lookup by name; no extension schema means nothing is protected here.
-    if unsafe { pg_sys::get_namespace_oid(c"tenancy".as_ptr(), true) } == pg_sys::InvalidOid {
-        return None;
-    }
+#[pg_guard]
+unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c_int, _hash: u32) {
+    forget();
+}
+
+/// The protected table written by the statement running now (for events raised inside it).
+pub fn last_write_target() -> pg_sys::Oid {
+    LAST_WRITE.with(|l| l.get())
+}
+
+fn load_protected() -> HashMap<pg_sys::Oid, i16> {
+    // The queries below pass through check_perms themselves.
     LOADING.with(|l| l.set(true));
     let _reset = scopeguard(|| LOADING.with(|l| l.set(false)));
-    let set = catalog::as_owner(|| {
-        Spi::connect(|c| -> std::result::Result<_, pgrx::spi::Error> {
-            let mut set = HashSet::new();
-            for row in c.select("SELECT rel::pg_catalog.oid FROM tenancy.protected_tables", None, &[])? {
-                if let Some(oid) = row.get::<pg_sys::Oid>(1)? {
-                    set.insert(oid);
+    // SAFETY: syscache lookup by name; no extension schema means nothing is protected here.
+    let installed = unsafe { pg_sys::get_namespace_oid(c"tenancy".as_ptr(), true) } != pg_sys::InvalidOid
+        && catalog::ids().is_ok();
+    let map = if installed {
+        catalog::as_owner(|| {
+            Spi::connect(|c| -> std::result::Result<_, pgrx::spi::Error> {
+                let mut map = HashMap::new();
+                for row in c.select(
+                    "SELECT p.rel::pg_catalog.oid, a.attnum \
+                       FROM tenancy.protected_tables p \
+                       JOIN pg_catalog.pg_attribute a \
+                         ON a.attrelid OPERATOR(pg_catalog.=) p.rel \
+                        AND a.attname OPERATOR(pg_catalog.=) p.tenant_column \
+                        AND NOT a.attisdropped",
+                    None,
+                    &[],
+                )? {
+                    if let (Some(oid), Some(attno)) = (row.get::<pg_sys::Oid>(1)?, row.get::<i16>(2)?) {
+                        map.insert(oid, attno);
+                    }
                 }
-            }
-            Ok(set)
+                Ok(map)
+            })
         })
-    })
-    .ok()?
-    .ok()?;
-    PROTECTED.with(|p| *p.borrow_mut() = Some(set.clone()));
-    Some(set)
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default()
+    } else {
+        HashMap::new()
+    };
+    PROTECTED.with(|p| *p.borrow_mut() = Some(map.clone()));
+    map
 }
 
 struct Guard<F: FnMut()>(F);
@@ -75,12 +124,23 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
 }
 
-fn is_protected(rel: pg_sys::Oid) -> bool {
-    let cached = PROTECTED.with(|p| p.borrow().as_ref().map(|s| s.contains(&rel)));
+/// The tenant column's attribute number when `rel` is protected.
+fn protected(rel: pg_sys::Oid) -> Option<i16> {
+    let cached = PROTECTED.with(|p| p.borrow().as_ref().map(|s| s.get(&rel).copied()));
     match cached {
         Some(hit) => hit,
-        None => load_protected().is_some_and(|s| s.contains(&rel)),
+        None => load_protected().get(&rel).copied(),
     }
+}
+
+/// Every RTE_RELATION entry of a range table.
+unsafe fn relations(range_table: *mut pg_sys::List) -> impl Iterator<Item = &'static pg_sys::RangeTblEntry> {
+    let len = if range_table.is_null() { 0 } else { (unsafe { (*range_table).length }) as usize };
+    (0..len).filter_map(move |i| {
+        // SAFETY: i < length; every element of a range table is a RangeTblEntry.
+        let rte = unsafe { &*((*(*range_table).elements.add(i)).ptr_value as *const pg_sys::RangeTblEntry) };
+        (rte.rtekind == pg_sys::RTEKind::RTE_RELATION).then_some(rte)
+    })
 }
 
 #[pg_guard]
@@ -91,27 +151,386 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
             return false;
         }
     }
-    if gucs::has_tenant_value() || LOADING.with(|l| l.get()) {
+    if LOADING.with(|l| l.get()) {
         return true;
     }
-    if range_table.is_null() {
-        return true;
-    }
-    // SAFETY: range_table is a valid List (NIL checked above) of `length` RangeTblEntry pointers.
-    let len = unsafe { (*range_table).length } as usize;
-    for i in 0..len {
-        // SAFETY: i < length; every element of a range table is a RangeTblEntry.
-        let rte = unsafe { &*((*(*range_table).elements.add(i)).ptr_value as *const pg_sys::RangeTblEntry) };
-        if rte.rtekind != pg_sys::RTEKind::RTE_RELATION || !is_protected(rte.relid) {
+    let has_context = gucs::has_tenant_value();
+    let mut write_target = pg_sys::InvalidOid;
+    // SAFETY: range_table is a valid List of RangeTblEntry pointers (or NIL).
+    for rte in unsafe { relations(range_table) } {
+        if protected(rte.relid).is_none() {
             continue;
         }
-        // Row security applies to the role that checks this entry (superusers and BYPASSRLS
-        // roles read without a context, as they would without pg_tenancy).
-        // SAFETY: check_enable_rls reads the catalogs; noError = true.
-        let rls = unsafe { pg_sys::check_enable_rls(rte.relid, rte.checkAsUser, true) };
-        if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as std::ffi::c_int {
-            TenancyError::NoContext.raise();
+        TOUCHED.with(|t| t.set(true));
+        let writes = rte.requiredPerms & (pg_sys::ACL_INSERT | pg_sys::ACL_UPDATE | pg_sys::ACL_DELETE) != 0;
+        if writes && write_target == pg_sys::InvalidOid {
+            write_target = rte.relid;
+        }
+        // SAFETY: GetUserId reads a backend-local variable.
+        let user = if rte.checkAsUser != pg_sys::InvalidOid { rte.checkAsUser } else { unsafe { pg_sys::GetUserId() } };
+        // SAFETY: catalog reads of the role (superuser_arg caches its answer).
+        let bypass = unsafe { pg_sys::has_bypassrls_privilege(user) };
+        if bypass {
+            if rte.requiredPerms & pg_sys::ACL_SELECT != 0 {
+                // SAFETY: as above.
+                let why = if unsafe { pg_sys::superuser_arg(user) } {
+                    "superuser read a protected table; row security does not apply to it"
+                } else {
+                    "BYPASSRLS role read a protected table; row security does not apply to it"
+                };
+                audit::record(Event::BypassRead, rte.relid, None, "00000", why);
+            }
+            continue;
+        }
+        if !has_context {
+            // Row security applies to this role (checked for the role that checks this entry).
+            // SAFETY: check_enable_rls reads the catalogs; noError = true.
+            let rls = unsafe { pg_sys::check_enable_rls(rte.relid, rte.checkAsUser, true) };
+            if rls == pg_sys::CheckEnableRlsResult::RLS_ENABLED as c_int {
+                audit::record(Event::NoContext, rte.relid, None, "28000", "statement on a protected table without a tenant context");
+                TenancyError::NoContext.raise();
+            }
         }
     }
+    LAST_WRITE.with(|l| l.set(write_target));
     true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: c_int) {
+    TOUCHED.with(|t| t.set(false));
+    // SAFETY: the previous hook (or the standard function) with PostgreSQL's arguments.
+    unsafe {
+        match PREV_EXECUTOR_START {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| prev(query_desc, eflags)),
+            None => pg_sys::standard_ExecutorStart(query_desc, eflags),
+        }
+    }
+    if !TOUCHED.with(|t| t.get()) || eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0 {
+        return;
+    }
+    let Ok(tenant) = crate::context::with_context(|v| v.tenant.clone()) else { return };
+    // SAFETY: a started QueryDesc has a valid plannedstmt and (possibly NULL) params.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        if stmt.is_null() || (*stmt).commandType == pg_sys::CmdType::CMD_UTILITY {
+            return;
+        }
+        let mut probe = Probe { rtable: (*stmt).rtable, params: (*query_desc).params, tenant: &tenant, seen: Vec::new() };
+        probe.plan((*stmt).planTree);
+        for sub in list_ptrs((*stmt).subplans) {
+            probe.plan(sub.cast());
+        }
+    }
+}
+
+unsafe fn list_ptrs(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: a pointer List of `length` elements.
+    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value).collect() }
+}
+
+struct Probe<'a> {
+    rtable: *mut pg_sys::List,
+    params: pg_sys::ParamListInfo,
+    tenant: &'a str,
+    seen: Vec<pg_sys::Oid>,
+}
+
+/// The scan being examined: its range-table index, relation and tenant column.
+#[derive(Clone, Copy)]
+struct Target {
+    scanrelid: u32,
+    rel: pg_sys::Oid,
+    attno: i16,
+    /// For index-only scans, the index's target list (quals use INDEX_VAR references).
+    indextlist: *mut pg_sys::List,
+}
+
+impl Probe<'_> {
+    unsafe fn plan(&mut self, p: *mut pg_sys::Plan) {
+        use pg_sys::NodeTag::*;
+        if p.is_null() {
+            return;
+        }
+        // SAFETY (whole function): `p` is a valid Plan node; the casts follow its tag.
+        unsafe {
+            let tag = (*p).type_;
+            let scanrelid = match tag {
+                T_SeqScan | T_SampleScan | T_IndexScan | T_IndexOnlyScan | T_BitmapIndexScan | T_BitmapHeapScan
+                | T_TidScan | T_TidRangeScan => (*(p as *mut pg_sys::Scan)).scanrelid,
+                _ => 0,
+            };
+            if scanrelid > 0 {
+                if let Some(mut t) = self.target(scanrelid) {
+                    self.quals((*p).qual, t);
+                    match tag {
+                        T_IndexScan => self.quals((*(p as *mut pg_sys::IndexScan)).indexqualorig, t),
+                        T_BitmapIndexScan => self.quals((*(p as *mut pg_sys::BitmapIndexScan)).indexqualorig, t),
+                        T_BitmapHeapScan => self.quals((*(p as *mut pg_sys::BitmapHeapScan)).bitmapqualorig, t),
+                        T_IndexOnlyScan => {
+                            let ios = p as *mut pg_sys::IndexOnlyScan;
+                            t.indextlist = (*ios).indextlist;
+                            self.quals((*ios).indexqual, t);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            self.plan((*p).lefttree);
+            self.plan((*p).righttree);
+            let children = match tag {
+                T_Append => (*(p as *mut pg_sys::Append)).appendplans,
+                T_MergeAppend => (*(p as *mut pg_sys::MergeAppend)).mergeplans,
+                T_BitmapAnd => (*(p as *mut pg_sys::BitmapAnd)).bitmapplans,
+                T_BitmapOr => (*(p as *mut pg_sys::BitmapOr)).bitmapplans,
+                T_CustomScan => (*(p as *mut pg_sys::CustomScan)).custom_plans,
+                T_SubqueryScan => {
+                    self.plan((*(p as *mut pg_sys::SubqueryScan)).subplan);
+                    std::ptr::null_mut()
+                }
+                _ => std::ptr::null_mut(),
+            };
+            for c in list_ptrs(children) {
+                self.plan(c.cast());
+            }
+        }
+    }
+
+    unsafe fn target(&self, scanrelid: u32) -> Option<Target> {
+        // SAFETY: scanrelid indexes the statement's range table (1-based).
+        let rtes = unsafe { list_ptrs(self.rtable) };
+        let rte = *rtes.get(scanrelid as usize - 1)? as *const pg_sys::RangeTblEntry;
+        // SAFETY: a RangeTblEntry of this statement.
+        let rel = unsafe { (*rte).relid };
+        let attno = protected(rel)?;
+        Some(Target { scanrelid, rel, attno, indextlist: std::ptr::null_mut() })
+    }
+
+    unsafe fn quals(&mut self, list: *mut pg_sys::List, t: Target) {
+        // SAFETY: a List of expression nodes.
+        for e in unsafe { list_ptrs(list) } {
+            unsafe { self.expr(e.cast(), t) };
+        }
+    }
+
+    unsafe fn expr(&mut self, node: *mut pg_sys::Node, t: Target) {
+        use pg_sys::NodeTag::*;
+        if node.is_null() || self.seen.contains(&t.rel) {
+            return;
+        }
+        // SAFETY (whole function): casts follow the node tag.
+        unsafe {
+            match (*node).type_ {
+                T_BoolExpr => {
+                    for a in list_ptrs((*(node as *mut pg_sys::BoolExpr)).args) {
+                        self.expr(a.cast(), t);
+                    }
+                }
+                T_OpExpr => {
+                    let op = node as *mut pg_sys::OpExpr;
+                    let args = list_ptrs((*op).args);
+                    if args.len() != 2 {
+                        return;
+                    }
+                    let (l, r) = (strip(args[0].cast()), strip(args[1].cast()));
+                    let other = if self.is_tenant_var(l, t) {
+                        r
+                    } else if self.is_tenant_var(r, t) {
+                        l
+                    } else {
+                        return;
+                    };
+                    if !is_equality((*op).opno) {
+                        return;
+                    }
+                    if let Some(v) = self.scalar(other) {
+                        self.compare(&v, t);
+                    }
+                }
+                T_ScalarArrayOpExpr => {
+                    let op = node as *mut pg_sys::ScalarArrayOpExpr;
+                    let args = list_ptrs((*op).args);
+                    if args.len() != 2 || !(*op).useOr || !self.is_tenant_var(strip(args[0].cast()), t) {
+                        return;
+                    }
+                    if !is_equality((*op).opno) {
+                        return;
+                    }
+                    for v in self.array(strip(args[1].cast())) {
+                        self.compare(&v, t);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    unsafe fn is_tenant_var(&self, node: *mut pg_sys::Node, t: Target) -> bool {
+        // SAFETY: casts follow the node tag.
+        unsafe {
+            if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_Var {
+                return false;
+            }
+            let v = node as *mut pg_sys::Var;
+            if (*v).varlevelsup != 0 {
+                return false;
+            }
+            if (*v).varno == pg_sys::INDEX_VAR && !t.indextlist.is_null() {
+                let tl = list_ptrs(t.indextlist);
+                let Some(tle) = tl.get((*v).varattno as usize - 1) else { return false };
+                let inner = strip((*(*tle as *mut pg_sys::TargetEntry)).expr.cast());
+                return !inner.is_null()
+                    && (*inner).type_ == pg_sys::NodeTag::T_Var
+                    && (*(inner as *mut pg_sys::Var)).varattno == t.attno;
+            }
+            (*v).varno == t.scanrelid as i32 && (*v).varattno == t.attno
+        }
+    }
+
+    /// A constant or external parameter, as (text, type).
+    unsafe fn scalar(&self, node: *mut pg_sys::Node) -> Option<(String, pg_sys::Oid)> {
+        // SAFETY: casts follow the node tag; parameters come from this execution's list.
+        unsafe {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_Const => {
+                    let c = node as *mut pg_sys::Const;
+                    if (*c).constisnull {
+                        return None;
+                    }
+                    Some((output((*c).constvalue, (*c).consttype)?, (*c).consttype))
+                }
+                pg_sys::NodeTag::T_Param => {
+                    let (value, ty) = self.param(node as *mut pg_sys::Param)?;
+                    Some((output(value, ty)?, ty))
+                }
+                _ => None,
+            }
+        }
+    }
+
+    unsafe fn param(&self, p: *mut pg_sys::Param) -> Option<(pg_sys::Datum, pg_sys::Oid)> {
+        // SAFETY: PARAM_EXTERN ids are 1-based indexes into the execution's ParamListInfo.
+        unsafe {
+            if (*p).paramkind != pg_sys::ParamKind::PARAM_EXTERN || self.params.is_null() {
+                return None;
+            }
+            let id = (*p).paramid;
+            let params = self.params;
+            if id < 1 || id > (*params).numParams {
+                return None;
+            }
+            let mut workspace = pg_sys::ParamExternData::default();
+            let prm: *mut pg_sys::ParamExternData = match (*params).paramFetch {
+                Some(fetch) => fetch(params, id, true, &mut workspace),
+                None => (*params).params.as_mut_ptr().add(id as usize - 1),
+            };
+            if prm.is_null() || (*prm).isnull || (*prm).ptype == pg_sys::InvalidOid {
+                return None;
+            }
+            Some(((*prm).value, (*prm).ptype))
+        }
+    }
+
+    /// The elements of a constant array, an ARRAY[...] of constants or an array parameter.
+    unsafe fn array(&self, node: *mut pg_sys::Node) -> Vec<(String, pg_sys::Oid)> {
+        // SAFETY: casts follow the node tag.
+        unsafe {
+            match (*node).type_ {
+                pg_sys::NodeTag::T_ArrayExpr => list_ptrs((*(node as *mut pg_sys::ArrayExpr)).elements)
+                    .into_iter()
+                    .filter_map(|e| self.scalar(strip(e.cast())))
+                    .collect(),
+                pg_sys::NodeTag::T_Const => {
+                    let c = node as *mut pg_sys::Const;
+                    if (*c).constisnull {
+                        return Vec::new();
+                    }
+                    elements((*c).constvalue)
+                }
+                pg_sys::NodeTag::T_Param => match self.param(node as *mut pg_sys::Param) {
+                    Some((value, _)) => elements(value),
+                    None => Vec::new(),
+                },
+                _ => Vec::new(),
+            }
+        }
+    }
+
+    fn compare(&mut self, value: &(String, pg_sys::Oid), t: Target) {
+        if same_tenant(&value.0, value.1, self.tenant) || self.seen.contains(&t.rel) {
+            return;
+        }
+        self.seen.push(t.rel);
+        audit::record(
+            Event::CrossTenantProbe,
+            t.rel,
+            Some(&value.0),
+            "00000",
+            "filter on the tenant column names another tenant",
+        );
+    }
+}
+
+fn same_tenant(value: &str, ty: pg_sys::Oid, tenant: &str) -> bool {
+    match ty {
+        pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => {
+            matches!((value.parse::<i64>(), tenant.parse::<i64>()), (Ok(a), Ok(b)) if a == b)
+        }
+        pg_sys::UUIDOID => value.eq_ignore_ascii_case(tenant),
+        _ => value == tenant,
+    }
+}
+
+/// Skip binary-compatible casts (varchar column compared as text, and the like).
+unsafe fn strip(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    // SAFETY: casts follow the node tag.
+    unsafe {
+        while !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_RelabelType {
+            node = (*(node as *mut pg_sys::RelabelType)).arg.cast();
+        }
+    }
+    node
+}
+
+fn is_equality(opno: pg_sys::Oid) -> bool {
+    // SAFETY: syscache lookup; NULL for an unknown operator.
+    unsafe {
+        let name = pg_sys::get_opname(opno);
+        !name.is_null() && CStr::from_ptr(name).to_bytes() == b"="
+    }
+}
+
+fn output(value: pg_sys::Datum, ty: pg_sys::Oid) -> Option<String> {
+    let mut func = pg_sys::InvalidOid;
+    let mut varlena = false;
+    // SAFETY: the type's output function applied to a non-null value of that type.
+    unsafe {
+        pg_sys::getTypeOutputInfo(ty, &mut func, &mut varlena);
+        let s = pg_sys::OidOutputFunctionCall(func, value);
+        if s.is_null() {
+            return None;
+        }
+        Some(CStr::from_ptr(s).to_string_lossy().into_owned())
+    }
+}
+
+fn elements(array: pg_sys::Datum) -> Vec<(String, pg_sys::Oid)> {
+    // SAFETY: `array` is a non-null array datum; deconstruct_array copies out its elements.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(array.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+        let elemtype = (*arr).elemtype;
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(elemtype, &mut len, &mut byval, &mut align);
+        let mut values: *mut pg_sys::Datum = std::ptr::null_mut();
+        let mut nulls: *mut bool = std::ptr::null_mut();
+        let mut n: c_int = 0;
+        pg_sys::deconstruct_array(arr, elemtype, len as c_int, byval, align, &mut values, &mut nulls, &mut n);
+        (0..n as usize)
+            .filter(|&i| !*nulls.add(i))
+            .filter_map(|i| output(*values.add(i), elemtype).map(|s| (s, elemtype)))
+            .collect()
+    }
 }

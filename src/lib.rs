@@ -8,10 +8,12 @@
 //! - [`catalog`]: reads and writes of the extension's own tables, as their owner;
 //! - [`grants`]: which roles may enter which tenants, with which scope;
 //! - [`protect`]: generated row-level-security policies and the guard that keeps them;
-//! - [`hooks`]: the executor hook that refuses protected tables without a context;
+//! - [`hooks`]: the executor hooks that refuse protected tables without a context and see probes;
+//! - [`audit`]: the denial log (shared-memory queue, writer workers, `tenancy.audit_log`);
 //! - [`error`]: every error the extension raises, with its SQLSTATE, detail and hint.
 use pgrx::prelude::*;
 
+pub mod audit;
 pub mod catalog;
 pub mod context;
 pub mod crypto;
@@ -35,6 +37,7 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
     hooks::install();
     crypto::init();
+    audit::init();
 }
 
 /// Required by `cargo pgrx test`.

@@ -55,6 +55,49 @@ fn _guard_exempt(rel: pg_sys::Oid) -> bool {
     EXEMPT.with(|e| e.borrow().contains(&rel))
 }
 
+/// Called by the guard event triggers: records `policy_tamper` and refuses the change.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _refuse_weakening(rel: pg_sys::Oid, problem: &str) {
+    crate::audit::record(crate::audit::Event::PolicyTamper, rel, None, "42501", problem);
+    let name = crate::audit::relation_name(rel);
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("the tenant isolation of table {name} cannot be weakened"),
+        "pg_tenancy",
+    )
+    .set_detail(problem.to_string())
+    .set_hint(
+        "Remove the protection on purpose with tenancy.unprotect(), or repair it with tenancy.protect(). \
+Restoring a dump? Run it with PGOPTIONS='-c pg_tenancy.guard=off' as a superuser.",
+    )
+    .report(PgLogLevel::ERROR);
+}
+
+/// BEFORE TRUNCATE trigger of protected tables: TRUNCATE ignores row level security and would
+/// remove every tenant's rows. Recorded as `cross_tenant_write`.
+#[pg_trigger]
+fn truncate_guard<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let rel = trigger.relation()?;
+    crate::audit::record(
+        crate::audit::Event::CrossTenantWrite,
+        rel.oid(),
+        None,
+        "42501",
+        "TRUNCATE of a protected table (it would remove every tenant's rows)",
+    );
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("TRUNCATE is refused on protected table {}", rel.name()),
+        "pg_tenancy",
+    )
+    .set_detail("TRUNCATE ignores row level security and would remove every tenant's rows.")
+    .set_hint("Delete the current tenant's rows with DELETE, or remove the protection with tenancy.unprotect().")
+    .report(PgLogLevel::ERROR);
+    Ok(None)
+}
+
 fn fail(code: PgSqlErrorCode, message: String, hint: &str) -> ! {
     pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_tenancy").set_hint(hint).report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
@@ -129,6 +172,8 @@ impl Plan {
     /// The statements `protect()` runs, in order. `DROP POLICY IF EXISTS` keeps it re-runnable.
     fn statements(&self) -> Vec<String> {
         let (t, c, cast) = (&self.table, &self.column, self.cast);
+        // A row of another tenant fails the first test of WITH CHECK and reaches _write_denied,
+        // which records the attempt and returns false; rows of the current tenant never call it.
         vec![
             format!("ALTER TABLE {t} ENABLE ROW LEVEL SECURITY"),
             format!("ALTER TABLE {t} FORCE ROW LEVEL SECURITY"),
@@ -136,7 +181,8 @@ impl Plan {
             format!(
                 "CREATE POLICY {ISOLATION_POLICY} ON {t} AS PERMISSIVE FOR ALL TO PUBLIC \
                  USING ({c} OPERATOR(pg_catalog.=) (SELECT tenancy.current_tenant()::{cast})) \
-                 WITH CHECK ({c} OPERATOR(pg_catalog.=) (SELECT tenancy.writable_tenant()::{cast}))"
+                 WITH CHECK ({c} OPERATOR(pg_catalog.=) (SELECT tenancy.writable_tenant()::{cast}) \
+                 OR tenancy._write_denied({c}::pg_catalog.text))"
             ),
             format!("DROP POLICY IF EXISTS {WRITE_GUARD_POLICY} ON {t}"),
             format!(

@@ -49,6 +49,14 @@ pub fn looks_like_token(raw: &str) -> bool {
     }
 }
 
+/// The tenant a token claims, read without verifying it: only for the audit log of a refused
+/// token (where the claim is labelled as unverified), never for a decision.
+pub fn unverified_tenant(raw: &str, claim: &str) -> Option<String> {
+    let payload = raw.split('.').nth(1)?;
+    let claims = decode_object(payload).ok()?;
+    claims.get(claim)?.as_str().map(str::to_string)
+}
+
 fn decode_object(segment: &str) -> Result<Map<String, Value>, TokenError> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| TokenError::Malformed)?;
     match serde_json::from_slice::<Value>(&bytes) {
