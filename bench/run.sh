@@ -64,3 +64,6 @@ KEY=${PGT_ROOT:-/tmp/pg_tenancy}/bench-master-key
 [ -s "$KEY" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY"
 chown postgres:postgres "$KEY" && chmod 600 "$KEY"
 PGOPTIONS="-c pg_tenancy.master_key_file=$KEY" psql -X -q -d "$DB" -f crypto.sql
+
+echo
+bash ./audit.sh

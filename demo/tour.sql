@@ -106,3 +106,12 @@ TRUNCATE shop.orders;
 
 \echo '== 8. tenancy.check(): the pre-go-live checklist the database can verify itself'
 SELECT severity, object, problem FROM tenancy.check();
+
+\echo '== 9. The denial log: every attempt above, written outside the transactions that failed'
+-- (the audit writer is asynchronous; give it a moment)
+SELECT pg_sleep(0.5);
+SELECT event, role, session_tenant AS tenant, attempted_tenant AS attempted, relation, sqlstate
+  FROM tenancy.audit_log WHERE database = current_database() AND event <> 'bypass_read' ORDER BY id;
+\echo '-- the alert query of the runbook, and the queue behind the log:'
+SELECT event, role, attempts FROM tenancy.unexpected_denials('1 hour');
+SELECT queued, written, overflowed FROM tenancy.audit_status();

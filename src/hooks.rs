@@ -151,7 +151,10 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
             return false;
         }
     }
-    if LOADING.with(|l| l.get()) {
+    // Parallel workers check the leader's range table again: the leader already refused or
+    // recorded what there was to refuse or record.
+    // SAFETY: reads a backend-global.
+    if LOADING.with(|l| l.get()) || unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
         return true;
     }
     let has_context = gucs::has_tenant_value();
@@ -206,7 +209,11 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
             None => pg_sys::standard_ExecutorStart(query_desc, eflags),
         }
     }
-    if !TOUCHED.with(|t| t.get()) || eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0 {
+    // SAFETY: reads a backend-global.
+    if !TOUCHED.with(|t| t.get())
+        || eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0
+        || unsafe { pg_sys::ParallelWorkerNumber } >= 0
+    {
         return;
     }
     let Ok(tenant) = crate::context::with_context(|v| v.tenant.clone()) else { return };

@@ -208,3 +208,26 @@ def test_without_preload_the_rest_works_and_audit_says_why(tmp_path):
         conn.close()
     finally:
         subprocess.run([CLUSTER, "destroy"], env=env, check=True, capture_output=True)
+
+
+def test_probe_recorded_once_under_parallel_query(su):
+    """Parallel workers re-check the leader's plan; the probe is still one event."""
+    wait_drained(su)
+    start = max_id(su)
+    conn = connect(user=APP, autocommit=False)
+    with conn.cursor() as cur:
+        for setting in ("force_parallel_mode = on", "parallel_setup_cost = 0", "parallel_tuple_cost = 0",
+                        "min_parallel_table_scan_size = 0", "max_parallel_workers_per_gather = 2"):
+            cur.execute(f"SET {setting}")
+        cur.execute("SELECT tenancy.set_tenant(%s)", (TENANTS[0],))
+        cur.execute("EXPLAIN (COSTS OFF) SELECT count(*) FROM app.orders WHERE tenant_id = %s", (TENANTS[1],))
+        plan = "\n".join(r[0] for r in cur.fetchall())
+        assert "Gather" in plan
+        cur.execute("SELECT count(*) FROM app.orders WHERE tenant_id = %s", (TENANTS[1],))
+        assert cur.fetchone() == (0,)
+    conn.rollback()
+    conn.close()
+    wait_drained(su)
+    rows = run(su, "SELECT event, attempted_tenant, relation FROM tenancy.audit_log WHERE id > %s AND role = %s",
+               start, APP)
+    assert rows == [("cross_tenant_probe", TENANTS[1], "app.orders")]
