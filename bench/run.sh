@@ -63,7 +63,7 @@ echo "encryption (bench/crypto.sql; best of 3 per line):"
 KEY=${PGT_ROOT:-/tmp/pg_tenancy}/bench-master-key
 [ -s "$KEY" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY"
 chown postgres:postgres "$KEY" && chmod 600 "$KEY"
-PGOPTIONS="-c pg_tenancy.master_key_file=$KEY" psql -X -q -d "$DB" -f crypto.sql
+PGOPTIONS="-c pg_tenancy.master_key_file=$KEY" psql -X -q -d "$DB" -v rows4k="${BENCH_CRYPTO_4K_ROWS:-1000000}" -f crypto.sql
 
 echo
 bash ./audit.sh
