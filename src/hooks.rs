@@ -9,6 +9,12 @@
 //!   does not apply to such roles, FORCE or not);
 //! - the table a statement writes is remembered, for events raised while it runs.
 //!
+//! `ProcessUtility_hook`: DDL that would weaken a protected table (disable or un-force row
+//! security, disable its triggers, drop or alter its policies, add a permissive one, drop or
+//! retype its tenant column) attempted by a role that does not own the table is recorded as
+//! `policy_tamper` before PostgreSQL refuses it for want of ownership. (Owners and superusers
+//! reach the guard's event triggers, which refuse and record it themselves.)
+//!
 //! `ExecutorStart_hook`: after the plan is ready, a statement on a protected table whose
 //! filters compare the tenant column with a constant or a parameter naming another tenant is
 //! recorded as `cross_tenant_probe` (it returns nothing, but it is a probe). Statements that
@@ -26,6 +32,7 @@ use crate::gucs;
 
 static mut PREV_CHECK_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
 pub fn install() {
     // SAFETY: called once from _PG_init, before any query runs in this backend; the previous
@@ -35,6 +42,8 @@ pub fn install() {
         pg_sys::ExecutorCheckPerms_hook = Some(check_perms);
         PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
         pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
         // A schema created or dropped (CREATE/DROP EXTENSION in another session) may change
         // whether anything is protected here.
         pg_sys::CacheRegisterSyscacheCallback(
@@ -539,5 +548,131 @@ fn elements(array: pg_sys::Datum) -> Vec<(String, pg_sys::Oid)> {
             .filter(|&i| !*nulls.add(i))
             .filter_map(|i| output(*values.add(i), elemtype).map(|s| (s, elemtype)))
             .collect()
+    }
+}
+
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
+    unsafe {
+        if let Some((rel, what)) = weakening_target((*pstmt).utilityStmt) {
+            if !pg_sys::pg_class_ownercheck(rel, pg_sys::GetUserId()) {
+                audit::record(Event::PolicyTamper, rel, None, "42501", what);
+            }
+        }
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+            }),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+        }
+    }
+}
+
+/// A protected table `rv` names (without locking it; NULL or unknown names give None).
+unsafe fn protected_rangevar(rv: *mut pg_sys::RangeVar) -> Option<(pg_sys::Oid, i16)> {
+    if rv.is_null() {
+        return None;
+    }
+    // SAFETY: name lookup only, missing_ok.
+    let rel = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as _, pg_sys::RVROption::RVR_MISSING_OK as _, None, std::ptr::null_mut()) };
+    if rel == pg_sys::InvalidOid {
+        return None;
+    }
+    protected(rel).map(|attno| (rel, attno))
+}
+
+/// The protected table a utility statement would weaken, and how.
+#[allow(non_upper_case_globals)]
+unsafe fn weakening_target(node: *mut pg_sys::Node) -> Option<(pg_sys::Oid, &'static str)> {
+    use pg_sys::AlterTableType::*;
+    use pg_sys::NodeTag::*;
+    if node.is_null() {
+        return None;
+    }
+    // SAFETY (whole function): casts follow the node tag.
+    unsafe {
+        match (*node).type_ {
+            T_AlterTableStmt => {
+                let stmt = node as *mut pg_sys::AlterTableStmt;
+                let (rel, attno) = protected_rangevar((*stmt).relation)?;
+                let tenant_col = {
+                    let n = pg_sys::get_attname(rel, attno, true);
+                    (!n.is_null()).then(|| CStr::from_ptr(n).to_bytes().to_vec())
+                };
+                for c in list_ptrs((*stmt).cmds) {
+                    let cmd = c as *mut pg_sys::AlterTableCmd;
+                    let on_tenant_col = !(*cmd).name.is_null()
+                        && tenant_col.as_deref() == Some(CStr::from_ptr((*cmd).name).to_bytes());
+                    let what = match (*cmd).subtype {
+                        AT_DisableRowSecurity => Some("attempt to disable row level security"),
+                        AT_NoForceRowSecurity => Some("attempt to stop forcing row level security"),
+                        AT_DisableTrig | AT_DisableTrigAll | AT_DisableTrigUser | AT_EnableReplicaTrig => {
+                            Some("attempt to disable a trigger of a protected table")
+                        }
+                        AT_DropColumn | AT_AlterColumnType | AT_ColumnDefault | AT_DropNotNull if on_tenant_col => {
+                            Some("attempt to drop or alter the tenant column")
+                        }
+                        _ => None,
+                    };
+                    if let Some(what) = what {
+                        return Some((rel, what));
+                    }
+                }
+                None
+            }
+            T_AlterPolicyStmt => {
+                let stmt = node as *mut pg_sys::AlterPolicyStmt;
+                protected_rangevar((*stmt).table).map(|(rel, _)| (rel, "attempt to alter a policy of a protected table"))
+            }
+            T_CreatePolicyStmt => {
+                let stmt = node as *mut pg_sys::CreatePolicyStmt;
+                if !(*stmt).permissive {
+                    return None;
+                }
+                protected_rangevar((*stmt).table)
+                    .map(|(rel, _)| (rel, "attempt to add a permissive policy to a protected table"))
+            }
+            T_DropStmt => {
+                let stmt = node as *mut pg_sys::DropStmt;
+                if (*stmt).removeType != pg_sys::ObjectType::OBJECT_POLICY
+                    && (*stmt).removeType != pg_sys::ObjectType::OBJECT_TRIGGER
+                {
+                    return None;
+                }
+                for o in list_ptrs((*stmt).objects) {
+                    let names = o as *mut pg_sys::List;
+                    if names.is_null() || (*names).length < 2 {
+                        continue;
+                    }
+                    let table = pg_sys::list_copy_head(names, (*names).length - 1);
+                    if let Some((rel, _)) = protected_rangevar(pg_sys::makeRangeVarFromNameList(table)) {
+                        return Some((rel, "attempt to drop a policy or trigger of a protected table"));
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
     }
 }

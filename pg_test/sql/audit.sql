@@ -81,6 +81,14 @@ INSERT INTO public.aud_notes VALUES ('aud-a', 3, 'late');
 ROLLBACK;
 RESET ROLE;
 SELECT (tenancy.set_status('aud-a', 'active')).status;
+-- policy_tamper by a role that does not own the table (refused by PostgreSQL, recorded by us)
+SET ROLE regress_aud_app;
+ALTER TABLE public.aud_notes DISABLE ROW LEVEL SECURITY;
+DROP POLICY tenancy_isolation ON public.aud_notes;
+CREATE POLICY open_door ON public.aud_notes USING (true);
+ALTER TABLE public.aud_notes DROP COLUMN tenant_id;
+ALTER TABLE public.aud_notes ADD COLUMN harmless int;
+RESET ROLE;
 -- policy_tamper (by the superuser, refused by the guard)
 ALTER TABLE public.aud_notes DISABLE ROW LEVEL SECURITY;
 -- bypass_read: a superuser reads without row security
