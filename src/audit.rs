@@ -807,3 +807,62 @@ fn _in_extension_script() -> bool {
     // SAFETY: reads a backend-global flag.
     unsafe { pg_sys::creating_extension }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn fixed_fields_keep_whole_characters() {
+        let mut buf = [0u8; 5];
+        put(&mut buf, "héllo wörld");
+        // 'h' + 2-byte 'é' + 'l' + 'l' = 5 bytes; nothing cut in the middle of a character
+        assert_eq!(get(&buf), "héll");
+        put(&mut buf, "ab");
+        assert_eq!(get(&buf), "ab");
+    }
+
+    #[pg_test]
+    fn only_tenant_shaped_ids_are_logged() {
+        assert_eq!(loggable_tenant("acme-1"), "acme-1");
+        assert_eq!(loggable_tenant(""), "");
+        assert_eq!(loggable_tenant("x'; DROP TABLE t;--"), "(not a tenant id)");
+        assert_eq!(loggable_tenant("line\nbreak"), "(not a tenant id)");
+    }
+
+    #[pg_test]
+    fn sqlstates_are_spelled_out() {
+        use crate::error::TenancyError;
+        assert_eq!(crate::context::sqlstate_text(&TenancyError::NoContext), "28000");
+        assert_eq!(crate::context::sqlstate_text(&TenancyError::NotPermitted), "42501");
+        assert_eq!(crate::context::sqlstate_text(&TenancyError::ReadOnly), "25006");
+        assert_eq!(crate::context::sqlstate_text(&TenancyError::CiphertextInvalid), "22000");
+    }
+
+    #[pg_test]
+    fn event_names_round_trip() {
+        for e in [
+            Event::NoContext,
+            Event::CrossTenantWrite,
+            Event::CrossTenantProbe,
+            Event::ForbiddenTenant,
+            Event::BypassRead,
+            Event::PolicyTamper,
+            Event::ReadOnlyWrite,
+            Event::WrongTenantKey,
+        ] {
+            assert_eq!(Event::from_u8(e as u8), Some(e));
+        }
+        assert_eq!(Event::from_u8(0), None);
+    }
+
+    #[pg_test]
+    fn the_test_server_is_preloaded_and_queues() {
+        assert!(available());
+        let before = Locked::acquire().map(|q| q.0.recorded).unwrap();
+        record(Event::ForbiddenTenant, pg_sys::InvalidOid, Some("nobody"), "42501", "unit test");
+        let after = Locked::acquire().map(|q| q.0.recorded).unwrap();
+        assert_eq!(after, before + 1);
+    }
+}

@@ -676,3 +676,18 @@ unsafe fn weakening_target(node: *mut pg_sys::Node) -> Option<(pg_sys::Oid, &'st
         }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn tenant_values_compare_by_type() {
+        assert!(same_tenant("42", pg_sys::INT4OID, "042"));
+        assert!(!same_tenant("43", pg_sys::INT8OID, "42"));
+        assert!(same_tenant("7C9E6679-7425-40DE-944B-E07FC1F90AE7", pg_sys::UUIDOID, "7c9e6679-7425-40de-944b-e07fc1f90ae7"));
+        assert!(!same_tenant("Acme", pg_sys::TEXTOID, "acme"));
+        assert!(same_tenant("acme", pg_sys::TEXTOID, "acme"));
+    }
+}
