@@ -178,8 +178,9 @@ unsafe extern "C-unwind" fn shmem_startup() {
 }
 
 fn available() -> bool {
-    // SAFETY: plain reads of process-local statics set at start-up.
-    unsafe { PRELOADED && !QUEUE.is_null() && !LOCK.is_null() }
+    // SAFETY: plain reads of process-local statics set at start-up. (A process without a
+    // PGPROC, such as the postmaster, cannot take an LWLock.)
+    unsafe { PRELOADED && !QUEUE.is_null() && !LOCK.is_null() && !pg_sys::MyProc.is_null() }
 }
 
 /// Exclusive access to the queue for the life of the guard.

@@ -166,6 +166,11 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
     if LOADING.with(|l| l.get()) || unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
         return true;
     }
+    // Nothing protected in this database (the common case for ordinary databases): done.
+    if PROTECTED.with(|p| p.borrow().as_ref().is_some_and(|m| m.is_empty())) {
+        LAST_WRITE.with(|l| l.set(pg_sys::InvalidOid));
+        return true;
+    }
     let has_context = gucs::has_tenant_value();
     let mut write_target = pg_sys::InvalidOid;
     // SAFETY: range_table is a valid List of RangeTblEntry pointers (or NIL).
