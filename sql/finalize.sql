@@ -501,6 +501,24 @@ WITH prot AS (
      WHERE (g.tenant <> '*' AND NOT EXISTS (SELECT 1 FROM tenancy.tenants t WHERE t.id = g.tenant))
         OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.role)
     UNION ALL
+    -- the denial log
+    SELECT 'ERROR', 'setting shared_preload_libraries',
+           'pg_tenancy is not preloaded: cross-tenant attempts are not recorded in tenancy.audit_log',
+           'ALTER SYSTEM SET shared_preload_libraries = ''pg_tenancy''; -- then restart the server'
+     WHERE NOT tenancy._audit_available()
+    UNION ALL
+    SELECT 'WARNING', 'tenancy.audit_log',
+           format('%s events overflowed the audit queue since the server started: they are only in the server log',
+                  tenancy._audit_overflowed()),
+           'Find what floods it: SELECT event, role, count(*) FROM tenancy.audit_log WHERE at > now() - interval ''1 hour'' GROUP BY 1, 2 ORDER BY 3 DESC;'
+     WHERE tenancy._audit_overflowed() > 0
+    UNION ALL
+    SELECT 'ERROR', 'tenancy.audit_log', format('trigger %s is not enabled ALWAYS: the log is not append-only', t.tgname),
+           format('ALTER TABLE tenancy.audit_log ENABLE ALWAYS TRIGGER %I;', t.tgname)
+      FROM pg_trigger t
+     WHERE t.tgrelid = to_regclass('tenancy.audit_log')
+       AND t.tgname IN ('audit_log_append_only', 'audit_log_no_truncate') AND t.tgenabled <> 'A'
+    UNION ALL
     SELECT 'INFO', 'setting pg_tenancy.context_mode',
            'the tenant context can be set with a plain tenant id (open mode)',
            'ALTER SYSTEM SET pg_tenancy.context_mode = ''signed''; -- once the gateway mints tokens'

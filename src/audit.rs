@@ -791,6 +791,18 @@ fn _audit_log_guard<'a>(
     })
 }
 
+/// Whether events reach tenancy.audit_log (pg_tenancy is preloaded); read by tenancy.check().
+#[pg_extern(stable, parallel_safe)]
+fn _audit_available() -> bool {
+    available()
+}
+
+/// Events that overflowed the queue since the server started (NULL without preload).
+#[pg_extern(volatile, parallel_safe)]
+fn _audit_overflowed() -> Option<i64> {
+    Locked::acquire().map(|q| q.0.overflowed as i64)
+}
+
 /// Called by the guard event trigger for DDL on tenancy.audit_log outside extension scripts.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _refuse_audit_change() {

@@ -197,6 +197,8 @@ def test_without_preload_the_rest_works_and_audit_says_why(tmp_path):
             except psycopg2.Error as e:
                 assert e.pgcode == "55000"
                 assert "shared_preload_libraries" in e.pgerror
+        findings = run(conn, "SELECT severity, object FROM tenancy.check() WHERE severity = 'ERROR'")
+        assert ("ERROR", "setting shared_preload_libraries") in findings
         run(conn, "CREATE ROLE np_app")
         run(conn, "SELECT tenancy.create_tenant('np-a', 'A'), tenancy.create_tenant('np-b', 'B')")
         run(conn, "SELECT tenancy.grant_tenant('np_app', 'np-a', 'read_write')")

@@ -134,6 +134,16 @@ SELECT tenancy.prune_audit(NULL);
 SELECT pg_temp.drained();
 SELECT event, role, relation, sqlstate, detail FROM tenancy.audit_log
  WHERE id > :start AND event = 'policy_tamper' AND relation LIKE 'tenancy.%' ORDER BY id;
+-- tenancy.check() watches the log's own protection
+ALTER TABLE tenancy.audit_log ENABLE TRIGGER audit_log_no_truncate;
+SET pg_tenancy.guard = off;
+ALTER TABLE tenancy.audit_log ENABLE TRIGGER audit_log_no_truncate;
+RESET pg_tenancy.guard;
+SELECT severity, object, problem FROM tenancy.check() WHERE object = 'tenancy.audit_log' AND severity = 'ERROR';
+SET pg_tenancy.guard = off;
+ALTER TABLE tenancy.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+RESET pg_tenancy.guard;
+SELECT count(*) AS audit_findings FROM tenancy.check() WHERE object = 'tenancy.audit_log' AND severity = 'ERROR';
 -- the retention function is the one way out (here: everything written so far)
 SELECT tenancy.prune_audit('-1 minute') > 0 AS pruned;
 SELECT count(*) AS left_after_prune FROM tenancy.audit_log WHERE id <= :start + 1000000;
