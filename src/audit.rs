@@ -82,7 +82,9 @@ struct Slot {
     query_id: i64,
     db: u32,
     pid: i32,
-    ready: bool,
+    /// FREE, READY (queued) or TAKEN (being written by the writer whose pid is `taker`).
+    state: u8,
+    taker: i32,
     event: u8,
     sqlstate: [u8; 5],
     command: [u8; 32],
@@ -120,6 +122,9 @@ struct Queue {
 }
 
 const TRANCHE: &CStr = c"pg_tenancy_audit";
+const FREE: u8 = 0;
+const READY: u8 = 1;
+const TAKEN: u8 = 2;
 
 static mut QUEUE: *mut Queue = std::ptr::null_mut();
 static mut LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
@@ -356,7 +361,8 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
             put(&mut s.attempted, &attempted);
             put(&mut s.relation, &relation);
             put(&mut s.detail, detail);
-            s.ready = true;
+            s.state = READY;
+            s.taker = 0;
             q.head += 1;
             q.recorded += 1;
         }
@@ -449,20 +455,36 @@ fn start_drainer(db: pg_sys::Oid) {
     }
 }
 
-/// Copy up to BATCH queued events of `db`, oldest first.
+/// Take up to BATCH queued events of `db`, oldest first: they are marked as this writer's, so
+/// no other writer of the same database can write them too.
 fn take(db: u32) -> Vec<Slot> {
+    // SAFETY: reads this process's pid.
+    let me = unsafe { pg_sys::MyProcPid };
     let Some(q) = Locked::acquire() else { return Vec::new() };
-    let q = &*q.0;
+    let q = &mut *q.0;
     let mut out = Vec::new();
     let mut seq = q.tail;
     while seq < q.head && out.len() < BATCH {
-        let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-        if s.ready && s.db == db && s.seq == seq {
+        let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
+        if s.state == READY && s.db == db && s.seq == seq {
+            s.state = TAKEN;
+            s.taker = me;
             out.push(*s);
         }
         seq += 1;
     }
     out
+}
+
+/// Give back what this writer took and did not write (it is exiting on an error).
+fn untake(q: &mut Queue, pid: i32) {
+    for seq in q.tail..q.head {
+        let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
+        if s.state == TAKEN && s.taker == pid {
+            s.state = READY;
+            s.taker = 0;
+        }
+    }
 }
 
 /// Remove written (or discarded) events from the queue.
@@ -472,10 +494,10 @@ fn release(batch: &[Slot], written: bool) {
     for e in batch {
         let s = &mut q.slots[(e.seq % QUEUE_CAPACITY as u64) as usize];
         if s.seq == e.seq {
-            s.ready = false;
+            s.state = FREE;
         }
     }
-    while q.tail < q.head && !q.slots[(q.tail % QUEUE_CAPACITY as u64) as usize].ready {
+    while q.tail < q.head && q.slots[(q.tail % QUEUE_CAPACITY as u64) as usize].state == FREE {
         q.tail += 1;
     }
     if written {
@@ -568,6 +590,8 @@ pub extern "C-unwind" fn pg_tenancy_audit_writer_main(arg: pg_sys::Datum) {
         let Some(q) = Locked::acquire() else { return };
         let q = &mut *q.0;
         match q.drainers.iter_mut().find(|d| d.db == db) {
+            // Another writer already serves this database (two were started at once).
+            Some(d) if d.pid != 0 && d.pid != pid => return,
             Some(d) => {
                 d.pid = pid;
                 d.latch = latch;
@@ -603,7 +627,7 @@ pub extern "C-unwind" fn pg_tenancy_audit_writer_main(arg: pg_sys::Datum) {
             let q = &mut *q.0;
             let pending = (q.tail..q.head).any(|seq| {
                 let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-                s.ready && s.db == db
+                s.state != FREE && s.db == db
             });
             if !pending {
                 if let Some(d) = q.drainers.iter_mut().find(|d| d.db == db && d.pid == pid) {
@@ -624,6 +648,7 @@ unsafe extern "C-unwind" fn on_writer_exit(_code: c_int, arg: pg_sys::Datum) {
     let pid = unsafe { pg_sys::MyProcPid };
     if let Some(q) = Locked::acquire() {
         let q = &mut *q.0;
+        untake(q, pid);
         for d in q.drainers.iter_mut().filter(|d| d.db == db && (d.pid == pid || d.pid == 0)) {
             *d = Drainer { db: 0, pid: 0, latch: std::ptr::null_mut(), registered_at: 0 };
         }
@@ -642,7 +667,7 @@ fn sweep_orphans(own: u32) {
         let mut dbs: Vec<u32> = Vec::new();
         for seq in q.tail..q.head {
             let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-            if s.ready && s.db != own && !dbs.contains(&s.db) {
+            if s.state == READY && s.db != own && !dbs.contains(&s.db) {
                 let served = q.drainers.iter().any(|d| {
                     d.db == s.db && (d.pid != 0 || now - d.registered_at <= START_TIMEOUT_US)
                 });
@@ -673,12 +698,12 @@ fn sweep_orphans(own: u32) {
             let mut n = 0;
             for seq in q.tail..q.head {
                 let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-                if s.ready && s.db == db {
-                    s.ready = false;
+                if s.state == READY && s.db == db {
+                    s.state = FREE;
                     n += 1;
                 }
             }
-            while q.tail < q.head && !q.slots[(q.tail % QUEUE_CAPACITY as u64) as usize].ready {
+            while q.tail < q.head && q.slots[(q.tail % QUEUE_CAPACITY as u64) as usize].state == FREE {
                 q.tail += 1;
             }
             q.discarded += n;
@@ -724,7 +749,7 @@ fn audit_status() -> TableIterator<
             (q.tail..q.head)
                 .filter(|&seq| {
                     let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-                    s.ready && s.db == here
+                    s.state != FREE && s.db == here
                 })
                 .count() as i64,
             QUEUE_CAPACITY as i64,
