@@ -108,8 +108,13 @@ TRUNCATE shop.orders;
 SELECT severity, object, problem FROM tenancy.check();
 
 \echo '== 9. The denial log: every attempt above, written outside the transactions that failed'
--- (the audit writer is asynchronous; give it a moment)
-SELECT pg_sleep(0.5);
+-- (the audit writer is asynchronous: wait until this database's queue is empty)
+DO $$ BEGIN
+    FOR i IN 1 .. 100 LOOP
+        EXIT WHEN (SELECT queued_here FROM tenancy.audit_status()) = 0;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END $$;
 SELECT event, role, session_tenant AS tenant, attempted_tenant AS attempted, relation, sqlstate
   FROM tenancy.audit_log WHERE database = current_database() AND event <> 'bypass_read' ORDER BY id;
 \echo '-- the alert query of the runbook, and the queue behind the log:'
