@@ -7,6 +7,7 @@
 # Usage: bench/audit.sh [seconds per run]. Needs pg_tenancy installed (make bench does it).
 set -euo pipefail
 cd "$(dirname "$0")"
+. ./lib.sh
 SECS=${1:-${BENCH_AUDIT_SECONDS:-4}}
 ROUNDS=${BENCH_AUDIT_ROUNDS:-11}
 CLIENTS=${BENCH_AUDIT_CLIENTS:-1}
@@ -59,12 +60,7 @@ pair() { # pair NAME MODE: ROUNDS rounds, order alternating, median of (preloade
         else b=$(tps "$NP" "$mode"); a=$(tps "$PRE" "$mode"); fi
         results+="$a $b"$'\n'
     done
-    echo -n "$results" | awk -v n="$name" '
-        { p += $1; b += $2; r[NR] = $1 / $2 }
-        END {
-            for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
-            med = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
-            printf "%-34s %11.0f %11.0f %8.3f   [%.3f .. %.3f]\n", n, p / NR, b / NR, med, r[1], r[NR] }'
+    echo -n "$results" | summarize "$name"
 }
 
 # Backend CPU per transaction: the postmaster's cutime+cstime (clock ticks of children that

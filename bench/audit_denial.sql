@@ -49,23 +49,18 @@ SELECT tenancy.set_tenant('den-a', true);
 INSERT INTO results SELECT 0, 'warm-up', pg_temp.refusals('cross_tenant', 200) + pg_temp.refusals('check', 200);
 RESET ROLE;
 SELECT pg_temp.wait_drained();
-SET ROLE bench_denier;
-INSERT INTO results SELECT 1, 'check', pg_temp.refusals('check', 2000);
-INSERT INTO results SELECT 1, 'cross_tenant', pg_temp.refusals('cross_tenant', 2000);
-RESET ROLE; SELECT pg_temp.wait_drained(); SET ROLE bench_denier;
-INSERT INTO results SELECT 2, 'cross_tenant', pg_temp.refusals('cross_tenant', 2000);
-INSERT INTO results SELECT 2, 'check', pg_temp.refusals('check', 2000);
-RESET ROLE; SELECT pg_temp.wait_drained(); SET ROLE bench_denier;
-INSERT INTO results SELECT 3, 'check', pg_temp.refusals('check', 2000);
-INSERT INTO results SELECT 3, 'cross_tenant', pg_temp.refusals('cross_tenant', 2000);
-RESET ROLE; SELECT pg_temp.wait_drained(); SET ROLE bench_denier;
-INSERT INTO results SELECT 4, 'cross_tenant', pg_temp.refusals('cross_tenant', 2000);
-INSERT INTO results SELECT 4, 'check', pg_temp.refusals('check', 2000);
-RESET ROLE; SELECT pg_temp.wait_drained(); SET ROLE bench_denier;
-INSERT INTO results SELECT 5, 'check', pg_temp.refusals('check', 2000);
-INSERT INTO results SELECT 5, 'cross_tenant', pg_temp.refusals('cross_tenant', 2000);
-RESET ROLE;
-SELECT pg_temp.wait_drained();
+-- five rounds, which kind goes first alternating, the queue emptied between rounds
+SELECT stmt
+  FROM generate_series(1, 5) AS r,
+       LATERAL (SELECT CASE WHEN r % 2 = 1 THEN 'check' ELSE 'cross_tenant' END AS first,
+                       CASE WHEN r % 2 = 1 THEN 'cross_tenant' ELSE 'check' END AS second) k,
+       LATERAL unnest(ARRAY[
+           'SET ROLE bench_denier',
+           format('INSERT INTO results SELECT %s, %L, pg_temp.refusals(%L, 2000)', r, k.first, k.first),
+           format('INSERT INTO results SELECT %s, %L, pg_temp.refusals(%L, 2000)', r, k.second, k.second),
+           'RESET ROLE',
+           'SELECT pg_temp.wait_drained()']) WITH ORDINALITY AS x(stmt, n)
+ ORDER BY r, n \gexec
 \o
 \pset footer off
 SELECT kind AS "refused INSERT",

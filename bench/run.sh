@@ -4,6 +4,7 @@
 # Needs the cluster from scripts/cluster.sh (make bench starts it).
 set -euo pipefail
 cd "$(dirname "$0")"
+. ./lib.sh
 eval "$(../scripts/cluster.sh env)"
 SECS=${1:-${BENCH_SECONDS:-4}}
 ROUNDS=${BENCH_ROUNDS:-7}
@@ -29,21 +30,13 @@ tps() { # tps SCRIPT [extra env]
     echo "$out" | awk '/^tps = / {print $3; exit}'
 }
 
-pair() { # pair NAME PROTECTED BASELINE [env for protected]
-    # ROUNDS back-to-back (protected, baseline) runs. This machine's speed drifts by +-20% from
-    # one run to the next, so each round's ratio compares neighbours, and the median of the
-    # rounds' ratios is the figure; the range shows the noise.
+pair() { # pair NAME PROTECTED BASELINE [env for protected]: ROUNDS back-to-back rounds
     local name=$1 p=$2 b=$3; shift 3
     local results=""
     for _ in $(seq "$ROUNDS"); do
         results+="$(tps "$p" "$@") $(tps "$b")"$'\n'
     done
-    echo -n "$results" | awk -v n="$name" '
-        { p += $1; b += $2; r[NR] = $1 / $2 }
-        END {
-            for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
-            med = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
-            printf "%-34s %11.0f %11.0f %8.3f   [%.3f .. %.3f]\n", n, p / NR, b / NR, med, r[1], r[NR] }'
+    echo -n "$results" | summarize "$name"
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); PostgreSQL $(psql -X -qAt -d postgres -c 'SHOW server_version')"

@@ -121,6 +121,52 @@ struct Queue {
     slots: [Slot; QUEUE_CAPACITY],
 }
 
+const NO_DRAINER: Drainer = Drainer { db: 0, pid: 0, latch: std::ptr::null_mut(), registered_at: 0 };
+
+impl Queue {
+    fn slot(&self, seq: u64) -> &Slot {
+        &self.slots[(seq % QUEUE_CAPACITY as u64) as usize]
+    }
+    fn slot_mut(&mut self, seq: u64) -> &mut Slot {
+        &mut self.slots[(seq % QUEUE_CAPACITY as u64) as usize]
+    }
+    /// Drop written (or discarded) events from the front of the queue.
+    fn advance_tail(&mut self) {
+        while self.tail < self.head && self.slot(self.tail).state == FREE {
+            self.tail += 1;
+        }
+    }
+    /// Whether events of `db` are still queued or being written.
+    fn pending(&self, db: u32) -> bool {
+        (self.tail..self.head).any(|seq| {
+            let s = self.slot(seq);
+            s.state != FREE && s.db == db
+        })
+    }
+    /// Whether `db` has a writer, or one registered recently enough to be still starting.
+    fn served(&self, db: u32, now: i64) -> bool {
+        self.drainers.iter().any(|d| d.db == db && (d.pid != 0 || now - d.registered_at <= START_TIMEOUT_US))
+    }
+    /// Reserve the place of a new writer for `db`; false when one serves it already (or no
+    /// place is free). The caller then registers the worker (register_writer).
+    fn claim_writer(&mut self, db: u32, now: i64) -> bool {
+        if self.served(db, now) {
+            return false;
+        }
+        let place = match self.drainers.iter().position(|d| d.db == db) {
+            Some(i) => Some(i),
+            None => self.drainers.iter().position(|d| d.db == 0),
+        };
+        match place {
+            Some(i) => {
+                self.drainers[i] = Drainer { db, pid: 0, latch: std::ptr::null_mut(), registered_at: now };
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 const TRANCHE: &CStr = c"pg_tenancy_audit";
 const FREE: u8 = 0;
 const READY: u8 = 1;
@@ -320,13 +366,7 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
     if RECORDING.with(|r| r.replace(true)) {
         return;
     }
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            RECORDING.with(|r| r.set(false));
-        }
-    }
-    let _reset = Reset;
+    let _reset = crate::OnDrop(|| RECORDING.with(|r| r.set(false)));
     let tenant = crate::context::session_tenant_for_log();
     let attempted = attempted.map(loggable_tenant).unwrap_or_default();
     let relation = relation_name(rel);
@@ -347,7 +387,7 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
             overflow = true;
         } else {
             let seq = q.head;
-            let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
+            let s = q.slot_mut(seq);
             s.seq = seq;
             s.at = at;
             s.query_id = query_id;
@@ -366,22 +406,11 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
             q.head += 1;
             q.recorded += 1;
         }
-        // Wake the database's drain worker, or claim a place for a new one.
+        // Wake the database's writer, or reserve the place of a new one.
         let dbu: u32 = db.into();
-        let now = at;
-        match q.drainers.iter_mut().find(|d| d.db == dbu) {
-            Some(d) if d.pid != 0 => wake = Some(d.latch),
-            Some(d) if now - d.registered_at > START_TIMEOUT_US => {
-                d.registered_at = now;
-                start_worker = true;
-            }
-            Some(_) => {}
-            None => {
-                if let Some(d) = q.drainers.iter_mut().find(|d| d.db == 0) {
-                    *d = Drainer { db: dbu, pid: 0, latch: std::ptr::null_mut(), registered_at: now };
-                    start_worker = true;
-                }
-            }
+        match q.drainers.iter().find(|d| d.db == dbu && d.pid != 0) {
+            Some(d) => wake = Some(d.latch),
+            None => start_worker = q.claim_writer(dbu, at),
         }
     }
     let line = serde_json::json!({
@@ -408,25 +437,12 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
         }
     }
     if start_worker {
-        start_drainer(db);
+        register_writer(db);
     }
 }
 
-fn start_drainer(db: pg_sys::Oid) {
-    {
-        // SAFETY: reads the clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        let dbu: u32 = db.into();
-        let Some(q) = Locked::acquire() else { return };
-        let q = &mut *q.0;
-        match q.drainers.iter_mut().find(|d| d.db == dbu) {
-            Some(d) => d.registered_at = now,
-            None => match q.drainers.iter_mut().find(|d| d.db == 0) {
-                Some(d) => *d = Drainer { db: dbu, pid: 0, latch: std::ptr::null_mut(), registered_at: now },
-                None => return,
-            },
-        }
-    }
+/// Start the writer whose place was reserved with Queue::claim_writer.
+fn register_writer(db: pg_sys::Oid) {
     let ok = BackgroundWorkerBuilder::new("pg_tenancy audit writer")
         .set_type("pg_tenancy audit writer")
         .set_library("pg_tenancy")
@@ -465,7 +481,7 @@ fn take(db: u32) -> Vec<Slot> {
     let mut out = Vec::new();
     let mut seq = q.tail;
     while seq < q.head && out.len() < BATCH {
-        let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
+        let s = q.slot_mut(seq);
         if s.state == READY && s.db == db && s.seq == seq {
             s.state = TAKEN;
             s.taker = me;
@@ -479,7 +495,7 @@ fn take(db: u32) -> Vec<Slot> {
 /// Give back what this writer took and did not write (it is exiting on an error).
 fn untake(q: &mut Queue, pid: i32) {
     for seq in q.tail..q.head {
-        let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
+        let s = q.slot_mut(seq);
         if s.state == TAKEN && s.taker == pid {
             s.state = READY;
             s.taker = 0;
@@ -492,14 +508,12 @@ fn release(batch: &[Slot], written: bool) {
     let Some(q) = Locked::acquire() else { return };
     let q = &mut *q.0;
     for e in batch {
-        let s = &mut q.slots[(e.seq % QUEUE_CAPACITY as u64) as usize];
+        let s = q.slot_mut(e.seq);
         if s.seq == e.seq {
             s.state = FREE;
         }
     }
-    while q.tail < q.head && q.slots[(q.tail % QUEUE_CAPACITY as u64) as usize].state == FREE {
-        q.tail += 1;
-    }
+    q.advance_tail();
     if written {
         q.written += batch.len() as u64;
     } else {
@@ -547,6 +561,7 @@ fn write(batch: &[Slot]) -> bool {
             return false;
         }
         WRITER.with(|w| w.set(true));
+        let _reset = crate::OnDrop(|| WRITER.with(|w| w.set(false)));
         let r = Spi::run_with_args(
             INSERT_SQL,
             &[
@@ -564,7 +579,6 @@ fn write(batch: &[Slot]) -> bool {
                 seq.into(),
             ],
         );
-        WRITER.with(|w| w.set(false));
         r.unwrap_or_else(|e| pgrx::error!("pg_tenancy audit writer could not insert: {e}"));
         true
     })
@@ -625,13 +639,9 @@ pub extern "C-unwind" fn pg_tenancy_audit_writer_main(arg: pg_sys::Datum) {
             // takes, so an event queued after this point starts a new worker.
             let Some(q) = Locked::acquire() else { return };
             let q = &mut *q.0;
-            let pending = (q.tail..q.head).any(|seq| {
-                let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-                s.state != FREE && s.db == db
-            });
-            if !pending {
+            if !q.pending(db) {
                 if let Some(d) = q.drainers.iter_mut().find(|d| d.db == db && d.pid == pid) {
-                    *d = Drainer { db: 0, pid: 0, latch: std::ptr::null_mut(), registered_at: 0 };
+                    *d = NO_DRAINER;
                 }
                 return;
             }
@@ -650,7 +660,7 @@ unsafe extern "C-unwind" fn on_writer_exit(_code: c_int, arg: pg_sys::Datum) {
         let q = &mut *q.0;
         untake(q, pid);
         for d in q.drainers.iter_mut().filter(|d| d.db == db && (d.pid == pid || d.pid == 0)) {
-            *d = Drainer { db: 0, pid: 0, latch: std::ptr::null_mut(), registered_at: 0 };
+            *d = NO_DRAINER;
         }
     }
 }
@@ -666,14 +676,9 @@ fn sweep_orphans(own: u32) {
         let q = &*q.0;
         let mut dbs: Vec<u32> = Vec::new();
         for seq in q.tail..q.head {
-            let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-            if s.state == READY && s.db != own && !dbs.contains(&s.db) {
-                let served = q.drainers.iter().any(|d| {
-                    d.db == s.db && (d.pid != 0 || now - d.registered_at <= START_TIMEOUT_US)
-                });
-                if !served {
-                    dbs.push(s.db);
-                }
+            let s = q.slot(seq);
+            if s.state == READY && s.db != own && !dbs.contains(&s.db) && !q.served(s.db, now) {
+                dbs.push(s.db);
             }
         }
         dbs
@@ -689,7 +694,10 @@ fn sweep_orphans(own: u32) {
             .unwrap_or(true)
         });
         if exists {
-            start_drainer(pg_sys::Oid::from(db));
+            let claimed = Locked::acquire().is_some_and(|q| q.0.claim_writer(db, now));
+            if claimed {
+                register_writer(pg_sys::Oid::from(db));
+            }
             continue;
         }
         let n = {
@@ -697,15 +705,13 @@ fn sweep_orphans(own: u32) {
             let q = &mut *q.0;
             let mut n = 0;
             for seq in q.tail..q.head {
-                let s = &mut q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
+                let s = q.slot_mut(seq);
                 if s.state == READY && s.db == db {
                     s.state = FREE;
                     n += 1;
                 }
             }
-            while q.tail < q.head && q.slots[(q.tail % QUEUE_CAPACITY as u64) as usize].state == FREE {
-                q.tail += 1;
-            }
+            q.advance_tail();
             q.discarded += n;
             n
         };
@@ -746,12 +752,7 @@ fn audit_status() -> TableIterator<
         let here: u32 = unsafe { pg_sys::MyDatabaseId }.into();
         (
             (q.head - q.tail) as i64,
-            (q.tail..q.head)
-                .filter(|&seq| {
-                    let s = &q.slots[(seq % QUEUE_CAPACITY as u64) as usize];
-                    s.state != FREE && s.db == here
-                })
-                .count() as i64,
+            (q.tail..q.head).filter(|&seq| q.slot(seq).state != FREE && q.slot(seq).db == here).count() as i64,
             QUEUE_CAPACITY as i64,
             q.recorded as i64,
             q.written as i64,
@@ -775,13 +776,7 @@ fn prune_audit(older_than: Option<pgrx::datum::Interval>) -> i64 {
         TenancyError::Denied("only a superuser prunes the audit log").raise();
     }
     PRUNING.with(|p| p.set(true));
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            PRUNING.with(|p| p.set(false));
-        }
-    }
-    let _reset = Reset;
+    let _reset = crate::OnDrop(|| PRUNING.with(|p| p.set(false)));
     let n = Spi::get_one_with_args::<i64>(
         "WITH d AS (DELETE FROM tenancy.audit_log WHERE at OPERATOR(pg_catalog.<) \
                     (pg_catalog.now() OPERATOR(pg_catalog.-) $1) RETURNING 1) \
@@ -872,10 +867,10 @@ mod tests {
     #[pg_test]
     fn sqlstates_are_spelled_out() {
         use crate::error::TenancyError;
-        assert_eq!(crate::context::sqlstate_text(&TenancyError::NoContext), "28000");
-        assert_eq!(crate::context::sqlstate_text(&TenancyError::NotPermitted), "42501");
-        assert_eq!(crate::context::sqlstate_text(&TenancyError::ReadOnly), "25006");
-        assert_eq!(crate::context::sqlstate_text(&TenancyError::CiphertextInvalid), "22000");
+        assert_eq!(TenancyError::NoContext.sqlstate_text(), "28000");
+        assert_eq!(TenancyError::NotPermitted.sqlstate_text(), "42501");
+        assert_eq!(TenancyError::ReadOnly.sqlstate_text(), "25006");
+        assert_eq!(TenancyError::CiphertextInvalid.sqlstate_text(), "22000");
     }
 
     #[pg_test]

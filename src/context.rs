@@ -267,16 +267,9 @@ fn refused(e: &TenancyError, raw: &str) {
         crate::audit::Event::ForbiddenTenant,
         pg_sys::InvalidOid,
         attempted.as_deref(),
-        &sqlstate_text(e),
+        &e.sqlstate_text(),
         detail,
     );
-}
-
-/// The five-character SQLSTATE of an error, for the audit log.
-pub fn sqlstate_text(e: &TenancyError) -> String {
-    let code = e.sqlstate() as i32;
-    // PostgreSQL packs each of the five characters into 6 bits (MAKE_SQLSTATE).
-    (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
 }
 
 /// The session's tenant as it may appear in the audit log: a plain id, or the tenant of a
@@ -452,7 +445,7 @@ fn writable_tenant() -> String {
             crate::audit::Event::ReadOnlyWrite,
             crate::hooks::last_write_target(),
             None,
-            &sqlstate_text(e),
+            &e.sqlstate_text(),
             if *e == TenancyError::ReadOnly { "write to a read_only tenant" } else { "write with a read-scope grant" },
         );
     }

@@ -85,6 +85,13 @@ impl TenancyError {
         }
     }
 
+    /// The five-character SQLSTATE, for the audit log.
+    pub fn sqlstate_text(&self) -> String {
+        let code = self.sqlstate() as i32;
+        // PostgreSQL packs each of the five characters into 6 bits (MAKE_SQLSTATE).
+        (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+    }
+
     pub fn detail(&self) -> Option<String> {
         match self {
             TenancyError::Token(e) => Some(e.to_string()),

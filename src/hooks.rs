@@ -88,7 +88,7 @@ pub fn last_write_target() -> pg_sys::Oid {
 fn load_protected() -> HashMap<pg_sys::Oid, i16> {
     // The queries below pass through check_perms themselves.
     LOADING.with(|l| l.set(true));
-    let _reset = scopeguard(|| LOADING.with(|l| l.set(false)));
+    let _reset = crate::OnDrop(|| LOADING.with(|l| l.set(false)));
     // SAFETY: syscache lookup by name; no extension schema means nothing is protected here.
     let installed = unsafe { pg_sys::get_namespace_oid(c"tenancy".as_ptr(), true) } != pg_sys::InvalidOid
         && catalog::ids().is_ok();
@@ -123,15 +123,6 @@ fn load_protected() -> HashMap<pg_sys::Oid, i16> {
     map
 }
 
-struct Guard<F: FnMut()>(F);
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
-}
 
 /// The tenant column's attribute number when `rel` is protected.
 fn protected(rel: pg_sys::Oid) -> Option<i16> {
@@ -321,9 +312,14 @@ impl Probe<'_> {
     }
 
     unsafe fn target(&self, scanrelid: u32) -> Option<Target> {
-        // SAFETY: scanrelid indexes the statement's range table (1-based).
-        let rtes = unsafe { list_ptrs(self.rtable) };
-        let rte = *rtes.get(scanrelid as usize - 1)? as *const pg_sys::RangeTblEntry;
+        // SAFETY: scanrelid indexes the statement's range table (1-based), checked against its
+        // length.
+        let rte = unsafe {
+            if self.rtable.is_null() || scanrelid as usize > (*self.rtable).length as usize {
+                return None;
+            }
+            (*(*self.rtable).elements.add(scanrelid as usize - 1)).ptr_value as *const pg_sys::RangeTblEntry
+        };
         // SAFETY: a RangeTblEntry of this statement.
         let rel = unsafe { (*rte).relid };
         let attno = protected(rel)?;

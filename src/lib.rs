@@ -31,6 +31,16 @@ pub mod token;
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
+/// Runs its closure when dropped, also while unwinding from a PostgreSQL error: for backend
+/// flags that must not outlive the call that set them.
+pub(crate) struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();

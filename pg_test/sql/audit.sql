@@ -116,7 +116,7 @@ SELECT tenancy.prune_audit('1 day');
 RESET ROLE;
 SET ROLE regress_aud_reader;
 SELECT count(*) > 0 AS auditor_reads FROM tenancy.audit_log WHERE id > :start;
-SELECT capacity, overflowed >= 0 AS counted FROM tenancy.audit_status();
+SELECT capacity, written > 0 AS writes_counted FROM tenancy.audit_status();
 UPDATE tenancy.audit_log SET detail = 'x' WHERE id > :start;
 RESET ROLE;
 -- nobody changes it, superusers included; only prune_audit removes rows
