@@ -52,11 +52,8 @@ echo "server side only (PL/pgSQL loop, COMMIT per iteration, no network; bench/s
 psql -X -q -U bench_app -d "$DB" -f server_side.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
 
 echo
-echo "encryption (bench/crypto.sql; best of 3 per line):"
-KEY=${PGT_ROOT:-/tmp/pg_tenancy}/bench-master-key
-[ -s "$KEY" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY"
-chown postgres:postgres "$KEY" && chmod 600 "$KEY"
-PGOPTIONS="-c pg_tenancy.master_key_file=$KEY" psql -X -q -d "$DB" -v rows4k="${BENCH_CRYPTO_4K_ROWS:-1000000}" -f crypto.sql
+echo "encryption (bench/crypto.sh; best of 3 per line):"
+bash ./crypto.sh
 
 echo
 bash ./audit.sh

@@ -635,6 +635,7 @@ GRANT EXECUTE ON FUNCTION
     tenancy.key_version(bytea),
     tenancy.blind_index(text, text),
     tenancy.active_key_version(),
+    tenancy.cipher_implementation(),
     tenancy.reencrypt(regclass, name, text, integer),
     tenancy._write_denied(text)
 TO PUBLIC;

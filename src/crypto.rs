@@ -13,8 +13,8 @@
 //! Ciphertext v1: `01 | 01 (AES-256-GCM) | key version (u32 BE) | nonce (12) | ct | tag (16)`.
 //! The associated data is the 6 header bytes, the tenant id and the caller's context, so a
 //! ciphertext copied to another tenant, column or row does not decrypt.
-use aes_gcm::aead::{Aead, AeadInPlace, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use hmac::{Hmac, Mac};
 use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
@@ -32,8 +32,7 @@ const ALG_AES_256_GCM: u8 = 1;
 /// format, algorithm, key version (4 bytes), key id (8 bytes: identifies the key, not the tenant)
 const HEADER_LEN: usize = 14;
 const KEY_ID_LEN: usize = 8;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
+use crate::gcm::{Gcm, NONCE_LEN, TAG_LEN};
 
 type Key = Zeroizing<[u8; 32]>;
 
@@ -66,7 +65,8 @@ thread_local! {
     static ACTIVE: RefCell<HashMap<(String, Kind), i32>> = RefCell::new(HashMap::new());
     /// Ready AES-GCM instances (expanded key schedules, zeroized on drop) by (tenant, version):
     /// expanding the key on every call cost ~15% of a 100-byte encryption (bench/README.md).
-    static CIPHERS: RefCell<HashMap<(String, i32), std::rc::Rc<Cipher>>> = RefCell::new(HashMap::new());
+    /// (Keyed by tenant, then version, so that a lookup borrows the tenant instead of copying it.)
+    static CIPHERS: RefCell<HashMap<String, HashMap<i32, std::rc::Rc<Cipher>>>> = RefCell::new(HashMap::new());
     /// OS random bytes, fetched 4 KiB at a time: one getrandom() call per 12-byte nonce cost more
     /// than the encryption of 100 bytes. Nonces are not secret; they only must not repeat.
     static NONCES: RefCell<(Box<[u8; 4096]>, usize)> = RefCell::new((Box::new([0u8; 4096]), 4096));
@@ -138,11 +138,11 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     })
 }
 
-/// A ready data key: the AES-GCM instance and the key's public id, written into each
+/// A ready data key: the AES-GCM key schedule and the key's public id, written into each
 /// ciphertext's header so that a ciphertext of another tenant (another key) is told apart from
 /// one that was altered, and reported.
 pub struct Cipher {
-    aead: Aes256Gcm,
+    gcm: Gcm,
     id: [u8; KEY_ID_LEN],
 }
 
@@ -161,16 +161,16 @@ fn cipher_for(tenant: &str, version: Option<i32>, create: bool) -> Result<(i32, 
         Some(v) => v,
         None => key_for(tenant, Kind::Data, None, create)?.0,
     };
-    if let Some(c) = CIPHERS.with(|c| c.borrow().get(&(tenant.to_string(), version)).cloned()) {
+    if let Some(c) = CIPHERS.with(|c| c.borrow().get(tenant).and_then(|v| v.get(&version)).cloned()) {
         return Ok((version, c));
     }
     let (_, key) = key_for(tenant, Kind::Data, Some(version), false)?;
     let key = Zeroizing::new(key);
     let cipher = std::rc::Rc::new(Cipher {
-        aead: Aes256Gcm::new_from_slice(&key[..]).expect("32-byte key"),
+        gcm: Gcm::new(&key),
         id: key_id(&key[..]),
     });
-    CIPHERS.with(|c| c.borrow_mut().insert((tenant.to_string(), version), cipher.clone()));
+    CIPHERS.with(|c| c.borrow_mut().entry(tenant.to_string()).or_default().insert(version, cipher.clone()));
     Ok((version, cipher))
 }
 
@@ -479,36 +479,50 @@ fn key_for(tenant: &str, kind: Kind, version: Option<i32>, create: bool) -> Resu
     Ok((version, out))
 }
 
-fn aad(header: &[u8], tenant: &str, context: &str) -> Vec<u8> {
-    let mut a = Vec::with_capacity(header.len() + tenant.len() + context.len() + 2);
-    a.extend_from_slice(header);
-    a.extend_from_slice(tenant.as_bytes());
-    a.push(0);
-    a.extend_from_slice(context.as_bytes());
-    a
+/// Calls `f` with the associated data of a ciphertext: its header, the tenant, a NUL, the
+/// caller's context (on the stack when it fits, as it nearly always does).
+fn with_aad<R>(header: &[u8], tenant: &str, context: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+    let len = header.len() + tenant.len() + 1 + context.len();
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let a: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let (h, rest) = a.split_at_mut(header.len());
+    h.copy_from_slice(header);
+    let (t, rest) = rest.split_at_mut(tenant.len());
+    t.copy_from_slice(tenant.as_bytes());
+    rest[0] = 0;
+    rest[1..].copy_from_slice(context.as_bytes());
+    f(a)
 }
 
-fn encrypt_bytes(plain: &[u8], context: &str) -> Result<Vec<u8>> {
+/// The ciphertext of `plain`, built in place in a bytea: header, nonce, ciphertext, tag.
+fn encrypt_bytes(plain: &[u8], context: &str) -> Result<ByteaOut> {
     let tenant = context::with_context(|v| v.tenant.clone())?;
     let (version, cipher) = cipher_for(&tenant, None, true)?;
     let nonce = random_nonce();
-    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
-    out.extend_from_slice(&[FORMAT_V1, ALG_AES_256_GCM]);
-    out.extend_from_slice(&(version as u32).to_be_bytes());
-    out.extend_from_slice(&cipher.id);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(plain);
-    let aad = aad(&out[..HEADER_LEN], &tenant, context);
-    let tag = cipher
-        .aead
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN + NONCE_LEN..])
-        .map_err(|_| TenancyError::CiphertextInvalid)?;
-    out.extend_from_slice(&tag);
+    let mut value = ByteaOut::alloc(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
+    let out = value.as_mut();
+    let (header, rest) = out.split_at_mut(HEADER_LEN);
+    header[..2].copy_from_slice(&[FORMAT_V1, ALG_AES_256_GCM]);
+    header[2..6].copy_from_slice(&(version as u32).to_be_bytes());
+    header[6..].copy_from_slice(&cipher.id);
+    let (n, rest) = rest.split_at_mut(NONCE_LEN);
+    n.copy_from_slice(&nonce);
+    let (body, tag) = rest.split_at_mut(plain.len());
+    body.copy_from_slice(plain);
+    tag.copy_from_slice(&with_aad(header, &tenant, context, |aad| cipher.gcm.seal(&nonce, aad, body)));
     note_encryption(&tenant, version)?;
-    Ok(out)
+    Ok(value)
 }
 
-fn decrypt_bytes(ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
+/// Decrypt into a plaintext buffer made by `out` for the plaintext length (a Vec, or PostgreSQL
+/// memory for a value returned as is). On any failure the buffer holds no plaintext.
+fn decrypt_with<B: AsMut<[u8]>>(ciphertext: &[u8], context: &str, out: impl FnOnce(usize) -> B) -> Result<B> {
     if ciphertext.len() < HEADER_LEN + NONCE_LEN + TAG_LEN
         || ciphertext[0] != FORMAT_V1
         || ciphertext[1] != ALG_AES_256_GCM
@@ -533,46 +547,125 @@ fn decrypt_bytes(ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
         }
         Err(e) => return Err(e),
     };
-    let nonce = &ciphertext[HEADER_LEN..HEADER_LEN + NONCE_LEN];
+    let nonce: &[u8; NONCE_LEN] = ciphertext[HEADER_LEN..HEADER_LEN + NONCE_LEN].try_into().expect("nonce");
     let (body, tag) = ciphertext[HEADER_LEN + NONCE_LEN..].split_at(ciphertext.len() - HEADER_LEN - NONCE_LEN - TAG_LEN);
-    let mut plain = body.to_vec();
-    let aad = aad(&ciphertext[..HEADER_LEN], &tenant, context);
-    cipher
-        .aead
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, &mut plain, Tag::from_slice(tag))
-        .map_err(|_| TenancyError::CiphertextInvalid)?;
+    let mut plain = out(body.len());
+    with_aad(&ciphertext[..HEADER_LEN], &tenant, context, |aad| {
+        cipher.gcm.open_to(nonce, aad, body, tag.try_into().expect("tag"), plain.as_mut())
+    })
+    .map_err(|_| TenancyError::CiphertextInvalid)?;
     Ok(plain)
+}
+
+fn decrypt_bytes(ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
+    decrypt_with(ciphertext, context, |n| vec![0u8; n])
+}
+
+/// A varlena allocated with palloc in the current memory context and filled in place, returned
+/// to PostgreSQL as is: decrypted values are not copied from Rust memory into a Datum.
+struct Varlena(std::ptr::NonNull<pg_sys::varlena>);
+
+impl Varlena {
+    fn alloc(len: usize) -> Self {
+        let total = len.checked_add(pg_sys::VARHDRSZ).filter(|&t| t <= 0x3fff_ffff).expect("value under 1 GB");
+        // SAFETY: palloc returns at least `total` bytes or raises; the header is set before use.
+        unsafe {
+            let p = pg_sys::palloc(total) as *mut pg_sys::varlena;
+            pgrx::set_varsize_4b(p, total as i32);
+            Varlena(std::ptr::NonNull::new_unchecked(p))
+        }
+    }
+
+    fn data(&mut self) -> &mut [u8] {
+        // SAFETY: a 4-byte-header varlena made by `alloc`, its data right after the header.
+        unsafe {
+            let p = self.0.as_ptr();
+            let len = pgrx::varsize_4b(p) - pg_sys::VARHDRSZ;
+            std::slice::from_raw_parts_mut((p as *mut u8).add(pg_sys::VARHDRSZ), len)
+        }
+    }
+}
+
+macro_rules! varlena_return {
+    ($name:ident, $oid:expr) => {
+        /// See [`Varlena`].
+        pub struct $name(Varlena);
+
+        impl $name {
+            fn alloc(len: usize) -> Self {
+                $name(Varlena::alloc(len))
+            }
+        }
+
+        impl AsMut<[u8]> for $name {
+            fn as_mut(&mut self) -> &mut [u8] {
+                self.0.data()
+            }
+        }
+
+        impl IntoDatum for $name {
+            fn into_datum(self) -> Option<pg_sys::Datum> {
+                Some(pg_sys::Datum::from((self.0).0.as_ptr()))
+            }
+            fn type_oid() -> pg_sys::Oid {
+                $oid
+            }
+        }
+
+        // SAFETY: the Datum is a palloc'd varlena of the declared SQL type, returned non-null.
+        unsafe impl pgrx::callconv::BoxRet for $name {
+            unsafe fn box_into<'fcx>(self, fcinfo: &mut pgrx::callconv::FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
+                let datum = pg_sys::Datum::from((self.0).0.as_ptr());
+                // SAFETY: see above.
+                unsafe { fcinfo.return_raw_datum(datum) }
+            }
+        }
+    };
+}
+
+varlena_return!(ByteaOut, pg_sys::BYTEAOID);
+varlena_return!(TextOut, pg_sys::TEXTOID);
+
+/// (In a module of their own: the macro names `Result`, which this file's scope redefines.)
+mod sql_types {
+    use super::{ByteaOut, TextOut};
+    pgrx::impl_sql_translatable!(ByteaOut, "bytea");
+    pgrx::impl_sql_translatable!(TextOut, "text");
 }
 
 /// Encrypt with the current tenant's active key, bound to the tenant and `context`.
 #[pg_extern(volatile, parallel_unsafe)]
-fn encrypt(data: Option<&[u8]>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+fn encrypt(data: Option<&[u8]>, context: default!(&str, "''")) -> Option<ByteaOut> {
     data.map(|d| encrypt_bytes(d, context).or_raise())
 }
 
 #[pg_extern(volatile, parallel_unsafe, name = "encrypt")]
-fn encrypt_text(data: Option<&str>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+fn encrypt_text(data: Option<&str>, context: default!(&str, "''")) -> Option<ByteaOut> {
     data.map(|d| encrypt_bytes(d.as_bytes(), context).or_raise())
 }
 
 /// Decrypt a ciphertext of the current tenant made with the same `context`.
 #[pg_extern(stable, parallel_unsafe)]
-fn decrypt(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<Vec<u8>> {
-    ciphertext.map(|c| decrypt_bytes(c, context).or_raise())
+fn decrypt(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<ByteaOut> {
+    ciphertext.map(|c| decrypt_with(c, context, ByteaOut::alloc).or_raise())
 }
 
 #[pg_extern(stable, parallel_unsafe)]
-fn decrypt_text(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<String> {
+fn decrypt_text(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<TextOut> {
     ciphertext.map(|c| {
-        String::from_utf8(decrypt_bytes(c, context).or_raise())
-            .map_err(|_| TenancyError::CiphertextMalformed)
-            .or_raise()
+        let mut text = decrypt_with(c, context, TextOut::alloc).or_raise();
+        let plain = text.as_mut();
+        if std::str::from_utf8(plain).is_err() {
+            zeroize::Zeroize::zeroize(plain);
+            TenancyError::CiphertextMalformed.raise();
+        }
+        text
     })
 }
 
 /// Re-encrypt under the tenant's newest key version.
 #[pg_extern(volatile, parallel_unsafe)]
-fn rewrap(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<Vec<u8>> {
+fn rewrap(ciphertext: Option<&[u8]>, context: default!(&str, "''")) -> Option<ByteaOut> {
     ciphertext.map(|c| {
         let plain = Zeroizing::new(decrypt_bytes(c, context).or_raise());
         encrypt_bytes(&plain, context).or_raise()
@@ -700,6 +793,13 @@ fn blind_index(value: Option<&str>, context: default!(&str, "''")) -> Option<Vec
         mac.update(v.as_bytes());
         mac.finalize().into_bytes().to_vec()
     })
+}
+
+/// The AES-256-GCM code this server's CPU runs: AES-NI with 256-bit VAES/VPCLMULQDQ, AES-NI with
+/// PCLMULQDQ, or the portable RustCrypto implementation. Same ciphertexts whichever.
+#[pg_extern(stable, parallel_safe)]
+fn cipher_implementation() -> &'static str {
+    crate::gcm::Gcm::implementation()
 }
 
 /// The identity of the configured master key (a hash; never the key).

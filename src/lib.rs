@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod context;
 pub mod crypto;
 pub mod error;
+pub mod gcm;
 pub mod grants;
 pub mod gucs;
 pub mod hooks;
