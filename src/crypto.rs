@@ -504,8 +504,12 @@ fn with_aad<R>(header: &[u8], tenant: &str, context: &str, f: impl FnOnce(&[u8])
 fn encrypt_bytes(plain: &[u8], context: &str) -> Result<ByteaOut> {
     let tenant = context::with_context(|v| v.tenant.clone())?;
     let (version, cipher) = cipher_for(&tenant, None, true)?;
+    let len = HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN;
+    if len > MAX_VALUE {
+        return Err(TenancyError::ValueTooLarge);
+    }
     let nonce = random_nonce();
-    let mut value = ByteaOut::alloc(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
+    let mut value = ByteaOut::alloc(len);
     let out = value.as_mut();
     let (header, rest) = out.split_at_mut(HEADER_LEN);
     header[..2].copy_from_slice(&[FORMAT_V1, ALG_AES_256_GCM]);
@@ -565,7 +569,12 @@ fn decrypt_bytes(ciphertext: &[u8], context: &str) -> Result<Vec<u8>> {
 /// to PostgreSQL as is: decrypted values are not copied from Rust memory into a Datum.
 struct Varlena(std::ptr::NonNull<pg_sys::varlena>);
 
+/// The largest bytea or text value (MaxAllocSize minus the header).
+const MAX_VALUE: usize = 0x3fff_ffff - pg_sys::VARHDRSZ;
+
 impl Varlena {
+    /// `len` is at most MAX_VALUE: a plaintext is shorter than the ciphertext it came from, and
+    /// `encrypt_bytes` checks its result's length first.
     fn alloc(len: usize) -> Self {
         let total = len.checked_add(pg_sys::VARHDRSZ).filter(|&t| t <= 0x3fff_ffff).expect("value under 1 GB");
         // SAFETY: palloc returns at least `total` bytes or raises; the header is set before use.

@@ -54,6 +54,8 @@ pub enum TenancyError {
     PreloadRequired,
     #[error("the audit log is append-only")]
     AuditAppendOnly,
+    #[error("value too large to encrypt")]
+    ValueTooLarge,
 }
 
 impl TenancyError {
@@ -82,6 +84,7 @@ impl TenancyError {
             TenancyError::KeysDestroyed => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::PreloadRequired => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::AuditAppendOnly => ERRCODE_INSUFFICIENT_PRIVILEGE,           // 42501
+            TenancyError::ValueTooLarge => ERRCODE_PROGRAM_LIMIT_EXCEEDED,             // 54000
         }
     }
 
@@ -152,6 +155,9 @@ impl TenancyError {
             TenancyError::KeysDestroyed => "The tenant was crypto-shredded with tenancy.shred(); its ciphertexts are gone for good.",
             TenancyError::PreloadRequired => {
                 "Add pg_tenancy to shared_preload_libraries in postgresql.conf and restart the server."
+            }
+            TenancyError::ValueTooLarge => {
+                "A ciphertext is 42 bytes longer than its plaintext and must fit in a bytea (1 GB); store larger objects in parts."
             }
             TenancyError::AuditAppendOnly => {
                 "Rows are only added by pg_tenancy and only removed by tenancy.prune_audit(older_than). \

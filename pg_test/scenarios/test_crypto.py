@@ -120,6 +120,8 @@ def test_crypto_sqlstates(su):
         a.commit()
     assert sqlstate_of(a, "SELECT tenancy.decrypt(%s, 'other')", ct) == "22000"
     assert sqlstate_of(a, "SELECT tenancy.decrypt('\\x0102'::bytea)") == "22P03"
+    # a value within 42 bytes of bytea's 1 GB limit cannot have a ciphertext: a clear error, no crash
+    assert sqlstate_of(a, "SELECT tenancy.encrypt(repeat('x', 1073741800))") == "54000"
     b = app_in("t008")
     assert sqlstate_of(b, "SELECT tenancy.decrypt(%s, 'c')", ct) == "22000"
     assert sqlstate_of(b, "SELECT tenancy.shred('t008', 't008')") == "42501"
