@@ -87,7 +87,8 @@ BEGIN;
 SELECT tenancy.set_tenant('acme');
 SELECT tenancy.encrypt('4111 1111 1111 1111', 'orders.card:1') AS card \gset
 SELECT length(:'card'::bytea) AS ciphertext_bytes, tenancy.key_version(:'card') AS key_version,
-       tenancy.decrypt_text(:'card', 'orders.card:1') AS decrypted_by_acme;
+       tenancy.decrypt_text(:'card', 'orders.card:1') AS decrypted_by_acme,
+       tenancy.cipher_implementation() AS aes_gcm_code;
 COMMIT;
 \echo '-- the same ciphertext is refused to another tenant, and to another row:'
 BEGIN;
