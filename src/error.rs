@@ -56,6 +56,8 @@ pub enum TenancyError {
     AuditAppendOnly,
     #[error("value too large to encrypt")]
     ValueTooLarge,
+    #[error("cursor was declared in another tenant context")]
+    ForeignCursor,
 }
 
 impl TenancyError {
@@ -85,6 +87,7 @@ impl TenancyError {
             TenancyError::PreloadRequired => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::AuditAppendOnly => ERRCODE_INSUFFICIENT_PRIVILEGE,           // 42501
             TenancyError::ValueTooLarge => ERRCODE_PROGRAM_LIMIT_EXCEEDED,             // 54000
+            TenancyError::ForeignCursor => ERRCODE_INSUFFICIENT_PRIVILEGE,             // 42501
         }
     }
 
@@ -155,6 +158,9 @@ impl TenancyError {
             TenancyError::KeysDestroyed => "The tenant was crypto-shredded with tenancy.shred(); its ciphertexts are gone for good.",
             TenancyError::PreloadRequired => {
                 "Add pg_tenancy to shared_preload_libraries in postgresql.conf and restart the server."
+            }
+            TenancyError::ForeignCursor => {
+                "A WITH HOLD cursor over a protected table is readable only in the tenant context that declared it. Set that context again, or CLOSE the cursor (DISCARD ALL closes them all) before the connection serves another tenant."
             }
             TenancyError::ValueTooLarge => {
                 "A ciphertext is 42 bytes longer than its plaintext and must fit in a bytea (1 GB); store larger objects in parts."

@@ -77,7 +77,7 @@ against the role's tenant grants and, for tokens, the signature and expiry.",
             GucContext::Userset,
             GucFlags::NO_SHOW_ALL | GucFlags::DISALLOW_IN_FILE | GucFlags::DISALLOW_IN_AUTO_FILE,
             Some(crate::context::check_tenant_guc),
-            None,
+            Some(crate::cursors::on_tenant_assign),
             None,
         );
     }

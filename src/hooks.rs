@@ -15,6 +15,9 @@
 //! `policy_tamper` before PostgreSQL refuses it for want of ownership. (Owners and superusers
 //! reach the guard's event triggers, which refuse and record it themselves.)
 //!
+//! The same hook runs `cursors::before_fetch` before a FETCH/MOVE and `cursors::declared` after a
+//! DECLARE (held cursors follow their tenant context; see `cursors`).
+//!
 //! `ExecutorStart_hook`: after the plan is ready, a statement on a protected table whose
 //! filters compare the tenant column with a constant or a parameter naming another tenant is
 //! recorded as `cross_tenant_probe` (it returns nothing, but it is a probe). Statements that
@@ -133,6 +136,15 @@ fn protected(rel: pg_sys::Oid) -> Option<i16> {
     }
 }
 
+/// A protected table in a range table, if any.
+///
+/// # Safety
+/// `range_table` is a valid range table (List of RangeTblEntry) or NULL.
+pub(crate) unsafe fn first_protected(range_table: *mut pg_sys::List) -> Option<pg_sys::Oid> {
+    // SAFETY: see above.
+    unsafe { relations(range_table) }.map(|rte| rte.relid).find(|&rel| protected(rel).is_some())
+}
+
 /// Every RTE_RELATION entry of a range table.
 unsafe fn relations(range_table: *mut pg_sys::List) -> impl Iterator<Item = &'static pg_sys::RangeTblEntry> {
     let len = if range_table.is_null() { 0 } else { (unsafe { (*range_table).length }) as usize };
@@ -236,7 +248,7 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
     }
 }
 
-unsafe fn list_ptrs(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
+pub(crate) unsafe fn list_ptrs(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
     if list.is_null() {
         return Vec::new();
     }
@@ -567,10 +579,14 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     // SAFETY: pstmt is the utility statement PostgreSQL is about to run.
     unsafe {
-        if let Some((rel, what)) = weakening_target((*pstmt).utilityStmt) {
+        let node = (*pstmt).utilityStmt;
+        if let Some((rel, what)) = weakening_target(node) {
             if !pg_sys::pg_class_ownercheck(rel, pg_sys::GetUserId()) {
                 audit::record(Event::PolicyTamper, rel, None, "42501", what);
             }
+        }
+        if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_FetchStmt {
+            crate::cursors::before_fetch(node as *mut pg_sys::FetchStmt);
         }
         match PREV_PROCESS_UTILITY {
             Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -586,6 +602,9 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 qc,
             ),
+        }
+        if !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_DeclareCursorStmt {
+            crate::cursors::declared(node as *mut pg_sys::DeclareCursorStmt);
         }
     }
 }

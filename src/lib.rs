@@ -17,6 +17,7 @@ pub mod audit;
 pub mod catalog;
 pub mod context;
 pub mod crypto;
+pub mod cursors;
 pub mod error;
 pub mod gcm;
 pub mod grants;

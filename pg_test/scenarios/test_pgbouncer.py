@@ -114,3 +114,38 @@ def test_session_scope_is_cleared_by_reset_query(database):
     run(conn, "DISCARD ALL")
     assert run(conn, "SELECT tenancy.has_tenant()") == [(False,)]
     conn.close()
+
+
+def test_held_cursor_left_on_a_pooled_connection(bouncer, database):
+    """A client leaves a WITH HOLD cursor of tenant A on a transaction-pooled server connection
+    (no reset between clients); the next clients, through pgbouncer, never read its rows."""
+    su = connect()
+    run(su, "CREATE TABLE IF NOT EXISTS app.pooled (tenant_id text NOT NULL DEFAULT tenancy.current_tenant(), "
+            "id int, secret text, PRIMARY KEY (tenant_id, id))")
+    run(su, f"GRANT SELECT, INSERT ON app.pooled TO {APP}")
+    run(su, "SELECT count(*) FROM tenancy.protect('app.pooled')")
+    su.close()
+    a = psycopg2.connect(host="127.0.0.1", port=bouncer, user=APP, dbname=DB)
+    a.autocommit = True
+    run(a, "BEGIN; SELECT tenancy.set_tenant(%s); "
+           "INSERT INTO app.pooled (id, secret) SELECT i, 'a-secret' FROM generate_series(1, 20) i ON CONFLICT DO NOTHING; "
+           "DECLARE left_behind CURSOR WITH HOLD FOR SELECT secret FROM app.pooled; COMMIT", TENANTS[0])
+    a.close()
+    refused = {}
+    for i in range(20):
+        b = psycopg2.connect(host="127.0.0.1", port=bouncer, user=APP, dbname=DB)
+        b.autocommit = True
+        try:
+            # another tenant's transaction, and a client with no context at all
+            sql = ("BEGIN; SELECT tenancy.set_tenant(%s); FETCH ALL FROM left_behind; COMMIT" if i % 2
+                   else "FETCH ALL FROM left_behind")
+            with b.cursor() as cur:
+                cur.execute(sql, (TENANTS[1],) if i % 2 else None)
+                raise AssertionError(f"another client fetched the held cursor: {cur.fetchall()!r}")
+        except psycopg2.Error as e:
+            refused[e.pgcode] = refused.get(e.pgcode, 0) + 1
+        finally:
+            b.close()
+    # 42501 on the connection that holds the cursor, 34000 (no such cursor) on the others
+    assert set(refused) <= {"42501", "34000"}, refused
+    assert refused.get("42501", 0) > 0, refused

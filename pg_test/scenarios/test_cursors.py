@@ -1,0 +1,122 @@
+"""WITH HOLD cursors over protected tables follow the tenant context that declared them. On a
+pooled connection handed to another client without a reset, the next tenant cannot read the
+rows waiting in such a cursor: not by FETCH or MOVE, not by PL/pgSQL in a DO block, not with no
+context at all; the declaring context reads them again, and the attempt is in the denial log."""
+import time
+
+import psycopg2
+
+from conftest import APP, TENANTS, connect, run, sqlstate_of
+
+A, B = TENANTS[0], TENANTS[1]
+
+
+def setup_table(su):
+    run(su, "CREATE TABLE IF NOT EXISTS app.held (tenant_id text NOT NULL DEFAULT tenancy.current_tenant(), "
+            "id int, secret text, PRIMARY KEY (tenant_id, id))")
+    run(su, f"GRANT SELECT, INSERT ON app.held TO {APP}")
+    run(su, "SELECT count(*) FROM tenancy.protect('app.held')")
+    app = connect(user=APP)
+    for t in (A, B):
+        run(app, "BEGIN; SELECT tenancy.set_tenant(%s); "
+                 "INSERT INTO app.held (id, secret) SELECT i, %s || '-secret-' || i FROM generate_series(1, 50) i "
+                 "ON CONFLICT DO NOTHING; COMMIT", t, t)
+    app.close()
+
+
+def test_held_cursor_is_readable_only_in_its_context(su):
+    setup_table(su)
+    since = run(su, "SELECT coalesce(max(id), 0) FROM tenancy.audit_log")[0][0]
+    conn = connect(user=APP)  # one server connection, as a pooler would hand it on
+    try:
+        # client 1, tenant A, transaction-scoped context (what transaction pooling needs)
+        run(conn, "BEGIN; SELECT tenancy.set_tenant(%s); "
+                  "DECLARE leak CURSOR WITH HOLD FOR SELECT tenant_id, secret FROM app.held ORDER BY id; "
+                  "COMMIT", A)
+        # client 2 on the same connection, no reset in between
+        assert sqlstate_of(conn, "FETCH ALL FROM leak") == "42501"  # no context
+        assert sqlstate_of(conn, "MOVE 1 IN leak") == "42501"
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", B)  # session context of another tenant
+        assert sqlstate_of(conn, "FETCH ALL FROM leak") == "42501"
+        # PL/pgSQL fetches through SPI, past the FETCH statement: the portal itself refuses
+        assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'leak'; r record; "
+                                 "BEGIN FETCH c INTO r; RAISE NOTICE '%', r; END $$") == "55000"
+        with conn.cursor() as cur:  # a token-less reset and a fresh B transaction: still refused
+            cur.execute("SELECT tenancy.reset_tenant()")
+        assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'leak'; r record; "
+                                 "BEGIN FETCH c INTO r; END $$") == "55000"
+        # client 1 comes back with its context: the cursor reads, its own rows only, none skipped
+        rows = run(conn, "BEGIN; SELECT tenancy.set_tenant(%s); FETCH ALL FROM leak", A)
+        run(conn, "COMMIT")
+        assert len(rows) == 50 and {t for t, _ in rows} == {A}
+        # and after that transaction ends it is locked again
+        assert sqlstate_of(conn, "FETCH ALL FROM leak") == "42501"
+        # the attempts are in the denial log, with the cursor's tenant as the attempted one
+        deadline = time.time() + 10
+        seen = 0
+        while time.time() < deadline:
+            seen = run(su, "SELECT count(*) FROM tenancy.audit_log WHERE id > %s AND event = 'cross_tenant_probe' "
+                           "AND attempted_tenant = %s AND relation = 'app.held' AND detail LIKE 'fetch from a held cursor%%'",
+                       since, A)[0][0]
+            if seen >= 4:
+                break
+            time.sleep(0.05)
+        assert seen == 4
+        # DISCARD ALL (a pooler's reset) closes it for good
+        run(conn, "DISCARD ALL")
+        assert sqlstate_of(conn, "FETCH ALL FROM leak") == "34000"
+    finally:
+        conn.close()
+
+
+def test_held_cursor_in_session_context_and_cursors_not_tracked(su):
+    setup_table(su)
+    conn = connect(user=APP)
+    try:
+        # a session-level context (a connection of its own): the held cursor keeps working
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", A)
+        run(conn, "BEGIN; DECLARE mine CURSOR WITH HOLD FOR SELECT secret FROM app.held ORDER BY id; COMMIT")
+        assert len(run(conn, "FETCH 10 FROM mine")) == 10
+        assert len(run(conn, "FETCH ALL FROM mine")) == 40
+        # switching tenant locks it; switching back unlocks it
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", B)
+        assert sqlstate_of(conn, "FETCH ABSOLUTE 1 FROM mine") == "42501"
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", A)
+        run(conn, "CLOSE mine")
+        # a held cursor over no protected table is not tracked; a cursor reusing the name is new
+        run(conn, "BEGIN; DECLARE mine CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g; COMMIT")
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", B)
+        assert [r[0] for r in run(conn, "FETCH ALL FROM mine")] == [1, 2, 3]
+        # a cursor without HOLD lives in its transaction, under the context of that transaction
+        rows = run(conn, "BEGIN; DECLARE t CURSOR FOR SELECT tenant_id FROM app.held; FETCH ALL FROM t")
+        run(conn, "COMMIT")
+        assert {r[0] for r in rows} == {B}
+    finally:
+        conn.close()
+
+
+def test_failed_fetch_leaves_the_cursor_locked_not_broken(su):
+    """A refused fetch inside a transaction aborts it; the cursor survives, locked, and reads
+    again in its context."""
+    setup_table(su)
+    conn = connect(user=APP, autocommit=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT tenancy.set_tenant(%s)", (A,))
+            cur.execute("DECLARE c2 CURSOR WITH HOLD FOR SELECT id FROM app.held ORDER BY id")
+        conn.commit()
+        with conn.cursor() as cur:
+            cur.execute("SELECT tenancy.set_tenant(%s)", (B,))
+            try:
+                cur.execute("FETCH 5 FROM c2")
+                raise AssertionError("fetch under another tenant worked")
+            except psycopg2.Error as e:
+                assert e.pgcode == "42501"
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute("SELECT tenancy.set_tenant(%s)", (A,))
+            cur.execute("FETCH 5 FROM c2")
+            assert [r[0] for r in cur.fetchall()] == [1, 2, 3, 4, 5]
+        conn.commit()
+    finally:
+        conn.close()

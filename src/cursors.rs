@@ -1,0 +1,170 @@
+//! `WITH HOLD` cursors over protected tables follow the tenant context that declared them.
+//!
+//! A held cursor outlives its transaction: its rows, computed under one tenant's context, wait in
+//! the session. On a connection a pooler hands from one client to the next without a reset, the
+//! next client could read them (FETCH, a PL/pgSQL `FETCH` in a `DO` block, a protocol-level
+//! Execute). So such a cursor is readable only while `pg_tenancy.tenant` holds the value it held
+//! when the cursor was declared:
+//! - the setting's assign hook marks the cursor's portal failed whenever the setting takes
+//!   another value (including the end of a transaction-scoped context) and ready again when it
+//!   takes the declaring value back — PostgreSQL refuses to run a portal that is not ready, by
+//!   every route;
+//! - a SQL `FETCH`/`MOVE` under another value is refused with 42501 before that, and recorded as
+//!   `cross_tenant_probe` with the cursor's tenant as the attempted one.
+//!
+//! Cursors without HOLD end with their transaction and are not tracked; neither are held cursors
+//! that read no protected table.
+use pgrx::pg_sys;
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use crate::audit::{self, Event};
+use crate::error::TenancyError;
+use crate::gucs;
+
+struct Held {
+    name: CString,
+    /// Identifies the portal (a later cursor may reuse the name).
+    created: pg_sys::TimestampTz,
+    /// `pg_tenancy.tenant` when it was declared (None: unset).
+    context: Option<Vec<u8>>,
+    /// The verified tenant then, for the audit record.
+    tenant: Option<String>,
+    /// A protected table it reads, for the audit record.
+    rel: pg_sys::Oid,
+    /// Marked failed by us (and so ours to mark ready again).
+    locked: bool,
+}
+
+thread_local! {
+    static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The live portal of a tracked cursor, or None when it was closed or replaced.
+unsafe fn portal_of(h: &Held) -> Option<pg_sys::Portal> {
+    // SAFETY: a hash lookup in the portal table; NULL when there is no such portal.
+    let p = unsafe { pg_sys::GetPortalByName(h.name.as_ptr()) };
+    (!p.is_null() && unsafe { (*p).creation_time } == h.created).then_some(p)
+}
+
+fn current_context() -> Option<Vec<u8>> {
+    gucs::tenant_raw().filter(|s| !s.is_empty()).map(String::into_bytes)
+}
+
+/// After a `DECLARE` ran: track it when it is a held cursor over a protected table.
+///
+/// # Safety
+/// `stmt` is the DeclareCursorStmt PostgreSQL just executed.
+pub unsafe fn declared(stmt: *mut pg_sys::DeclareCursorStmt) {
+    // SAFETY: see above.
+    let (name, options) = unsafe { ((*stmt).portalname, (*stmt).options) };
+    if name.is_null() {
+        return;
+    }
+    // SAFETY: a NUL-terminated name from the parser.
+    let name = unsafe { CStr::from_ptr(name) }.to_owned();
+    HELD.with(|h| h.borrow_mut().retain(|c| c.name != name));
+    if options & pg_sys::CURSOR_OPT_HOLD as i32 == 0 {
+        return;
+    }
+    // SAFETY: lookup of the portal DECLARE just made; its statements are PlannedStmts.
+    let (portal, rel) = unsafe {
+        let portal = pg_sys::GetPortalByName(name.as_ptr());
+        if portal.is_null() {
+            return;
+        }
+        let rel = crate::hooks::list_ptrs((*portal).stmts)
+            .into_iter()
+            .filter(|s| !s.is_null() && (*(*s as *mut pg_sys::Node)).type_ == pg_sys::NodeTag::T_PlannedStmt)
+            .find_map(|s| crate::hooks::first_protected((*(s as *mut pg_sys::PlannedStmt)).rtable));
+        match rel {
+            Some(rel) => (portal, rel),
+            None => return,
+        }
+    };
+    let tenant = crate::context::with_context(|v| v.tenant.clone()).ok();
+    HELD.with(|h| {
+        h.borrow_mut().push(Held {
+            name,
+            // SAFETY: the portal found above.
+            created: unsafe { (*portal).creation_time },
+            context: current_context(),
+            tenant,
+            rel,
+            locked: false,
+        })
+    });
+}
+
+/// Before a SQL `FETCH` or `MOVE`: refuse (42501, recorded) a held cursor declared under another
+/// context.
+///
+/// # Safety
+/// `stmt` is the FetchStmt PostgreSQL is about to execute.
+pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
+    // SAFETY: see above.
+    let name = unsafe { (*stmt).portalname };
+    if name.is_null() || HELD.with(|h| h.borrow().is_empty()) {
+        return;
+    }
+    // SAFETY: a NUL-terminated name from the parser.
+    let name = unsafe { CStr::from_ptr(name) };
+    let now = current_context();
+    let foreign = HELD.with(|h| {
+        h.borrow()
+            .iter()
+            // SAFETY: portal lookup only.
+            .find(|c| c.name.as_c_str() == name && unsafe { portal_of(c) }.is_some())
+            .filter(|c| c.context != now)
+            .map(|c| (c.rel, c.tenant.clone()))
+    });
+    if let Some((rel, tenant)) = foreign {
+        audit::record(
+            Event::CrossTenantProbe,
+            rel,
+            tenant.as_deref(),
+            "42501",
+            "fetch from a held cursor declared in another tenant context",
+        );
+        TenancyError::ForeignCursor.raise();
+    }
+}
+
+/// Assign hook of `pg_tenancy.tenant`: held cursors declared under another value become
+/// unreadable, those declared under this one readable again. Only flips portal states (no
+/// allocation in PostgreSQL, no error), as an assign hook must.
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, _extra: *mut c_void) {
+    HELD.with(|h| {
+        let Ok(mut held) = h.try_borrow_mut() else { return };
+        if held.is_empty() {
+            return;
+        }
+        // SAFETY: PostgreSQL passes the new value, a C string or NULL.
+        let new = (!newval.is_null())
+            .then(|| unsafe { CStr::from_ptr(newval) }.to_bytes())
+            .filter(|v| !v.is_empty());
+        held.retain_mut(|c| {
+            // SAFETY: portal lookup; the state flips are what PostgreSQL itself does to a portal
+            // it will not run (MarkPortalFailed without the cleanup a held portal does not need).
+            unsafe {
+                let Some(p) = portal_of(c) else { return false };
+                // A cursor of the current transaction is not held yet: committing a failed one
+                // would drop it. It is flipped once held (the setting reverts after that).
+                // (createSubid 0 = InvalidSubTransactionId: held over from a previous transaction.)
+                if (*p).createSubid != 0 {
+                    return true;
+                }
+                let ours = c.context.as_deref() == new;
+                if ours && c.locked && (*p).status == pg_sys::PortalStatus::PORTAL_FAILED {
+                    (*p).status = pg_sys::PortalStatus::PORTAL_READY;
+                    c.locked = false;
+                } else if !ours && (*p).status == pg_sys::PortalStatus::PORTAL_READY {
+                    (*p).status = pg_sys::PortalStatus::PORTAL_FAILED;
+                    c.locked = true;
+                }
+                true
+            }
+        });
+    });
+}
