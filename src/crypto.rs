@@ -10,9 +10,10 @@
 //! buffers; the cache is dropped when `tenancy.keys` changes (relcache invalidation), so a
 //! rotation or a shred in another session is seen at this session's next statement.
 //!
-//! Ciphertext v1: `01 | 01 (AES-256-GCM) | key version (u32 BE) | nonce (12) | ct | tag (16)`.
-//! The associated data is the 6 header bytes, the tenant id and the caller's context, so a
-//! ciphertext copied to another tenant, column or row does not decrypt.
+//! Ciphertext v1: `01 | 01 (AES-256-GCM) | key version (u32 BE) | key id (8) | nonce (12) | ct |
+//! tag (16)`. The associated data is the 14 header bytes, the tenant id and the caller's context,
+//! so a ciphertext copied to another tenant, column or row does not decrypt. The cipher itself is
+//! in `gcm` (AES-NI/VAES code, RustCrypto elsewhere); key wrapping uses RustCrypto directly.
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use hmac::{Hmac, Mac};
@@ -25,6 +26,7 @@ use zeroize::Zeroizing;
 use crate::catalog;
 use crate::context;
 use crate::error::{OrRaise, Result, TenancyError};
+use crate::gcm::{Gcm, NONCE_LEN, TAG_LEN};
 use crate::gucs;
 
 const FORMAT_V1: u8 = 1;
@@ -32,7 +34,6 @@ const ALG_AES_256_GCM: u8 = 1;
 /// format, algorithm, key version (4 bytes), key id (8 bytes: identifies the key, not the tenant)
 const HEADER_LEN: usize = 14;
 const KEY_ID_LEN: usize = 8;
-use crate::gcm::{Gcm, NONCE_LEN, TAG_LEN};
 
 type Key = Zeroizing<[u8; 32]>;
 
