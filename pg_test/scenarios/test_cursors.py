@@ -2,11 +2,13 @@
 pooled connection handed to another client without a reset, the next tenant cannot read the
 rows waiting in such a cursor: not by FETCH or MOVE, not by PL/pgSQL in a DO block, not with no
 context at all; the declaring context reads them again, and the attempt is in the denial log."""
+import socket
+import struct
 import time
 
 import psycopg2
 
-from conftest import APP, TENANTS, connect, run, sqlstate_of
+from conftest import APP, DB, PORT, SOCK, TENANTS, connect, run, sqlstate_of
 
 A, B = TENANTS[0], TENANTS[1]
 
@@ -22,6 +24,77 @@ def setup_table(su):
                  "INSERT INTO app.held (id, secret) SELECT i, %s || '-secret-' || i FROM generate_series(1, 50) i "
                  "ON CONFLICT DO NOTHING; COMMIT", t, t)
     app.close()
+
+
+class Wire:
+    """A bare protocol-v3 client: what a driver does under the hood, including an Execute of a
+    named portal, which no SQL statement (and no hook) sees."""
+
+    def __init__(self, user):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(f"{SOCK}/.s.PGSQL.{PORT}")
+        body = struct.pack("!i", 196608) + f"user\0{user}\0database\0{DB}\0\0".encode()
+        self.s.sendall(struct.pack("!i", len(body) + 4) + body)
+        self.until_ready()
+
+    def recv(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.s.recv(n - len(data))
+            assert chunk, "server closed the connection"
+            data += chunk
+        return data
+
+    def until_ready(self):
+        """(SQLSTATE of the first error or None, data rows) up to ReadyForQuery."""
+        error, rows = None, []
+        while True:
+            kind = self.recv(1)
+            (n,) = struct.unpack("!i", self.recv(4))
+            body = self.recv(n - 4)
+            if kind == b"E" and error is None:
+                fields = dict((f[:1], f[1:]) for f in body.split(b"\0") if f)
+                error = fields[b"C"].decode()
+            elif kind == b"D":
+                rows.append(body)
+            elif kind == b"Z":
+                return error, rows
+
+    def send(self, kind, body):
+        self.s.sendall(kind + struct.pack("!i", len(body) + 4) + body)
+
+    def query(self, sql):
+        self.send(b"Q", sql.encode() + b"\0")
+        return self.until_ready()
+
+    def execute_portal(self, name):
+        self.send(b"E", name.encode() + b"\0" + struct.pack("!i", 0))
+        self.send(b"S", b"")
+        return self.until_ready()
+
+    def close(self):
+        self.send(b"X", b"")
+        self.s.close()
+
+
+def test_held_cursor_refuses_a_protocol_level_execute(su):
+    setup_table(su)
+    w = Wire(APP)
+    try:
+        assert w.query(f"BEGIN; SELECT tenancy.set_tenant('{A}'); "
+                       "DECLARE wire CURSOR WITH HOLD FOR SELECT secret FROM app.held; COMMIT")[0] is None
+        # the next client on the connection, as a driver would: Execute the portal by name
+        error, rows = w.execute_portal("wire")
+        assert rows == [] and error == "55000", (error, len(rows))
+        assert w.query(f"SELECT tenancy.set_tenant('{B}', true)")[0] is None
+        error, rows = w.execute_portal("wire")
+        assert rows == [] and error == "55000", (error, len(rows))
+        # back in the declaring context, the same Execute reads the rows
+        assert w.query(f"SELECT tenancy.set_tenant('{A}', true)")[0] is None
+        error, rows = w.execute_portal("wire")
+        assert error is None and len(rows) == 50
+    finally:
+        w.close()
 
 
 def test_held_cursor_is_readable_only_in_its_context(su):
