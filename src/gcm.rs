@@ -395,59 +395,64 @@ mod ni {
             _mm_loadu_si128(b.as_ptr() as *const __m128i)
         }
 
-        /// Encrypt, then hash each pipeline's ciphertext while the next one is being encrypted.
-        #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1")]
-        pub unsafe fn seal(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; 16] {
-            let j0 = Self::j0(nonce);
-            let mut acc = self.absorb(_mm_setzero_si128(), aad);
-            let mut counter = 2u32;
-            let mut done = 0;
-            if self.wide && buf.len() >= WIDE_CHUNK {
-                (acc, counter, done) = wide::seal(self, j0, acc, buf);
-            }
-            let part = &mut buf[done..];
-            let whole = part.len() / (16 * PIPE);
-            let p = part.as_mut_ptr();
-            for i in 0..whole {
-                self.ctr8(j0, counter, p.add(16 * PIPE * i), p.add(16 * PIPE * i));
-                counter = counter.wrapping_add(PIPE as u32);
-                if i > 0 {
-                    acc = self.absorb8(acc, core::slice::from_raw_parts(p.add(16 * PIPE * (i - 1)), 16 * PIPE));
-                }
-            }
-            if whole > 0 {
-                acc = self.absorb8(acc, core::slice::from_raw_parts(p.add(16 * PIPE * (whole - 1)), 16 * PIPE));
-            }
-            let rest = &mut part[16 * PIPE * whole..];
-            self.ctr_rest(j0, counter, rest.as_ptr(), rest.as_mut_ptr(), rest.len());
-            acc = self.absorb(acc, rest);
-            let mut out = [0u8; 16];
-            _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, self.finish(j0, acc, aad.len(), buf.len()));
-            out
-        }
-
-        /// Hash and decrypt each pipeline in one pass, `len` bytes from `src` to `dst` (which may
-        /// be `src`); true when the tag matched. On a mismatch the caller zeroes `dst`.
-        #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1")]
-        pub unsafe fn open(&self, nonce: &[u8; 12], aad: &[u8], src: *const u8, dst: *mut u8, len: usize, tag: &[u8; 16]) -> bool {
+        /// CTR over `len` bytes from `src` to `dst` (which may be `src`) and GHASH over the
+        /// ciphertext, pipeline by pipeline: hashed before decrypting, or when `SEAL` once
+        /// encrypted — one pipeline behind, so that hashing overlaps the next encryption (4%
+        /// faster sealing of 4 KiB); returns the tag.
+        #[inline(always)]
+        unsafe fn crypt<const SEAL: bool>(&self, nonce: &[u8; 12], aad: &[u8], src: *const u8, dst: *mut u8, len: usize) -> __m128i {
             let j0 = Self::j0(nonce);
             let mut acc = self.absorb(_mm_setzero_si128(), aad);
             let mut counter = 2u32;
             let mut done = 0;
             if self.wide && len >= WIDE_CHUNK {
-                (acc, counter, done) = wide::open(self, j0, acc, src, dst, len);
+                (acc, counter, done) = wide::crypt::<SEAL>(self, j0, acc, src, dst, len);
             }
-            let whole = (len - done) / (16 * PIPE);
-            for i in 0..whole {
-                let at = done + 16 * PIPE * i;
-                acc = self.absorb8(acc, core::slice::from_raw_parts(src.add(at), 16 * PIPE));
-                self.ctr8(j0, counter, src.add(at), dst.add(at));
+            let block = |p: *const u8| core::slice::from_raw_parts(p, 16 * PIPE);
+            let mut sealed_unhashed = None;
+            while len - done >= 16 * PIPE {
+                if !SEAL {
+                    acc = self.absorb8(acc, block(src.add(done)));
+                }
+                self.ctr8(j0, counter, src.add(done), dst.add(done));
+                if SEAL {
+                    if let Some(at) = sealed_unhashed.replace(done) {
+                        acc = self.absorb8(acc, block(dst.add(at)));
+                    }
+                }
                 counter = counter.wrapping_add(PIPE as u32);
+                done += 16 * PIPE;
             }
-            done += 16 * PIPE * whole;
-            acc = self.absorb(acc, core::slice::from_raw_parts(src.add(done), len - done));
+            if let Some(at) = sealed_unhashed {
+                acc = self.absorb8(acc, block(dst.add(at)));
+            }
+            if !SEAL {
+                acc = self.absorb(acc, core::slice::from_raw_parts(src.add(done), len - done));
+            }
             self.ctr_rest(j0, counter, src.add(done), dst.add(done), len - done);
-            let diff = _mm_xor_si128(self.finish(j0, acc, aad.len(), len), _mm_loadu_si128(tag.as_ptr() as *const __m128i));
+            if SEAL {
+                acc = self.absorb(acc, core::slice::from_raw_parts(dst.add(done), len - done));
+            }
+            self.finish(j0, acc, aad.len(), len)
+        }
+
+        /// Encrypt `buf` in place; returns the tag.
+        #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1")]
+        pub unsafe fn seal(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; 16] {
+            let tag = self.crypt::<true>(nonce, aad, buf.as_ptr(), buf.as_mut_ptr(), buf.len());
+            let mut out = [0u8; 16];
+            _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, tag);
+            out
+        }
+
+        /// Hash and decrypt `len` bytes from `src` to `dst` (which may be `src`); true when the
+        /// tag matched. On a mismatch the caller zeroes `dst`.
+        #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1")]
+        pub unsafe fn open(&self, nonce: &[u8; 12], aad: &[u8], src: *const u8, dst: *mut u8, len: usize, tag: &[u8; 16]) -> bool {
+            let diff = _mm_xor_si128(
+                self.crypt::<false>(nonce, aad, src, dst, len),
+                _mm_loadu_si128(tag.as_ptr() as *const __m128i),
+            );
             // constant time: one test of all 128 bits
             _mm_testz_si128(diff, diff) == 1
         }
@@ -527,32 +532,33 @@ mod ni {
             pair(r, _mm_add_epi32(r, _mm_set_epi32(0, 0, 0, 1)))
         }
 
-        /// Whole 256-byte pipelines of `buf`: returns the hash, the next counter and the bytes done.
+        /// The whole 256-byte pipelines of `len` bytes, as `Key::crypt` does them: returns the
+        /// hash, the next counter and the bytes done.
         #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1,avx,avx2,vaes,vpclmulqdq")]
-        pub unsafe fn seal(k: &Key, j0: __m128i, mut acc: __m128i, buf: &mut [u8]) -> (__m128i, u32, usize) {
-            let whole = buf.len() / super::WIDE_CHUNK;
-            let p = buf.as_mut_ptr();
-            let mut counter = 2u32;
-            for i in 0..whole {
-                ctr16(k, counters(j0, counter), p.add(super::WIDE_CHUNK * i), p.add(super::WIDE_CHUNK * i));
-                counter = counter.wrapping_add(16);
-                if i > 0 {
-                    acc = absorb16(k, acc, p.add(super::WIDE_CHUNK * (i - 1)));
-                }
-            }
-            acc = absorb16(k, acc, p.add(super::WIDE_CHUNK * (whole - 1)));
-            (acc, counter, super::WIDE_CHUNK * whole)
-        }
-
-        #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1,avx,avx2,vaes,vpclmulqdq")]
-        pub unsafe fn open(k: &Key, j0: __m128i, mut acc: __m128i, src: *const u8, dst: *mut u8, len: usize) -> (__m128i, u32, usize) {
+        pub unsafe fn crypt<const SEAL: bool>(
+            k: &Key,
+            j0: __m128i,
+            mut acc: __m128i,
+            src: *const u8,
+            dst: *mut u8,
+            len: usize,
+        ) -> (__m128i, u32, usize) {
             let whole = len / super::WIDE_CHUNK;
             let mut counter = 2u32;
             for i in 0..whole {
                 let at = super::WIDE_CHUNK * i;
-                acc = absorb16(k, acc, src.add(at));
+                if !SEAL {
+                    acc = absorb16(k, acc, src.add(at));
+                }
                 ctr16(k, counters(j0, counter), src.add(at), dst.add(at));
+                if SEAL && i > 0 {
+                    // one pipeline behind, as in `Key::crypt`
+                    acc = absorb16(k, acc, dst.add(at - super::WIDE_CHUNK));
+                }
                 counter = counter.wrapping_add(16);
+            }
+            if SEAL && whole > 0 {
+                acc = absorb16(k, acc, dst.add(super::WIDE_CHUNK * (whole - 1)));
             }
             (acc, counter, super::WIDE_CHUNK * whole)
         }
