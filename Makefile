@@ -7,7 +7,7 @@ export PGT_PORT ?= 5499
 PGRX_TEST_DATA ?= /tmp/pg_tenancy-pgrx-test
 PYTEST = target/venv/bin/pytest
 
-.PHONY: all deps install cluster demo test test-unit test-regress test-scenarios bench stop clean
+.PHONY: all deps install cluster demo test test-unit test-regress test-scenarios test-pg-regress bench stop clean
 
 all: install
 
@@ -28,8 +28,9 @@ cluster: install
 demo: cluster
 	@scripts/demo.sh
 
-## Every test: #[pg_test] internals, pg_regress suites, multi-session scenarios (pgbouncer too).
-test: deps test-unit test-regress test-scenarios
+## Every test: #[pg_test] internals, pg_regress suites, multi-session scenarios (pgbouncer too),
+## and PostgreSQL's own regression suite with and without the library preloaded.
+test: deps test-unit test-regress test-scenarios test-pg-regress
 
 test-unit: deps
 	@scripts/cluster.sh stop
@@ -41,6 +42,11 @@ test-regress: cluster
 
 test-scenarios: cluster
 	$(PYTEST) -q -p no:cacheprovider pg_test/scenarios
+
+## PostgreSQL 15's regression suite on a plain cluster and on one preloading pg_tenancy: the
+## same verdicts and outputs (scripts/pg_regress_diff.sh).
+test-pg-regress: install
+	@scripts/pg_regress_diff.sh
 
 ## Benchmarks (see bench/README.md).
 bench: cluster

@@ -51,8 +51,8 @@ DECLARE
 BEGIN
     IF id IS NULL OR NOT tenancy.valid_tenant_id(id) THEN
         RAISE EXCEPTION 'invalid tenant id' USING ERRCODE = '22023',
-            DETAIL = 'A tenant id is 1 to 63 characters: letters, digits, ''_'', ''-'' and ''.''.',
-            HINT = 'UUID text is a valid tenant id.';
+            DETAIL = 'A tenant id is 1 to 63 characters: letters, digits, ''_'', ''-'' and ''.''; one that reads as an integer or a UUID is written in that type''s canonical form (no leading zeros; a lowercase UUID with hyphens).',
+            HINT = 'Write 7, not 007; a UUID as lowercase 8-4-4-4-12. Two spellings of one integer or UUID would name the same rows of an integer or uuid tenant column.';
     END IF;
     IF name IS NULL OR btrim(name) = '' THEN
         RAISE EXCEPTION 'tenant name must not be empty' USING ERRCODE = '22023',
@@ -133,11 +133,11 @@ $$;
 -- Grants (the checks live in src/grants.rs; these give the arguments their SQL types)
 ------------------------------------------------------------------------------------------------
 CREATE FUNCTION tenancy.grant_tenant(role regrole, tenant text, scope text DEFAULT 'read_write')
-RETURNS void LANGUAGE sql VOLATILE
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._grant_tenant($1::pg_catalog.oid, $2, $3) $$;
 
 CREATE FUNCTION tenancy.revoke_tenant(role regrole, tenant text)
-RETURNS boolean LANGUAGE sql VOLATILE
+RETURNS boolean LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._revoke_tenant($1::pg_catalog.oid, $2) $$;
 
 ------------------------------------------------------------------------------------------------
@@ -145,20 +145,20 @@ AS $$ SELECT tenancy._revoke_tenant($1::pg_catalog.oid, $2) $$;
 ------------------------------------------------------------------------------------------------
 CREATE FUNCTION tenancy.protect(rel regclass, tenant_column name DEFAULT 'tenant_id',
                                 create_index boolean DEFAULT false)
-RETURNS SETOF text LANGUAGE sql VOLATILE
+RETURNS SETOF text LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._protect($1::pg_catalog.oid, $2::pg_catalog.text, $3) $$;
 
 CREATE FUNCTION tenancy.unprotect(rel regclass)
-RETURNS SETOF text LANGUAGE sql VOLATILE
+RETURNS SETOF text LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._unprotect($1::pg_catalog.oid) $$;
 
 CREATE FUNCTION tenancy.protect_schema(schema name, tenant_column name DEFAULT 'tenant_id',
                                        create_index boolean DEFAULT false)
-RETURNS SETOF text LANGUAGE sql VOLATILE
+RETURNS SETOF text LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._protect_schema($1::pg_catalog.text, $2::pg_catalog.text, $3) $$;
 
 CREATE FUNCTION tenancy.policy_sql(rel regclass, tenant_column name DEFAULT 'tenant_id')
-RETURNS text LANGUAGE sql STABLE
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._policy_sql($1::pg_catalog.oid, $2::pg_catalog.text) $$;
 
 ------------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ AS $$ SELECT tenancy._policy_sql($1::pg_catalog.oid, $2::pg_catalog.text) $$;
 CREATE FUNCTION tenancy.reencrypt(rel regclass, col name, context_expr text DEFAULT $$''$$,
                                   batch_size integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     active integer := tenancy.active_key_version();
     n bigint;
@@ -241,21 +241,101 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                          'int4'::regtype, 'int8'::regtype))
 $$;
 
+-- Whether a table holds any row (read by the guard, as the extension's owner: all of them).
+CREATE FUNCTION tenancy._has_rows(rel regclass) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found boolean;
+BEGIN
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO found;
+    RETURN found;
+END
+$$;
+
+-- The fingerprint of a function's definition: an approval holds for this definition only.
+-- Redefining the function, changing its owner (whose rights a SECURITY DEFINER function runs
+-- with), its volatility, leakproofness or settings lapses the approval.
+CREATE FUNCTION tenancy._function_fingerprint(fn oid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT encode(sha256(convert_to(concat_ws(E'\n', p.proowner::regrole::text, p.prosecdef::text,
+                  p.proleakproof::text, p.provolatile::text, p.proconfig::text, p.prolang::regproc::text,
+                  l.lanname::text, pg_get_function_identity_arguments(p.oid), p.probin, p.prosrc), 'UTF8')), 'hex')
+      FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+     WHERE p.oid = $1
+$$;
+
+-- Functions (not PostgreSQL's own, not pg_tenancy's) that run over a protected table's rows:
+-- called by its index expressions and predicates, CHECK and exclusion constraints, triggers
+-- (function and WHEN clause), extended statistics, generated columns and policies other than
+-- pg_tenancy's. Index builds, constraint validation, ANALYZE and table rewrites run them with
+-- the owner's rights over every tenant's rows; triggers run them on every tenant's writes; a
+-- restrictive policy runs them before the tenant filter. Each is listed by tenancy.check() until a
+-- superuser approves it (tenancy.approve_function).
+CREATE FUNCTION tenancy._row_functions(rel regclass)
+RETURNS TABLE (fn regprocedure, via text, approved boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH objs(classid, objid, via) AS (
+    SELECT 'pg_class'::regclass, i.indexrelid, 'index ' || i.indexrelid::regclass::text
+      FROM pg_index i WHERE i.indrelid = $1
+    UNION ALL
+    SELECT 'pg_constraint'::regclass, c.oid, 'constraint ' || quote_ident(c.conname)
+      FROM pg_constraint c WHERE c.conrelid = $1
+    UNION ALL
+    SELECT 'pg_trigger'::regclass, t.oid, 'trigger ' || quote_ident(t.tgname)
+      FROM pg_trigger t WHERE t.tgrelid = $1 AND NOT t.tgisinternal
+    UNION ALL
+    SELECT 'pg_policy'::regclass, p.oid, 'policy ' || quote_ident(p.polname)
+      FROM pg_policy p WHERE p.polrelid = $1
+    UNION ALL
+    SELECT 'pg_statistic_ext'::regclass, s.oid, 'statistics ' || quote_ident(s.stxname)
+      FROM pg_statistic_ext s WHERE s.stxrelid = $1
+    UNION ALL
+    SELECT 'pg_attrdef'::regclass, d.oid, 'generated column ' || quote_ident(a.attname)
+      FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+     WHERE d.adrelid = $1 AND a.attgenerated <> ''
+), deps(fn, via) AS (
+    SELECT d.refobjid, o.via
+      FROM objs o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
+     WHERE d.refclassid = 'pg_proc'::regclass
+    UNION
+    SELECT op.oprcode::oid, o.via
+      FROM objs o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
+      JOIN pg_operator op ON op.oid = d.refobjid
+     WHERE d.refclassid = 'pg_operator'::regclass
+)
+SELECT DISTINCT f.oid::regprocedure, deps.via,
+       EXISTS (SELECT 1 FROM tenancy.approved_functions a
+                WHERE a.fn = f.oid AND a.fingerprint = tenancy._function_fingerprint(f.oid))
+  FROM deps
+  JOIN pg_proc f ON f.oid = deps.fn
+  JOIN pg_namespace n ON n.oid = f.pronamespace
+ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+$$;
+
 -- ddl_command_end: refuse changes that weaken a protected table; protect new partitions and
--- inheritance children of protected tables; protect new tables when pg_tenancy.auto_protect.
+-- inheritance children of protected tables (refusing one that already holds rows, and any
+-- unprotected parent of a protected table); refuse restrictive policies that would run
+-- non-leakproof functions before the tenant filter; record DDL that puts unapproved functions
+-- over a protected table's rows; protect new tables when pg_tenancy.auto_protect.
 CREATE FUNCTION tenancy._guard_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
+    ch record;
     problem text;
     parent_col name;
+    fns text;
     col name := coalesce(nullif(current_setting('pg_tenancy.tenant_column', true), ''), 'tenant_id');
+    loaded_child constant text := 'a table that already holds rows cannot become a partition or child of a '
+                                  'protected table: its rows were not written under the tenant policies';
+    unprotected_parent constant text := 'a protected table cannot inherit from, or be a partition of, a table '
+                                        'that is not protected: the parent would return its rows without its policies';
 BEGIN
     IF current_setting('pg_tenancy.guard', true) = 'off' THEN
         RETURN;  -- a superuser restoring a dump (see README, "Backups")
     END IF;
     FOR r IN
-        SELECT DISTINCT x.relid, x.tag
+        SELECT DISTINCT x.relid, x.tag, c.relpersistence
           FROM (SELECT CASE d.classid
                          WHEN 'pg_class'::regclass THEN d.objid
                          WHEN 'pg_policy'::regclass
@@ -278,24 +358,100 @@ BEGIN
             IF problem IS NOT NULL THEN
                 PERFORM tenancy._refuse_weakening(r.relid::oid, problem);
             END IF;
-            -- partitions or children attached to a protected table are protected too
-            PERFORM tenancy.protect(i.inhrelid::regclass, p.tenant_column)
-               FROM pg_inherits i
-               JOIN tenancy.protected_tables p ON p.rel = i.inhparent
-              WHERE i.inhparent = r.relid
-                AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhrelid);
         ELSE
             SELECT p.tenant_column INTO parent_col
               FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
              WHERE i.inhrelid = r.relid
              LIMIT 1;
             IF parent_col IS NOT NULL THEN
+                -- a new partition or child of a protected table (CREATE ... PARTITION OF,
+                -- INHERITS, or ALTER TABLE ... INHERIT)
+                IF NOT tenancy._invoker_is_superuser() AND tenancy._has_rows(r.relid) THEN
+                    PERFORM tenancy._refuse_weakening(r.relid::oid,
+                        loaded_child);
+                END IF;
                 PERFORM tenancy.protect(r.relid::regclass, parent_col);
             ELSIF r.tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+                  AND r.relpersistence <> 't'
                   AND coalesce(current_setting('pg_tenancy.auto_protect', true), 'off')::boolean
                   AND tenancy._has_tenant_column(r.relid, col) THEN
                 PERFORM tenancy.protect(r.relid::regclass, col);
             END IF;
+        END IF;
+        IF EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = r.relid) THEN
+            -- partitions or children attached to a protected table are protected too; one that
+            -- already holds rows (written outside the policies, for any tenant) is refused
+            FOR ch IN
+                SELECT i.inhrelid, p.tenant_column
+                  FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                 WHERE i.inhparent = r.relid
+                   AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhrelid)
+            LOOP
+                IF NOT tenancy._invoker_is_superuser() AND tenancy._has_rows(ch.inhrelid) THEN
+                    PERFORM tenancy._refuse_weakening(r.relid::oid,
+                        loaded_child);
+                END IF;
+                PERFORM tenancy.protect(ch.inhrelid::regclass, ch.tenant_column);
+            END LOOP;
+            -- a protected table under a parent that is not protected: the parent would return
+            -- its rows without its policies (row security applies the parent's policies only)
+            IF EXISTS (SELECT 1 FROM pg_inherits i
+                        WHERE i.inhrelid = r.relid
+                          AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhparent)) THEN
+                PERFORM tenancy._refuse_weakening(r.relid::oid,
+                    unprotected_parent);
+            END IF;
+        ELSE
+            -- ... nor become one (ATTACH PARTITION of a protected table to an unprotected one)
+            PERFORM 1
+               FROM pg_inherits i JOIN tenancy.protected_tables q ON q.rel = i.inhrelid
+              WHERE i.inhparent = r.relid;
+            IF FOUND THEN
+                PERFORM tenancy._refuse_weakening(r.relid::oid,
+                    unprotected_parent);
+            END IF;
+        END IF;
+    END LOOP;
+    -- restrictive policies run before the tenant filter, on every tenant's rows: from roles
+    -- other than superusers, only leakproof ones
+    FOR r IN
+        SELECT p.polrelid, p.polname, p.polqual
+          FROM pg_event_trigger_ddl_commands() d
+          JOIN pg_policy p ON d.classid = 'pg_policy'::regclass AND p.oid = d.objid
+          JOIN tenancy.protected_tables t ON t.rel = p.polrelid
+         WHERE NOT p.polpermissive AND p.polname NOT IN ('tenancy_isolation', 'tenancy_write_guard')
+    LOOP
+        CONTINUE WHEN tenancy._guard_exempt(r.polrelid) OR tenancy._invoker_is_superuser();
+        IF tenancy._expr_leaks(r.polqual::text) THEN
+            PERFORM tenancy._refuse_weakening(r.polrelid::oid,
+                format('restrictive policy %I calls a function that is not leakproof on the row: it would run before '
+                       'the tenant filter, on every tenant''s rows', r.polname));
+        END IF;
+    END LOOP;
+    -- code put over a protected table's rows that no superuser approved: recorded
+    FOR r IN
+        SELECT x.relid, string_agg(DISTINCT x.tag, ', ') AS tags
+          FROM (SELECT CASE d.classid
+                         WHEN 'pg_class'::regclass
+                             THEN coalesce((SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = d.objid), d.objid)
+                         WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = d.objid)
+                         WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = d.objid)
+                         WHEN 'pg_statistic_ext'::regclass
+                             THEN (SELECT stxrelid FROM pg_statistic_ext WHERE oid = d.objid)
+                       END AS relid,
+                       d.command_tag AS tag
+                  FROM pg_event_trigger_ddl_commands() d
+                 WHERE d.command_tag IN ('CREATE INDEX', 'ALTER TABLE', 'CREATE TRIGGER', 'CREATE STATISTICS',
+                                         'ALTER STATISTICS', 'CREATE POLICY', 'ALTER POLICY')) x
+          JOIN tenancy.protected_tables p ON p.rel = x.relid
+         GROUP BY x.relid
+    LOOP
+        CONTINUE WHEN tenancy._guard_exempt(r.relid);
+        SELECT string_agg(DISTINCT f.fn::text, ', ') INTO fns
+          FROM tenancy._row_functions(r.relid) f WHERE NOT f.approved;
+        IF fns IS NOT NULL THEN
+            PERFORM tenancy._record_protected_ddl(r.relid::oid,
+                left(r.tags || ' puts unapproved functions over every tenant''s rows: ' || fns, 200));
         END IF;
     END LOOP;
 END
@@ -339,6 +495,32 @@ CREATE EVENT TRIGGER tenancy_guard_drop ON sql_drop
     EXECUTE FUNCTION tenancy._guard_drop();
 
 ------------------------------------------------------------------------------------------------
+-- Approving the functions that run over protected rows (superusers)
+------------------------------------------------------------------------------------------------
+CREATE FUNCTION tenancy.approve_function(fn regprocedure, reason text)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF fn IS NULL OR reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a function and the reason it is safe are required' USING ERRCODE = '22023',
+            HINT = 'SELECT tenancy.approve_function(''app.normalize(text)'', ''reviewed: pure, no side effects'');';
+    END IF;
+    INSERT INTO tenancy.approved_functions (fn, fingerprint, approved_by, reason)
+    VALUES (fn, tenancy._function_fingerprint(fn), current_user::regrole, reason)
+    ON CONFLICT ON CONSTRAINT approved_functions_pkey DO UPDATE
+       SET fingerprint = EXCLUDED.fingerprint, approved_by = EXCLUDED.approved_by,
+           approved_at = now(), reason = EXCLUDED.reason;
+END
+$$;
+
+CREATE FUNCTION tenancy.revoke_approval(fn regprocedure)
+RETURNS boolean
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH d AS (DELETE FROM tenancy.approved_functions a WHERE a.fn = $1 RETURNING 1)
+    SELECT count(*) > 0 FROM d
+$$;
+
+------------------------------------------------------------------------------------------------
 -- tenancy.check(): the pre-go-live checklist items the database can verify itself.
 ------------------------------------------------------------------------------------------------
 CREATE FUNCTION tenancy.check()
@@ -370,6 +552,57 @@ WITH prot AS (
            format('SELECT tenancy.protect(%L, %L);', p.rel::text, p.tenant_column)
       FROM prot p
      WHERE tenancy._protection_problem(p.rel) IS NOT NULL
+    UNION ALL
+    -- code over every tenant's rows that no superuser approved
+    SELECT DISTINCT 'WARNING', 'function ' || rf.fn::text,
+           'runs over every tenant''s rows of protected table ' || p.rel::text || ' (' || rf.via
+               || ') with the rights of the table owner or of each writer, and no superuser approved it',
+           format('SELECT tenancy.approve_function(%L, ''<why it is safe>''); -- after reviewing it',
+                  rf.fn::text)
+      FROM prot p
+     CROSS JOIN LATERAL tenancy._row_functions(p.rel) rf
+     WHERE NOT rf.approved
+    UNION ALL
+    -- restrictive policies that run leaky functions before the tenant filter (a superuser's)
+    SELECT 'WARNING', format('policy %I on %s', x.polname, x.polrelid::regclass),
+           'restrictive policy calls a function that is not leakproof on the row: it runs before the '
+               || 'tenant filter, on every tenant''s rows',
+           format('DROP POLICY %I ON %s; -- or make its functions leakproof', x.polname, x.polrelid::regclass)
+      FROM pg_policy x JOIN prot p ON p.rel = x.polrelid
+     WHERE NOT x.polpermissive AND x.polname NOT IN ('tenancy_isolation', 'tenancy_write_guard')
+       AND tenancy._expr_leaks(x.polqual::text)
+    UNION ALL
+    -- protected tables under a parent that is not protected
+    SELECT 'ERROR', i.inhparent::regclass::text,
+           'parent of protected table ' || p.rel::text
+               || ' is not protected: it returns the child''s rows without the child''s policies',
+           format('SELECT tenancy.protect(%L, %L);', i.inhparent::regclass::text, p.tenant_column)
+      FROM prot p JOIN pg_inherits i ON i.inhrelid = p.rel
+     WHERE NOT EXISTS (SELECT 1 FROM prot q WHERE q.rel = i.inhparent)
+    UNION ALL
+    -- registry rows of tables that no longer exist (a temporary table ended with its session)
+    SELECT 'INFO', 'protected table ' || p.rel::oid::text,
+           'tenancy.protected_tables lists a table that no longer exists',
+           format('DELETE FROM tenancy.protected_tables WHERE rel = %s;', p.rel::oid)
+      FROM tenancy.protected_tables p
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel::oid)
+    UNION ALL
+    -- publications that send protected tables elsewhere whole
+    SELECT 'WARNING', 'publication ' || quote_ident(pub.pubname),
+           'publishes protected table ' || p.rel::text || ': a subscriber receives every tenant''s rows',
+           'Make sure every subscriber is as trusted as a superuser, or publish per tenant with a row filter.'
+      FROM pg_publication pub
+      JOIN prot p ON pub.puballtables
+                  OR EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = pub.oid AND pr.prrelid = p.rel)
+    UNION ALL
+    -- statement statistics shared by every tenant of one role
+    SELECT 'WARNING', 'view ' || c.oid::regclass::text,
+           'readable by PUBLIC: with one application role for all tenants, each tenant sees the statement '
+               || 'statistics (calls, rows, buffers) of the others'' sessions',
+           format('REVOKE SELECT ON %s FROM PUBLIC;', c.oid::regclass)
+      FROM pg_class c
+     WHERE c.relname IN ('pg_stat_statements', 'pg_stat_statements_info') AND c.relkind = 'v'
+       AND has_table_privilege('public', c.oid, 'SELECT')
     UNION ALL
     -- the guard itself switched off
     SELECT 'ERROR', 'event trigger ' || e.evtname, 'the pg_tenancy guard is disabled',
@@ -540,7 +773,7 @@ CREATE TABLE tenancy.audit_log (
     event             text        NOT NULL CONSTRAINT audit_log_event_check CHECK (event IN (
                           'no_context', 'cross_tenant_write', 'cross_tenant_probe',
                           'forbidden_tenant', 'bypass_read', 'policy_tamper',
-                          'read_only_write', 'wrong_tenant_key')),
+                          'read_only_write', 'wrong_tenant_key', 'protected_ddl')),
     database          name        NOT NULL,
     role              name        NOT NULL,
     session_tenant    text,

@@ -71,3 +71,18 @@ CREATE UNIQUE INDEX keys_one_active ON tenancy.keys (tenant, kind) WHERE state =
 COMMENT ON TABLE tenancy.keys IS
     'Per-tenant keys, wrapped by the master key. A destroyed key cannot be recovered (crypto-shredding).';
 SELECT pg_catalog.pg_extension_config_dump('tenancy.keys', '');
+
+-- Functions a superuser approved to run over protected rows (index expressions, constraints,
+-- triggers, statistics, generated columns, restrictive policies: see tenancy._row_functions).
+-- An approval holds for the definition it was given for (fingerprint): redefining the function
+-- or changing its owner lapses it, and tenancy.check() lists the function again.
+CREATE TABLE tenancy.approved_functions (
+    fn           regprocedure PRIMARY KEY,
+    fingerprint  text         NOT NULL,
+    approved_by  regrole      NOT NULL,
+    approved_at  timestamptz  NOT NULL DEFAULT now(),
+    reason       text         NOT NULL CONSTRAINT approved_functions_reason_check CHECK (btrim(reason) <> '')
+);
+COMMENT ON TABLE tenancy.approved_functions IS
+    'Functions a superuser reviewed and approved to run over every tenant''s rows of protected tables.';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.approved_functions', '');

@@ -33,6 +33,7 @@ pub enum Event {
     PolicyTamper = 6,
     ReadOnlyWrite = 7,
     WrongTenantKey = 8,
+    ProtectedDdl = 9,
 }
 
 impl Event {
@@ -46,6 +47,7 @@ impl Event {
             Event::PolicyTamper => "policy_tamper",
             Event::ReadOnlyWrite => "read_only_write",
             Event::WrongTenantKey => "wrong_tenant_key",
+            Event::ProtectedDdl => "protected_ddl",
         }
     }
     fn from_u8(v: u8) -> Option<Event> {
@@ -58,6 +60,7 @@ impl Event {
             6 => Event::PolicyTamper,
             7 => Event::ReadOnlyWrite,
             8 => Event::WrongTenantKey,
+            9 => Event::ProtectedDdl,
             _ => return None,
         })
     }
@@ -360,6 +363,12 @@ pub fn log_line(msg: &str) {
     }
 }
 
+/// Record a refusal and raise it: one path, so that the event's SQLSTATE is the error's.
+pub fn deny(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, detail: &str, error: TenancyError) -> ! {
+    record(event, rel, attempted, &error.sqlstate_text(), detail);
+    error.raise()
+}
+
 /// Record one event. `sqlstate` is the refusal the statement gets ("00000" when it is not
 /// refused), `detail` a fixed description written here, never a value from the statement.
 pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate: &str, detail: &str) {
@@ -527,8 +536,12 @@ const INSERT_SQL: &str = "INSERT INTO tenancy.audit_log \
   SELECT pg_catalog.to_timestamp(e.at), e.event, pg_catalog.current_database(), e.role, \
          NULLIF(e.tenant, ''), NULLIF(e.attempted, ''), NULLIF(e.relation, ''), \
          NULLIF(e.command, ''), e.sqlstate, NULLIF(e.query_id, 0), e.pid, NULLIF(e.detail, '') \
-    FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                $7::text[], $8::text[], $9::int8[], $10::int4[], $11::text[], $12::int8[]) \
+    FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.float8[]), pg_catalog.unnest($2::pg_catalog.text[]), \
+                    pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[]), \
+                    pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[]), \
+                    pg_catalog.unnest($7::pg_catalog.text[]), pg_catalog.unnest($8::pg_catalog.text[]), \
+                    pg_catalog.unnest($9::pg_catalog.int8[]), pg_catalog.unnest($10::pg_catalog.int4[]), \
+                    pg_catalog.unnest($11::pg_catalog.text[]), pg_catalog.unnest($12::pg_catalog.int8[])) \
          AS e(at, event, role, tenant, attempted, relation, command, sqlstate, query_id, pid, detail, seq) \
    ORDER BY e.seq";
 
@@ -553,6 +566,9 @@ fn write(batch: &[Slot]) -> bool {
     let pid: Vec<i32> = batch.iter().map(|e| e.pid).collect();
     let seq: Vec<i64> = batch.iter().map(|e| e.seq as i64).collect();
     BackgroundWorker::transaction(move || {
+        // The worker runs as the bootstrap superuser: nothing it runs may resolve through a
+        // search_path that a database's owner could set (ALTER DATABASE ... SET search_path).
+        let _path = crate::catalog::PinnedSearchPath::new();
         let installed = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('tenancy.audit_log') IS NOT NULL")
             .ok()
             .flatten()
@@ -685,6 +701,7 @@ fn sweep_orphans(own: u32) {
     };
     for db in orphans {
         let exists = BackgroundWorker::transaction(move || {
+            let _path = crate::catalog::PinnedSearchPath::new();
             Spi::get_one_with_args::<bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE oid OPERATOR(pg_catalog.=) $1)",
                 &[pg_sys::Oid::from(db).into()],
@@ -777,6 +794,7 @@ fn prune_audit(older_than: Option<pgrx::datum::Interval>) -> i64 {
     }
     PRUNING.with(|p| p.set(true));
     let _reset = crate::OnDrop(|| PRUNING.with(|p| p.set(false)));
+    let _path = crate::catalog::PinnedSearchPath::new();
     let n = Spi::get_one_with_args::<i64>(
         "WITH d AS (DELETE FROM tenancy.audit_log WHERE at OPERATOR(pg_catalog.<) \
                     (pg_catalog.now() OPERATOR(pg_catalog.-) $1) RETURNING 1) \
@@ -826,6 +844,7 @@ fn _audit_overflowed() -> Option<i64> {
 /// Called by the guard event trigger for DDL on tenancy.audit_log outside extension scripts.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _refuse_audit_change() {
+    let _path = crate::catalog::PinnedSearchPath::new();
     let rel = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.to_regclass('tenancy.audit_log')::pg_catalog.oid")
         .ok()
         .flatten()
@@ -884,6 +903,7 @@ mod tests {
             Event::PolicyTamper,
             Event::ReadOnlyWrite,
             Event::WrongTenantKey,
+            Event::ProtectedDdl,
         ] {
             assert_eq!(Event::from_u8(e as u8), Some(e));
         }

@@ -12,19 +12,19 @@
 //! that governs verification changes.
 use pgrx::prelude::*;
 use pgrx::JsonB;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
 use crate::catalog;
 use crate::error::{OrRaise, Result, TenancyError};
 use crate::gucs::{self, ContextMode};
 use crate::token::{self, TokenError};
 
-/// 1 to 63 characters of letters, digits, `_`, `-` and `.` (UUID text fits).
+/// 1 to 63 characters of letters, digits, `_`, `-` and `.` (UUID text fits), and an id that
+/// reads as an integer or a UUID is in that type's canonical form (see [`crate::tenant_id`]).
 pub fn valid_tenant_id(id: &str) -> bool {
-    (1..=63).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    crate::tenant_id::valid(id)
 }
 
 /// What a role may do inside a tenant, weakest first.
@@ -52,6 +52,16 @@ impl Scope {
             Scope::Admin => "admin",
         }
     }
+
+    /// The rank the catalog query computes (1 read, 2 read_write, 3 admin).
+    fn from_rank(rank: i32) -> Option<Scope> {
+        match rank {
+            1 => Some(Scope::Read),
+            2 => Some(Scope::ReadWrite),
+            3 => Some(Scope::Admin),
+            _ => None,
+        }
+    }
 }
 
 /// A context value verified for one role.
@@ -67,20 +77,63 @@ pub struct Verified {
     exp: Option<i64>,
 }
 
+impl Verified {
+    /// Whether this context may write: an active tenant and a read_write or admin grant.
+    pub fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(TenancyError::ReadOnly)
+        } else if self.scope < Scope::ReadWrite {
+            Err(TenancyError::ReadScope)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Distinct (value, role) verifications kept per backend. A pooled connection that serves many
 /// tenants keeps them all warm (bench/README.md: 1,000 tenants); past this the cache starts over.
 const CACHE_CAPACITY: usize = 4096;
 
+/// Who set the current value of `pg_tenancy.tenant`: a value is honoured only if that role
+/// holds the grant too, not only the role using it (a SECURITY DEFINER function owned by an
+/// all-tenants role must not turn a context its caller could not set into one it can use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setter {
+    /// The role that set it: the current user at `SET`/`set_config`/`set_tenant`, the session
+    /// user for start-up options and role or database defaults.
+    Role(pg_sys::Oid),
+    /// Restored in a parallel worker from its leader: the role the session acts as
+    /// (`GetOuterUserId`) stands in for the setter, a bound the leader's setter never exceeds.
+    Worker,
+    /// Set where no role is known (the server's command line): never honoured.
+    Unknown,
+}
+
+/// What the check hook keeps with each value (PostgreSQL stores it with the value, restores it
+/// with the value at RESET and rollback, and frees it with `free()`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SetterExtra {
+    kind: u8,
+    role: pg_sys::Oid,
+}
+
+unsafe extern "C" {
+    fn malloc(size: usize) -> *mut c_void;
+}
+
 thread_local! {
     /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
     static CACHE: RefCell<HashMap<Vec<u8>, Vec<Verified>>> = RefCell::new(HashMap::new());
-    static CACHE_LEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static CACHE_LEN: Cell<usize> = const { Cell::new(0) };
     /// Whether this session was already told that a transaction-scoped context outside a
     /// transaction block lasts one statement.
-    static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WARNED: Cell<bool> = const { Cell::new(false) };
+    /// Who set the current value (see [`Setter`]); kept by the assign hook.
+    static SETTER: Cell<Setter> = const { Cell::new(Setter::Unknown) };
 }
 
-/// Drop every cached verification (and the catalog OIDs they were read from).
+/// Drop every cached verification.
 pub fn clear_cache() {
     CACHE.with(|c| {
         if let Ok(mut c) = c.try_borrow_mut() {
@@ -90,10 +143,21 @@ pub fn clear_cache() {
     CACHE_LEN.with(|n| n.set(0));
 }
 
+/// Register the callbacks that drop what depends on the catalogs. Every input of an access
+/// decision has one: the extension's tables (relcache invalidation, sent by their triggers),
+/// roles (`pg_authid`: SUPERUSER, BYPASSRLS, DROP ROLE, renames) and role memberships
+/// (`pg_auth_members`: a revoked membership that carried a tenant grant).
 pub fn init() {
-    // SAFETY: registers a #[pg_guard] callback once, from _PG_init.
+    // SAFETY: registers #[pg_guard] callbacks once, from _PG_init.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0));
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHOID,
+            pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE,
+            pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(cache as c_int, Some(on_role_change), pg_sys::Datum::from(0));
+        }
     }
 }
 
@@ -111,6 +175,12 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
         crate::crypto::forget_keys();
         clear_cache();
     }
+}
+
+/// A role or a role membership changed anywhere in the cluster: verifications may be stale.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_role_change(_arg: pg_sys::Datum, _cacheid: c_int, _hash: u32) {
+    clear_cache();
 }
 
 /// Assign hook of every setting that changes how a value verifies.
@@ -137,7 +207,7 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn load_secret() -> Result<Vec<u8>> {
+pub(crate) fn load_secret() -> Result<Vec<u8>> {
     let secret = if let Some(s) = gucs::jwt_secret() {
         s.into_bytes()
     } else if let Some(path) = gucs::jwt_secret_file() {
@@ -156,7 +226,7 @@ fn load_secret() -> Result<Vec<u8>> {
 }
 
 fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
-    // SAFETY: superuser_arg only reads the role's catalog entry.
+    // SAFETY: superuser_arg only reads the role's catalog entry (syscache: current).
     let is_super = unsafe { pg_sys::superuser_arg(user) };
     let (tenant, exp) = if token::looks_like_token(raw) {
         let secret = load_secret()?;
@@ -178,12 +248,7 @@ fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
     } else {
         // No grant: refuse before saying anything about the tenant, so a role cannot learn
         // which tenants exist.
-        access
-            .scopes
-            .iter()
-            .filter_map(|s| Scope::parse(s))
-            .max()
-            .ok_or(TenancyError::NotPermitted)?
+        access.best_scope.and_then(Scope::from_rank).ok_or(TenancyError::NotPermitted)?
     };
     let read_only = match access.status.as_deref() {
         None => return Err(TenancyError::UnknownTenant),
@@ -284,26 +349,52 @@ pub fn session_tenant_for_log() -> String {
         .unwrap_or_else(|| "(unverified token)".to_string())
 }
 
-/// Run `f` on the verified context of the role running the current statement.
-///
-/// This is the hot path (policies call it once per statement): on a cache hit it reads the
-/// setting in place, allocates nothing but what `f` returns, and runs no query.
-pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
+/// The raw context value in place (NULL or empty: none).
+fn raw_value<'a>() -> Option<&'a [u8]> {
     // SAFETY: the setting's storage is a NUL-terminated string owned by the GUC machinery (or
-    // NULL). Nothing below changes the setting (a miss copies the value before it runs SPI), so
-    // the borrow stays valid for this call.
-    let raw: &[u8] = unsafe {
+    // NULL). It changes only when the setting is assigned, which nothing below does while the
+    // slice is in use (a cache miss copies the value before it runs SPI).
+    unsafe {
         let p = *gucs::TENANT.as_ptr();
         if p.is_null() {
-            return Err(TenancyError::NoContext);
+            return None;
         }
-        CStr::from_ptr(p).to_bytes()
-    };
-    if raw.is_empty() {
-        return Err(TenancyError::NoContext);
+        let raw = CStr::from_ptr(p).to_bytes();
+        (!raw.is_empty()).then_some(raw)
     }
+}
+
+/// The role that set the value must hold the grant too (see [`Setter`]).
+fn verify_setter(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
+    let setter = match SETTER.with(|s| s.get()) {
+        Setter::Role(s) => s,
+        // SAFETY: reads a backend-local variable.
+        Setter::Worker => unsafe { pg_sys::GetOuterUserId() },
+        Setter::Unknown => {
+            refused(&TenancyError::NotPermitted, std::str::from_utf8(raw).unwrap_or(""));
+            return Err(TenancyError::NotPermitted);
+        }
+    };
+    if setter == user {
+        return Ok(());
+    }
+    with_verified(raw, setter, |_| ())
+}
+
+/// Run `f` on the verified context of the role running the current statement.
+///
+/// The value must verify for that role and for the role that set it. Invalidation messages are
+/// taken first, so that a change committed by another session (a revoked grant or membership,
+/// a suspension) reaches this one at its next statement even inside an open transaction that
+/// already holds every lock it needs. On a cache hit this reads the setting in place and runs
+/// no query.
+pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    // SAFETY: processes pending invalidation messages, as any lock acquisition does.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    let raw = raw_value().ok_or(TenancyError::NoContext)?;
     // SAFETY: GetUserId only reads a backend-local variable.
     let user = unsafe { pg_sys::GetUserId() };
+    verify_setter(raw, user)?;
     with_verified(raw, user, f)
 }
 
@@ -312,15 +403,22 @@ pub fn resolve() -> Result<Verified> {
     with_context(|v| v.clone())
 }
 
-/// Check hook of `pg_tenancy.tenant`: refuses, at SET time, any value the current role could
-/// not use. Outside a transaction (configuration reload, connection start) only the shape is
-/// checked; the value is verified again at first use anyway.
+/// Whether a context value is set at all (not whether it verifies).
+pub fn is_set() -> bool {
+    raw_value().is_some()
+}
+
+/// Check hook of `pg_tenancy.tenant`: refuses, at SET time, any value the setting role could not
+/// use, and keeps with the value which role set it. Outside a transaction (connection start-up
+/// options, role and database defaults) only the shape is checked; the value is verified for
+/// the role that set it (the session user) and for the role using it at every use.
 #[pg_guard]
 pub unsafe extern "C-unwind" fn check_tenant_guc(
     newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
+    extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
 ) -> bool {
+    use pg_sys::GucSource::*;
     // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
     let value = unsafe {
         let p = *newval;
@@ -333,27 +431,77 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
         return true;
     }
     // SAFETY: plain reads of backend state.
+    let (worker, current, session) =
+        unsafe { (pg_sys::ParallelWorkerNumber >= 0, pg_sys::GetUserId(), pg_sys::GetSessionUserId()) };
+    let setter = if worker {
+        Setter::Worker
+    } else {
+        match source {
+            PGC_S_SESSION => Setter::Role(current),
+            PGC_S_GLOBAL | PGC_S_DATABASE | PGC_S_USER | PGC_S_DATABASE_USER | PGC_S_CLIENT | PGC_S_OVERRIDE
+                if session != pg_sys::InvalidOid =>
+            {
+                Setter::Role(session)
+            }
+            _ => Setter::Unknown,
+        }
+    };
+    // SAFETY: plain reads of backend state.
     // (SPI needs a transaction and a snapshot or portal: SET and set_config() have them;
-    // connection start-up options and configuration reloads do not.)
+    // connection start-up options do not.)
     let in_xact = unsafe {
         pg_sys::IsTransactionState()
-            && pg_sys::ParallelWorkerNumber < 0
+            && !worker
             && (pg_sys::ActiveSnapshotSet() || !pg_sys::ActivePortal.is_null())
     };
-    let outcome = if in_xact {
-        with_verified(value.as_bytes(), unsafe { pg_sys::GetUserId() }, |_| ())
-    } else if token::looks_like_token(&value) || valid_tenant_id(&value) {
-        Ok(())
-    } else {
-        Err(TenancyError::InvalidTenantId)
+    let outcome = match setter {
+        Setter::Role(role) if in_xact && source == PGC_S_SESSION => with_verified(value.as_bytes(), role, |_| ()),
+        // ALTER ROLE/DATABASE ... SET validates the value for the role running it: an early
+        // refusal (it is verified again for the session user at login, and at every use).
+        _ if in_xact && source == PGC_S_TEST && !worker => with_verified(value.as_bytes(), current, |_| ()),
+        _ if token::looks_like_token(&value) || valid_tenant_id(&value) => Ok(()),
+        _ => Err(TenancyError::InvalidTenantId),
     };
-    match outcome {
-        Ok(()) => true,
-        Err(e) => {
-            e.to_guc_check();
-            false
-        }
+    if let Err(e) = outcome {
+        e.to_guc_check();
+        return false;
     }
+    let (kind, role) = match setter {
+        Setter::Role(r) => (0u8, r),
+        Setter::Worker => (1, pg_sys::InvalidOid),
+        Setter::Unknown => (2, pg_sys::InvalidOid),
+    };
+    // SAFETY: a malloc'd block PostgreSQL keeps with the value and frees with free(); NULL (out
+    // of memory) makes the value refused rather than kept without its setter.
+    unsafe {
+        let p = malloc(std::mem::size_of::<SetterExtra>()) as *mut SetterExtra;
+        if p.is_null() {
+            return false;
+        }
+        p.write(SetterExtra { kind, role });
+        *extra = p.cast();
+    }
+    true
+}
+
+/// Assign hook of `pg_tenancy.tenant`: remember who set the value now in force, and let held
+/// cursors follow the context.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, extra: *mut c_void) {
+    let setter = if extra.is_null() {
+        Setter::Unknown
+    } else {
+        // SAFETY: made by check_tenant_guc for this value.
+        let e = unsafe { *(extra as *const SetterExtra) };
+        match e.kind {
+            0 => Setter::Role(e.role),
+            1 => Setter::Worker,
+            _ => Setter::Unknown,
+        }
+    };
+    SETTER.with(|s| s.set(setter));
+    // SAFETY: forwards PostgreSQL's arguments.
+    unsafe { crate::cursors::on_tenant_assign(newval) };
 }
 
 fn set_context(value: &str, session: bool) {
@@ -396,7 +544,9 @@ fn set_context(value: &str, session: bool) {
 fn set_tenant(tenant: Option<&str>, session: default!(bool, false)) -> String {
     let tenant = tenant.ok_or(TenancyError::InvalidArgument("tenant")).or_raise();
     if tenant.is_empty() || token::looks_like_token(tenant) {
-        // A token is not a tenant id: refuse rather than guess what the caller meant.
+        // A token is not a tenant id: refuse rather than guess what the caller meant. (A
+        // malformed id, or an alias such as `007` for `7`, is refused and recorded by the
+        // setting's check hook.)
         TenancyError::InvalidTenantId.raise();
     }
     set_context(tenant, session);
@@ -430,16 +580,7 @@ fn current_tenant() -> String {
 /// a role whose grant has scope 'read'. Write policies call it.
 #[pg_extern(stable, parallel_safe)]
 fn writable_tenant() -> String {
-    let r = with_context(|v| {
-        if v.read_only {
-            Err(TenancyError::ReadOnly)
-        } else if v.scope < Scope::ReadWrite {
-            Err(TenancyError::ReadScope)
-        } else {
-            Ok(v.tenant.clone())
-        }
-    })
-    .and_then(|r| r);
+    let r = with_context(|v| v.writable().map(|_| v.tenant.clone())).and_then(|r| r);
     if let Err(e @ (TenancyError::ReadOnly | TenancyError::ReadScope)) = &r {
         crate::audit::record(
             crate::audit::Event::ReadOnlyWrite,

@@ -105,16 +105,7 @@ fn note_encryption(tenant: &str, version: i32) -> Result<()> {
         COUNTS.with(|c| *c.borrow_mut().entry((tenant.to_string(), version)).or_insert(0) += pending);
         return Ok(());
     }
-    let total = catalog::as_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "UPDATE tenancy.keys SET encryptions = encryptions + $3 \
-              WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) 'data' \
-                AND version OPERATOR(pg_catalog.=) $2 RETURNING encryptions",
-            &[tenant.into(), version.into(), pending.into()],
-        )
-    })?
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not count encryptions: {e}"))
-    .unwrap_or(0);
+    let total = catalog::count_encryptions(tenant, version, pending)?;
     if total >= limit {
         create_key(tenant, Kind::Data, Create::RotateIfActive(version))?;
     }
@@ -157,15 +148,15 @@ fn key_id(key: &[u8]) -> [u8; KEY_ID_LEN] {
 }
 
 /// The AES-GCM instance for the tenant's data key `version` (or the active one).
-fn cipher_for(tenant: &str, version: Option<i32>, create: bool) -> Result<(i32, std::rc::Rc<Cipher>)> {
+fn cipher_for(tenant: &str, version: Option<i32>, may_create: Option<&Creation>) -> Result<(i32, std::rc::Rc<Cipher>)> {
     let version = match version.or_else(|| ACTIVE.with(|a| a.borrow().get(&(tenant.to_string(), Kind::Data)).copied())) {
         Some(v) => v,
-        None => key_for(tenant, Kind::Data, None, create)?.0,
+        None => key_for(tenant, Kind::Data, None, may_create)?.0,
     };
     if let Some(c) = CIPHERS.with(|c| c.borrow().get(tenant).and_then(|v| v.get(&version)).cloned()) {
         return Ok((version, c));
     }
-    let (_, key) = key_for(tenant, Kind::Data, Some(version), false)?;
+    let (_, key) = key_for(tenant, Kind::Data, Some(version), None)?;
     let key = Zeroizing::new(key);
     let cipher = std::rc::Rc::new(Cipher {
         gcm: Gcm::new(&key),
@@ -345,51 +336,32 @@ fn unwrap(kek_id_stored: &str, wrapped: &[u8], tenant: &str, kind: Kind, version
     Ok(key)
 }
 
-struct KeyRow {
-    version: i32,
-    state: String,
-    wrapped: Option<Vec<u8>>,
-    kek_id: String,
-}
+use crate::catalog::KeyRow;
 
 fn fetch_key(tenant: &str, kind: Kind, version: Option<i32>) -> Result<Option<KeyRow>> {
-    catalog::as_owner(|| {
-        Spi::connect(|c| -> std::result::Result<_, pgrx::spi::Error> {
-            let t = c.select(
-                "SELECT version, state, wrapped, kek_id FROM tenancy.keys \
-                  WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 \
-                    AND CASE WHEN $3 IS NULL THEN state OPERATOR(pg_catalog.=) 'active' \
-                             ELSE version OPERATOR(pg_catalog.=) $3 END \
-                  ORDER BY version DESC LIMIT 1",
-                Some(1),
-                &[tenant.into(), kind.as_str().into(), version.into()],
-            )?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            let t = t.first();
-            Ok(Some(KeyRow {
-                version: t.get::<i32>(1)?.unwrap_or(0),
-                state: t.get::<String>(2)?.unwrap_or_default(),
-                wrapped: t.get::<Vec<u8>>(3)?,
-                kek_id: t.get::<String>(4)?.unwrap_or_default(),
-            }))
-        })
-        .unwrap_or_else(|e| pgrx::error!("pg_tenancy key lookup failed: {e}"))
-    })
+    catalog::key(tenant, kind.as_str(), version)
 }
 
-fn destroyed_any(tenant: &str) -> Result<bool> {
-    catalog::as_owner(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM tenancy.keys WHERE tenant OPERATOR(pg_catalog.=) $1 \
-                              AND state OPERATOR(pg_catalog.=) 'destroyed')",
-            &[tenant.into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-    })
+/// Whether a key may be created in the current context: creating a tenant's keys is a write, so
+/// it needs what a write needs (an active tenant, a read_write or admin grant).
+pub struct Creation(Result<()>);
+
+impl Creation {
+    fn of(v: &context::Verified) -> Creation {
+        Creation(v.writable())
+    }
+    fn allowed(&self) -> Result<()> {
+        if let Err(e) = &self.0 {
+            crate::audit::record(
+                crate::audit::Event::ReadOnlyWrite,
+                pg_sys::InvalidOid,
+                None,
+                &e.sqlstate_text(),
+                "creating the tenant's keys is a write",
+            );
+        }
+        self.0.clone()
+    }
 }
 
 /// Insert a new key version (the first, or a rotation); returns its version. Serialized per
@@ -407,14 +379,10 @@ enum Create {
 
 fn create_key(tenant: &str, kind: Kind, mode: Create) -> Result<i32> {
     let kek = current_kek()?;
-    catalog::as_owner(|| {
-        Spi::run_with_args(
-            "SELECT 1 FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE",
-            &[tenant.into()],
-        )
-    })?
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
-    if destroyed_any(tenant)? {
+    if !catalog::lock_tenant(tenant)? {
+        return Err(TenancyError::UnknownTenant);
+    }
+    if catalog::keys_destroyed(tenant)? {
         return Err(TenancyError::KeysDestroyed);
     }
     match (mode, fetch_key(tenant, kind, None)?) {
@@ -422,45 +390,28 @@ fn create_key(tenant: &str, kind: Kind, mode: Create) -> Result<i32> {
         (Create::RotateIfActive(v), Some(row)) if row.version != v => return Ok(row.version),
         _ => {}
     }
-    let version = catalog::as_owner(|| {
-        Spi::get_one_with_args::<i32>(
-            "SELECT coalesce(max(version), 0) + 1 FROM tenancy.keys \
-              WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2",
-            &[tenant.into(), kind.as_str().into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(1)
-    })?;
+    let version = catalog::next_key_version(tenant, kind.as_str())?;
     let dek: Key = Zeroizing::new(random_bytes::<32>());
     let wrapped = wrap(&kek, &dek, tenant, kind, version);
-    catalog::as_owner(|| {
-        Spi::run_with_args(
-            "UPDATE tenancy.keys SET state = 'decrypt_only', retired_at = pg_catalog.now() \
-              WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 \
-                AND state OPERATOR(pg_catalog.=) 'active'",
-            &[tenant.into(), kind.as_str().into()],
-        )?;
-        Spi::run_with_args(
-            "INSERT INTO tenancy.keys (tenant, kind, version, state, wrapped, kek_id) \
-             VALUES ($1, $2, $3, 'active', $4, $5)",
-            &[tenant.into(), kind.as_str().into(), version.into(), wrapped.into(), kek.id.as_str().into()],
-        )
-    })?
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not store the new key: {e}"));
+    catalog::insert_active_key(tenant, kind.as_str(), version, &wrapped, &kek.id)?;
     DEKS.with(|d| d.borrow_mut().insert((tenant.to_string(), kind, version), dek));
     ACTIVE.with(|a| a.borrow_mut().insert((tenant.to_string(), kind), version));
     Ok(version)
 }
 
 /// The unwrapped key `version` (or the active one, created on first use) of `tenant`.
-fn key_for(tenant: &str, kind: Kind, version: Option<i32>, create: bool) -> Result<(i32, [u8; 32])> {
+fn key_for(tenant: &str, kind: Kind, version: Option<i32>, may_create: Option<&Creation>) -> Result<(i32, [u8; 32])> {
     let version = match version.or_else(|| ACTIVE.with(|a| a.borrow().get(&(tenant.to_string(), kind)).copied())) {
         Some(v) => v,
         None => match fetch_key(tenant, kind, None)? {
             Some(row) => row.version,
-            None if create => create_key(tenant, kind, Create::First)?,
-            None => return Err(TenancyError::CiphertextInvalid),
+            None => match may_create {
+                Some(c) => {
+                    c.allowed()?;
+                    create_key(tenant, kind, Create::First)?
+                }
+                None => return Err(TenancyError::CiphertextInvalid),
+            },
         },
     };
     if let Some(k) = DEKS.with(|d| d.borrow().get(&(tenant.to_string(), kind, version)).map(|k| **k)) {
@@ -503,8 +454,8 @@ fn with_aad<R>(header: &[u8], tenant: &str, context: &str, f: impl FnOnce(&[u8])
 
 /// The ciphertext of `plain`, built in place in a bytea: header, nonce, ciphertext, tag.
 fn encrypt_bytes(plain: &[u8], context: &str) -> Result<ByteaOut> {
-    let tenant = context::with_context(|v| v.tenant.clone())?;
-    let (version, cipher) = cipher_for(&tenant, None, true)?;
+    let (tenant, creation) = context::with_context(|v| (v.tenant.clone(), Creation::of(v)))?;
+    let (version, cipher) = cipher_for(&tenant, None, Some(&creation))?;
     let len = HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN;
     if len > MAX_VALUE {
         return Err(TenancyError::ValueTooLarge);
@@ -537,7 +488,7 @@ fn decrypt_with<B: AsMut<[u8]>>(ciphertext: &[u8], context: &str, out: impl FnOn
     let version = u32::from_be_bytes(ciphertext[2..6].try_into().expect("4 bytes"));
     let version = i32::try_from(version).map_err(|_| TenancyError::CiphertextMalformed)?;
     let tenant = context::with_context(|v| v.tenant.clone())?;
-    let cipher = match cipher_for(&tenant, Some(version), false) {
+    let cipher = match cipher_for(&tenant, Some(version), None) {
         Ok((_, c)) if c.id[..] == ciphertext[6..HEADER_LEN] => c,
         // Not this tenant's key: another tenant's ciphertext (or a forged header).
         Ok(_) | Err(TenancyError::CiphertextInvalid) => {
@@ -696,8 +647,8 @@ fn key_version(ciphertext: Option<&[u8]>) -> Option<i32> {
 /// The current tenant's active data key version (created on first use).
 #[pg_extern(volatile, parallel_unsafe)]
 fn active_key_version() -> i32 {
-    let tenant = context::with_context(|v| v.tenant.clone()).or_raise();
-    key_for(&tenant, Kind::Data, None, true).or_raise().0
+    let (tenant, creation) = context::with_context(|v| (v.tenant.clone(), Creation::of(v))).or_raise();
+    key_for(&tenant, Kind::Data, None, Some(&creation)).or_raise().0
 }
 
 /// A new active key version for `tenant`; older versions keep decrypting. Returns the version.
@@ -718,31 +669,7 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
     if !catalog::tenant_exists(tenant).or_raise() {
         TenancyError::UnknownTenant.raise();
     }
-    let n = catalog::as_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH d AS (UPDATE tenancy.keys SET state = 'destroyed', wrapped = NULL, \
-                               destroyed_at = pg_catalog.now() \
-                         WHERE tenant OPERATOR(pg_catalog.=) $1 \
-                           AND state OPERATOR(pg_catalog.<>) 'destroyed' RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
-            &[tenant.into()],
-        )
-    })
-    .or_raise()
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not shred: {e}"))
-    .unwrap_or(0);
-    // A tenant without keys yet gets a destroyed marker, so no key is ever created for it.
-    if n == 0 && !destroyed_any(tenant).or_raise() {
-        catalog::as_owner(|| {
-            Spi::run_with_args(
-                "INSERT INTO tenancy.keys (tenant, kind, version, state, wrapped, kek_id, destroyed_at) \
-                 VALUES ($1, 'data', 0, 'destroyed', NULL, '', pg_catalog.now())",
-                &[tenant.into()],
-            )
-        })
-        .or_raise()
-        .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not shred: {e}"));
-    }
+    let n = catalog::shred(tenant).or_raise();
     forget_keys();
     n
 }
@@ -752,38 +679,14 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_master_key() -> i64 {
     let kek = current_kek().or_raise();
-    let rows = catalog::as_owner(|| {
-        Spi::connect(|c| -> std::result::Result<_, pgrx::spi::Error> {
-            let mut out = Vec::new();
-            for r in c.select(
-                "SELECT tenant, kind, version FROM tenancy.keys \
-                  WHERE wrapped IS NOT NULL AND kek_id OPERATOR(pg_catalog.<>) $1 ORDER BY 1, 2, 3",
-                None,
-                &[kek.id.as_str().into()],
-            )? {
-                out.push((r.get::<String>(1)?.unwrap_or_default(), r.get::<String>(2)?.unwrap_or_default(), r.get::<i32>(3)?.unwrap_or(0)));
-            }
-            Ok(out)
-        })
-        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"))
-    })
-    .or_raise();
+    let rows = catalog::keys_not_wrapped_by(&kek.id).or_raise();
     let mut n = 0;
     for (tenant, kind, version) in rows {
         let kind = if kind == "index" { Kind::Index } else { Kind::Data };
         let row = fetch_key(&tenant, kind, Some(version)).or_raise().expect("listed above");
         let key = unwrap(&row.kek_id, row.wrapped.as_deref().unwrap_or_default(), &tenant, kind, version).or_raise();
         let wrapped = wrap(&kek, &key, &tenant, kind, version);
-        catalog::as_owner(|| {
-            Spi::run_with_args(
-                "UPDATE tenancy.keys SET wrapped = $4, kek_id = $5 \
-                  WHERE tenant OPERATOR(pg_catalog.=) $1 AND kind OPERATOR(pg_catalog.=) $2 \
-                    AND version OPERATOR(pg_catalog.=) $3",
-                &[tenant.as_str().into(), kind.as_str().into(), version.into(), wrapped.into(), kek.id.as_str().into()],
-            )
-        })
-        .or_raise()
-        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+        catalog::rewrap_key(&tenant, kind.as_str(), version, &wrapped, &kek.id).or_raise();
         n += 1;
     }
     n
@@ -794,8 +697,8 @@ fn rotate_master_key() -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn blind_index(value: Option<&str>, context: default!(&str, "''")) -> Option<Vec<u8>> {
     value.map(|v| {
-        let tenant = context::with_context(|c| c.tenant.clone()).or_raise();
-        let (_, key) = key_for(&tenant, Kind::Index, None, true).or_raise();
+        let (tenant, creation) = context::with_context(|c| (c.tenant.clone(), Creation::of(c))).or_raise();
+        let (_, key) = key_for(&tenant, Kind::Index, None, Some(&creation)).or_raise();
         let key = Zeroizing::new(key);
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("any key length");
         mac.update(context.as_bytes());

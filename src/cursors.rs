@@ -1,22 +1,26 @@
-//! `WITH HOLD` cursors over protected tables follow the tenant context that declared them.
+//! `WITH HOLD` cursors follow the tenant context that declared them.
 //!
 //! A held cursor outlives its transaction: its rows, computed under one tenant's context, wait in
 //! the session. On a connection a pooler hands from one client to the next without a reset, the
 //! next client could read them (FETCH, a PL/pgSQL `FETCH` in a `DO` block, a protocol-level
-//! Execute). So such a cursor is readable only while `pg_tenancy.tenant` holds the value it held
-//! when the cursor was declared:
+//! Execute). What a cursor reads cannot be known when it is declared (a PL/pgSQL or SQL
+//! function can read a protected table), so every held cursor is bound to the value
+//! `pg_tenancy.tenant` held when it was declared (no value included), and is readable only
+//! while the setting holds that value again:
 //! - the setting's assign hook marks the cursor's portal failed whenever the setting takes
 //!   another value (including the end of a transaction-scoped context) and ready again when it
 //!   takes the declaring value back — PostgreSQL refuses to run a portal that is not ready, by
 //!   every route;
 //! - a SQL `FETCH`/`MOVE` under another value is refused with 42501 before that, and recorded as
-//!   `cross_tenant_probe` with the cursor's tenant as the attempted one.
+//!   `cross_tenant_probe` (with the cursor's tenant as the attempted one) when either context
+//!   named a tenant.
 //!
-//! Cursors without HOLD end with their transaction and are not tracked; neither are held cursors
-//! that read no protected table.
+//! Cursors without HOLD end with their transaction and are not tracked. A held cursor declared
+//! and fetched with no context at all, as in a database that uses no tenancy, behaves as without
+//! pg_tenancy.
 use pgrx::pg_sys;
 use std::cell::RefCell;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, CStr, CString};
 
 use crate::audit::{self, Event};
 use crate::error::TenancyError;
@@ -30,7 +34,7 @@ struct Held {
     context: Option<Vec<u8>>,
     /// The verified tenant then, for the audit record.
     tenant: Option<String>,
-    /// A protected table it reads, for the audit record.
+    /// A protected table it reads (InvalidOid when none is seen), for the audit record.
     rel: pg_sys::Oid,
     /// Marked failed by us (and so ours to mark ready again).
     locked: bool,
@@ -51,7 +55,7 @@ fn current_context() -> Option<Vec<u8>> {
     gucs::tenant_raw().filter(|s| !s.is_empty()).map(String::into_bytes)
 }
 
-/// After a `DECLARE` ran: track it when it is a held cursor over a protected table.
+/// After a `DECLARE` ran: track it when it is a held cursor.
 ///
 /// # Safety
 /// `stmt` is the DeclareCursorStmt PostgreSQL just executed.
@@ -73,22 +77,21 @@ pub unsafe fn declared(stmt: *mut pg_sys::DeclareCursorStmt) {
         if portal.is_null() {
             return;
         }
-        let rel = crate::hooks::list_ptrs((*portal).stmts)
+        let rel = crate::probe::list_ptrs((*portal).stmts)
             .into_iter()
             .filter(|s| !s.is_null() && (*(*s as *mut pg_sys::Node)).type_ == pg_sys::NodeTag::T_PlannedStmt)
-            .find_map(|s| crate::hooks::first_protected((*(s as *mut pg_sys::PlannedStmt)).rtable));
-        match rel {
-            Some(rel) => (portal, rel),
-            None => return,
-        }
+            .find_map(|s| crate::hooks::first_protected((*(s as *mut pg_sys::PlannedStmt)).rtable))
+            .unwrap_or(pg_sys::InvalidOid);
+        (portal, rel)
     };
-    let tenant = crate::context::with_context(|v| v.tenant.clone()).ok();
+    let context = current_context();
+    let tenant = if context.is_some() { crate::context::with_context(|v| v.tenant.clone()).ok() } else { None };
     HELD.with(|h| {
         h.borrow_mut().push(Held {
             name,
             // SAFETY: the portal found above.
             created: unsafe { (*portal).creation_time },
-            context: current_context(),
+            context,
             tenant,
             rel,
             locked: false,
@@ -116,25 +119,29 @@ pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
             // SAFETY: portal lookup only.
             .find(|c| c.name.as_c_str() == name && unsafe { portal_of(c) }.is_some())
             .filter(|c| c.context != now)
-            .map(|c| (c.rel, c.tenant.clone()))
+            .map(|c| (c.rel, c.tenant.clone(), c.context.is_some()))
     });
-    if let Some((rel, tenant)) = foreign {
-        audit::record(
-            Event::CrossTenantProbe,
-            rel,
-            tenant.as_deref(),
-            "42501",
-            "fetch from a held cursor declared in another tenant context",
-        );
+    if let Some((rel, tenant, declared_in_tenant)) = foreign {
+        if declared_in_tenant || now.is_some() {
+            audit::record(
+                Event::CrossTenantProbe,
+                rel,
+                tenant.as_deref(),
+                "42501",
+                "fetch from a held cursor declared in another tenant context",
+            );
+        }
         TenancyError::ForeignCursor.raise();
     }
 }
 
-/// Assign hook of `pg_tenancy.tenant`: held cursors declared under another value become
+/// From the assign hook of `pg_tenancy.tenant`: held cursors declared under another value become
 /// unreadable, those declared under this one readable again. Only flips portal states (no
 /// allocation in PostgreSQL, no error), as an assign hook must.
-#[pgrx::pg_guard]
-pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, _extra: *mut c_void) {
+///
+/// # Safety
+/// `newval` is the setting's new value (a C string or NULL).
+pub unsafe fn on_tenant_assign(newval: *const c_char) {
     HELD.with(|h| {
         let Ok(mut held) = h.try_borrow_mut() else { return };
         if held.is_empty() {

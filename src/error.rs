@@ -58,6 +58,18 @@ pub enum TenancyError {
     ValueTooLarge,
     #[error("cursor was declared in another tenant context")]
     ForeignCursor,
+    #[error("EXPLAIN ANALYZE is not available on protected tables")]
+    ExplainAnalyze,
+    #[error("table is already protected on another tenant column")]
+    Rekey,
+    #[error("a temporary table cannot be protected")]
+    TemporaryTable,
+    #[error("rules cannot be added to a protected table")]
+    Rule,
+    #[error("a protected table cannot have a parent that is not protected")]
+    UnprotectedParent,
+    #[error("a table that already holds rows cannot become a partition or child of a protected table")]
+    LoadedChild,
 }
 
 impl TenancyError {
@@ -88,6 +100,11 @@ impl TenancyError {
             TenancyError::AuditAppendOnly => ERRCODE_INSUFFICIENT_PRIVILEGE,           // 42501
             TenancyError::ValueTooLarge => ERRCODE_PROGRAM_LIMIT_EXCEEDED,             // 54000
             TenancyError::ForeignCursor => ERRCODE_INSUFFICIENT_PRIVILEGE,             // 42501
+            TenancyError::ExplainAnalyze | TenancyError::Rekey | TenancyError::Rule | TenancyError::UnprotectedParent
+            | TenancyError::LoadedChild => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE // 42501
+            }
+            TenancyError::TemporaryTable => ERRCODE_WRONG_OBJECT_TYPE, // 42809
         }
     }
 
@@ -102,7 +119,9 @@ impl TenancyError {
         match self {
             TenancyError::Token(e) => Some(e.to_string()),
             TenancyError::InvalidTenantId => Some(
-                "A tenant id is 1 to 63 characters: letters, digits, '_', '-' and '.'.".into(),
+                "A tenant id is 1 to 63 characters: letters, digits, '_', '-' and '.'; one that reads as an \
+integer or a UUID is written in that type's canonical form (no leading zeros; a lowercase UUID with hyphens)."
+                    .into(),
             ),
             TenancyError::BadSecret(why) | TenancyError::MasterKeyUnusable(why) => Some((*why).to_string()),
             TenancyError::CiphertextInvalid => Some(
@@ -160,7 +179,23 @@ impl TenancyError {
                 "Add pg_tenancy to shared_preload_libraries in postgresql.conf and restart the server."
             }
             TenancyError::ForeignCursor => {
-                "A WITH HOLD cursor over a protected table is readable only in the tenant context that declared it. Set that context again, or CLOSE the cursor (DISCARD ALL closes them all) before the connection serves another tenant."
+                "A WITH HOLD cursor is readable only in the tenant context that declared it. Set that context again, or CLOSE the cursor (DISCARD ALL closes them all) before the connection serves another tenant."
+            }
+            TenancyError::ExplainAnalyze => crate::explain::HINT,
+            TenancyError::Rekey => {
+                "protect() repairs a protection on the same column; moving it to another column needs a superuser to run tenancy.unprotect() first."
+            }
+            TenancyError::TemporaryTable => {
+                "A temporary table is visible only to its own session; protect the permanent table it is copied from."
+            }
+            TenancyError::LoadedChild => {
+                "Its rows were written outside the tenant policies, for any tenant. Attach it empty and load it through the parent, or have a superuser attach it."
+            }
+            TenancyError::UnprotectedParent => {
+                "Row security applies the policies of the table a query names: protect the parent, which protects its partitions and children with it."
+            }
+            TenancyError::Rule => {
+                "A rule on a protected table could copy or redirect every tenant's rows; use a trigger (listed by tenancy.check() until a superuser approves its function)."
             }
             TenancyError::ValueTooLarge => {
                 "A ciphertext is 42 bytes longer than its plaintext and must fit in a bytea (1 GB); store larger objects in parts."

@@ -42,26 +42,12 @@ fn _grant_tenant(role: Option<pg_sys::Oid>, tenant: Option<&str>, scope: Option<
         .ok_or(TenancyError::InvalidArgument("scope (read, read_write or admin)"))
         .or_raise();
     authorize(tenant).or_raise();
-    if tenant != "*" {
-        // SAFETY: GetUserId reads a backend-local variable.
-        let access = catalog::tenant_access(tenant, unsafe { pg_sys::GetUserId() }).or_raise();
-        if access.status.is_none() {
-            TenancyError::UnknownTenant.raise();
-        }
+    if tenant != "*" && !catalog::tenant_exists(tenant).or_raise() {
+        TenancyError::UnknownTenant.raise();
     }
     // SAFETY: GetUserId reads a backend-local variable.
     let grantor = unsafe { pg_sys::GetUserId() };
-    catalog::as_owner(|| {
-        Spi::run_with_args(
-            "INSERT INTO tenancy.grants (role, tenant, scope, granted_by) \
-             VALUES ($1::pg_catalog.oid::pg_catalog.regrole, $2, $3, $4::pg_catalog.oid::pg_catalog.regrole) \
-             ON CONFLICT (role, tenant) DO UPDATE \
-                SET scope = EXCLUDED.scope, granted_by = EXCLUDED.granted_by, granted_at = pg_catalog.now()",
-            &[role.into(), tenant.into(), scope.as_str().into(), grantor.into()],
-        )
-    })
-    .or_raise()
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not record the grant: {e}"));
+    catalog::grant(role, tenant, scope.as_str(), grantor).or_raise();
 }
 
 /// `tenancy.revoke_tenant(role regrole, tenant text)`: returns whether a grant was removed.
@@ -70,17 +56,5 @@ fn _revoke_tenant(role: Option<pg_sys::Oid>, tenant: Option<&str>) -> bool {
     let role = role.ok_or(TenancyError::InvalidArgument("role")).or_raise();
     let tenant = check_tenant_arg(tenant).or_raise();
     authorize(tenant).or_raise();
-    catalog::as_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH d AS (DELETE FROM tenancy.grants \
-                         WHERE role::pg_catalog.oid OPERATOR(pg_catalog.=) $1 \
-                           AND tenant OPERATOR(pg_catalog.=) $2 RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
-            &[role.into(), tenant.into()],
-        )
-    })
-    .or_raise()
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy could not remove the grant: {e}"))
-    .unwrap_or(0)
-        > 0
+    catalog::revoke(role, tenant).or_raise()
 }

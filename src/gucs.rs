@@ -20,6 +20,21 @@ pub enum ContextMode {
     Signed,
 }
 
+/// What `EXPLAIN ANALYZE` of a statement on a protected table does, for roles subject to its
+/// policies (its counters describe rows of other tenants).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ExplainAnalyze {
+    /// Refused with 42501 and recorded as `cross_tenant_probe`.
+    #[name = c"refuse"]
+    Refuse,
+    /// Runs, with the counters that can describe other tenants' rows zeroed.
+    #[name = c"hide"]
+    Hide,
+}
+
+/// See [`ExplainAnalyze`].
+pub static EXPLAIN_ANALYZE: GucSetting<ExplainAnalyze> = GucSetting::<ExplainAnalyze>::new(ExplainAnalyze::Refuse);
+
 /// The tenant context itself. Its value is a tenant id or a signed token; every value is
 /// verified against the role's grants (and the token's signature) when it is set and again
 /// when it is used, so the setting is a transport, never a source of trust.
@@ -77,7 +92,7 @@ against the role's tenant grants and, for tokens, the signature and expiry.",
             GucContext::Userset,
             GucFlags::NO_SHOW_ALL | GucFlags::DISALLOW_IN_FILE | GucFlags::DISALLOW_IN_AUTO_FILE,
             Some(crate::context::check_tenant_guc),
-            Some(crate::cursors::on_tenant_assign),
+            Some(crate::context::on_tenant_assign),
             None,
         );
     }
@@ -215,6 +230,15 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"pg_tenancy.explain_analyze",
+        c"What EXPLAIN ANALYZE of a statement on a protected table does for roles subject to its policies.",
+        c"'refuse' (42501, recorded) or 'hide' (counters that could describe other tenants' rows are zeroed). \
+Its counters, such as rows removed by the tenant filter, would otherwise describe other tenants' rows.",
+        &EXPLAIN_ANALYZE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"pg_tenancy.tenant_column",
         c"Name of the tenant column that tenancy.check() and auto-protection look for.",
@@ -311,6 +335,10 @@ pub fn previous_master_key_file() -> Option<String> {
 
 pub fn max_encryptions_per_key() -> i64 {
     MAX_ENCRYPTIONS_PER_KEY.get() as i64
+}
+
+pub fn explain_analyze() -> ExplainAnalyze {
+    EXPLAIN_ANALYZE.get()
 }
 
 pub fn guard() -> bool {

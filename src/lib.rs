@@ -19,11 +19,14 @@ pub mod context;
 pub mod crypto;
 pub mod cursors;
 pub mod error;
+pub mod explain;
 pub mod gcm;
 pub mod grants;
 pub mod gucs;
 pub mod hooks;
+pub mod probe;
 pub mod protect;
+pub mod tenant_id;
 pub mod token;
 
 ::pgrx::pg_module_magic!();
@@ -48,6 +51,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     context::init();
     hooks::install();
+    explain::init();
     crypto::init();
     audit::init();
 }

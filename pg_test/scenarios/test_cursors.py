@@ -142,7 +142,7 @@ def test_held_cursor_is_readable_only_in_its_context(su):
         conn.close()
 
 
-def test_held_cursor_in_session_context_and_cursors_not_tracked(su):
+def test_held_cursor_in_session_context_and_cursors_without_hold(su):
     setup_table(su)
     conn = connect(user=APP)
     try:
@@ -156,10 +156,15 @@ def test_held_cursor_in_session_context_and_cursors_not_tracked(su):
         assert sqlstate_of(conn, "FETCH ABSOLUTE 1 FROM mine") == "42501"
         run(conn, "SELECT tenancy.set_tenant(%s, true)", A)
         run(conn, "CLOSE mine")
-        # a held cursor over no protected table is not tracked; a cursor reusing the name is new
+        # every held cursor is bound, even one that names no protected table (what it reads
+        # cannot be known when it is declared); a cursor reusing the name is a new one
         run(conn, "BEGIN; DECLARE mine CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g; COMMIT")
         run(conn, "SELECT tenancy.set_tenant(%s, true)", B)
+        assert sqlstate_of(conn, "FETCH ALL FROM mine") == "42501"
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", A)
         assert [r[0] for r in run(conn, "FETCH ALL FROM mine")] == [1, 2, 3]
+        run(conn, "CLOSE mine")
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", B)
         # a cursor without HOLD lives in its transaction, under the context of that transaction
         rows = run(conn, "BEGIN; DECLARE t CURSOR FOR SELECT tenant_id FROM app.held; FETCH ALL FROM t")
         run(conn, "COMMIT")
@@ -193,3 +198,43 @@ def test_failed_fetch_leaves_the_cursor_locked_not_broken(su):
         conn.commit()
     finally:
         conn.close()
+
+
+def test_held_cursor_over_functions_is_bound_too(su):
+    """A held cursor over a PL/pgSQL function, or a SQL function that is not inlined, reads a
+    protected table out of sight of DECLARE: bound all the same, through every route, also for
+    the next client of a pooled connection."""
+    setup_table(su)
+    run(su, """CREATE OR REPLACE FUNCTION app.held_plpgsql() RETURNS SETOF text LANGUAGE plpgsql STABLE AS $$
+               BEGIN RETURN QUERY SELECT secret FROM app.held ORDER BY id; END $$""")
+    run(su, """CREATE OR REPLACE FUNCTION app.held_sql() RETURNS SETOF text LANGUAGE sql STABLE
+               SET work_mem = '4MB' AS $$ SELECT secret FROM app.held ORDER BY id $$""")  # SET: never inlined
+    run(su, f"GRANT EXECUTE ON FUNCTION app.held_plpgsql(), app.held_sql() TO {APP}")
+    conn = connect(user=APP)
+    try:
+        for fn in ("held_plpgsql", "held_sql"):
+            run(conn, f"BEGIN; SELECT tenancy.set_tenant(%s); "
+                      f"DECLARE f CURSOR WITH HOLD FOR SELECT * FROM app.{fn}(); COMMIT", A)
+            # the next client, with no context or with another tenant's
+            assert sqlstate_of(conn, "FETCH ALL FROM f") == "42501"
+            run(conn, "SELECT tenancy.set_tenant(%s, true)", B)
+            assert sqlstate_of(conn, "FETCH 1 FROM f") == "42501"
+            assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'f'; r record; "
+                                     "BEGIN FETCH c INTO r; END $$") == "55000"
+            run(conn, "SELECT tenancy.set_tenant(%s, true)", A)
+            rows = run(conn, "FETCH ALL FROM f")
+            assert len(rows) == 50 and all(r[0].startswith(A + "-secret-") for r in rows)
+            run(conn, "CLOSE f")
+            run(conn, "SELECT tenancy.reset_tenant()")
+    finally:
+        conn.close()
+    # the same through a protocol-level Execute of the portal by the next client
+    w = Wire(APP)
+    try:
+        assert w.query(f"BEGIN; SELECT tenancy.set_tenant('{A}'); "
+                       "DECLARE wf CURSOR WITH HOLD FOR SELECT * FROM app.held_plpgsql(); COMMIT")[0] is None
+        assert w.query(f"SELECT tenancy.set_tenant('{B}', true)")[0] is None
+        error, rows = w.execute_portal("wf")
+        assert rows == [] and error == "55000", (error, len(rows))
+    finally:
+        w.close()
