@@ -7,7 +7,7 @@ export PGT_PORT ?= 5499
 PGRX_TEST_DATA ?= /tmp/pg_tenancy-pgrx-test
 PYTEST = target/venv/bin/pytest
 
-.PHONY: all deps install cluster demo test test-unit test-regress test-scenarios test-pg-regress bench stop clean
+.PHONY: all deps install cluster demo test test-layout test-core test-unit test-regress test-scenarios test-pg-regress bench stop clean
 
 all: install
 
@@ -28,9 +28,19 @@ cluster: install
 demo: cluster
 	@scripts/demo.sh
 
-## Every test: #[pg_test] internals, pg_regress suites, multi-session scenarios (pgbouncer too),
-## and PostgreSQL's own regression suite with and without the library preloaded.
-test: deps test-unit test-regress test-scenarios test-pg-regress
+## Every test: the crate's shape, the PostgreSQL-free core (plain cargo test), #[pg_test]
+## internals, pg_regress suites, multi-session scenarios (pgbouncer too), and PostgreSQL's own
+## regression suite with and without the library preloaded.
+test: deps test-layout test-core test-unit test-regress test-scenarios test-pg-regress
+
+## Imports point down, no cycles, SQL in sql/ and src/catalog/, unsafe explained.
+test-layout:
+	python3 scripts/check_layout.py
+
+## The logic that needs no PostgreSQL (tenant ids, tokens, the ciphertext envelope, key wrapping,
+## the protection's statements), with plain cargo test.
+test-core: deps
+	cargo test -p pg_tenancy_core
 
 test-unit: deps
 	@scripts/cluster.sh stop

@@ -6,7 +6,7 @@ use pgrx::pg_sys;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use std::ffi::CString;
 
-use crate::token::TokenError;
+use pg_tenancy_core::token::TokenError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TenancyError {
@@ -70,6 +70,8 @@ pub enum TenancyError {
     UnprotectedParent,
     #[error("a table that already holds rows cannot become a partition or child of a protected table")]
     LoadedChild,
+    #[error("the table cannot be protected as it is")]
+    Unprotectable(&'static str),
 }
 
 impl TenancyError {
@@ -105,6 +107,7 @@ impl TenancyError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE // 42501
             }
             TenancyError::TemporaryTable => ERRCODE_WRONG_OBJECT_TYPE, // 42809
+            TenancyError::Unprotectable(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
         }
     }
 
@@ -123,7 +126,9 @@ impl TenancyError {
 integer or a UUID is written in that type's canonical form (no leading zeros; a lowercase UUID with hyphens)."
                     .into(),
             ),
-            TenancyError::BadSecret(why) | TenancyError::MasterKeyUnusable(why) => Some((*why).to_string()),
+            TenancyError::BadSecret(why) | TenancyError::MasterKeyUnusable(why) | TenancyError::Unprotectable(why) => {
+                Some((*why).to_string())
+            }
             TenancyError::CiphertextInvalid => Some(
                 "It was altered, or made for another tenant, column or row (another context).".into(),
             ),
@@ -167,7 +172,7 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             TenancyError::InvalidArgument(_) => "See the SQL API in the pg_tenancy README.",
             TenancyError::Denied(_) => "Ask a superuser, or a role with admin scope in that tenant.",
             TenancyError::NoMasterKey | TenancyError::MasterKeyUnusable(_) => {
-                "A superuser sets pg_tenancy.master_key_file or pg_tenancy.master_key_command (32 bytes: 64 hex digits or base64)."
+                "A superuser sets pg_tenancy.master_key_file or pg_tenancy.master_key_command (32 bytes written as 64 hex digits or as base64)."
             }
             TenancyError::MasterKeyMismatch => {
                 "Configure the master key that wrapped them (or the old one as pg_tenancy.previous_master_key_file and run tenancy.rotate_master_key())."
@@ -181,12 +186,19 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             TenancyError::ForeignCursor => {
                 "A WITH HOLD cursor is readable only in the tenant context that declared it. Set that context again, or CLOSE the cursor (DISCARD ALL closes them all) before the connection serves another tenant."
             }
-            TenancyError::ExplainAnalyze => crate::explain::HINT,
+            TenancyError::ExplainAnalyze => {
+                "Its counters (rows removed by the tenant filter, buffers) would describe other tenants' rows. \
+Use EXPLAIN without ANALYZE, run it as a role that bypasses row security, or have a superuser set \
+pg_tenancy.explain_analyze = 'hide'."
+            }
             TenancyError::Rekey => {
                 "protect() repairs a protection on the same column; moving it to another column needs a superuser to run tenancy.unprotect() first."
             }
             TenancyError::TemporaryTable => {
                 "A temporary table is visible only to its own session; protect the permanent table it is copied from."
+            }
+            TenancyError::Unprotectable(_) => {
+                "Remove what the detail names (a superuser may approve functions with tenancy.approve_function()), then protect the table."
             }
             TenancyError::LoadedChild => {
                 "Its rows were written outside the tenant policies, for any tenant. Attach it empty and load it through the parent, or have a superuser attach it."

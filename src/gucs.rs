@@ -80,8 +80,22 @@ pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(i32
 pub static TENANT_COLUMN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"tenant_id"));
 
-pub fn init() {
-    // SAFETY: the check hook is a #[pg_guard] function with the signature PostgreSQL expects.
+/// The hooks of the settings whose changes matter to features above this floor (passed in by
+/// `_PG_init`, so that this module imports none of them).
+pub struct Hooks {
+    /// Check hook of `pg_tenancy.tenant`: verifies a value and keeps who set it.
+    pub tenant_check: pg_sys::GucStringCheckHook,
+    /// Assign hook of `pg_tenancy.tenant`.
+    pub tenant_assign: pg_sys::GucStringAssignHook,
+    /// Assign hooks of the settings that change how a context verifies.
+    pub verification_string: pg_sys::GucStringAssignHook,
+    pub verification_int: pg_sys::GucIntAssignHook,
+    /// Assign hook of the master-key settings.
+    pub master_key: pg_sys::GucStringAssignHook,
+}
+
+pub fn init(hooks: Hooks) {
+    // SAFETY: the hooks are #[pg_guard] functions with the signatures PostgreSQL expects.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"pg_tenancy.tenant",
@@ -91,14 +105,15 @@ against the role's tenant grants and, for tokens, the signature and expiry.",
             &TENANT,
             GucContext::Userset,
             GucFlags::NO_SHOW_ALL | GucFlags::DISALLOW_IN_FILE | GucFlags::DISALLOW_IN_AUTO_FILE,
-            Some(crate::context::check_tenant_guc),
-            Some(crate::context::on_tenant_assign),
+            hooks.tenant_check,
+            hooks.tenant_assign,
             None,
         );
     }
     // The settings below change how a context value verifies, so their assign hooks drop the
     // per-backend verification cache.
     // SAFETY (each *_with_hooks call): the hooks are #[pg_guard] functions with the right signature.
+    // SAFETY: as above.
     unsafe { GucRegistry::define_enum_guc_with_hooks(
         c"pg_tenancy.context_mode",
         c"Who may set the tenant context: 'open' (any granted role) or 'signed' (tokens only).",
@@ -108,9 +123,10 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         GucContext::Suset,
         GucFlags::default(),
         None,
-        Some(crate::context::on_setting_int),
+        hooks.verification_int,
         None,
     ) };
+    // SAFETY: the hooks are #[pg_guard] functions with the signatures PostgreSQL expects.
     unsafe { GucRegistry::define_string_guc_with_hooks(
         c"pg_tenancy.jwt_secret",
         c"HS256 secret used to verify tenant tokens (superuser only, hidden).",
@@ -119,9 +135,10 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
         Some(check_secret_source),
-        Some(crate::context::on_setting_string),
+        hooks.verification_string,
         None,
     ) };
+    // SAFETY: the hooks are #[pg_guard] functions with the signatures PostgreSQL expects.
     unsafe { GucRegistry::define_string_guc_with_hooks(
         c"pg_tenancy.jwt_secret_file",
         c"Path of a file holding the HS256 secret used to verify tenant tokens.",
@@ -130,9 +147,10 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         GucContext::Suset,
         GucFlags::SUPERUSER_ONLY,
         None,
-        Some(crate::context::on_setting_string),
+        hooks.verification_string,
         None,
     ) };
+    // SAFETY: the hooks are #[pg_guard] functions with the signatures PostgreSQL expects.
     unsafe { GucRegistry::define_string_guc_with_hooks(
         c"pg_tenancy.tenant_claim",
         c"Name of the token claim that carries the tenant id.",
@@ -141,9 +159,10 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         GucContext::Suset,
         GucFlags::default(),
         None,
-        Some(crate::context::on_setting_string),
+        hooks.verification_string,
         None,
     ) };
+    // SAFETY: as above.
     unsafe { GucRegistry::define_int_guc_with_hooks(
         c"pg_tenancy.jwt_leeway",
         c"Seconds of clock skew tolerated when checking a token's exp and nbf claims.",
@@ -154,7 +173,7 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         GucContext::Suset,
         GucFlags::UNIT_S,
         None,
-        Some(crate::context::on_setting_int),
+        hooks.verification_int,
         None,
     ) };
     GucRegistry::define_bool_guc(
@@ -184,7 +203,7 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
             GucContext::Suset,
             GucFlags::SUPERUSER_ONLY,
             None,
-            Some(crate::context::on_master_key_setting),
+            hooks.master_key,
             None,
         );
         GucRegistry::define_string_guc_with_hooks(
@@ -195,7 +214,7 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
             GucContext::Suset,
             GucFlags::SUPERUSER_ONLY,
             None,
-            Some(crate::context::on_master_key_setting),
+            hooks.master_key,
             None,
         );
         GucRegistry::define_string_guc_with_hooks(
@@ -206,7 +225,7 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
             GucContext::Suset,
             GucFlags::SUPERUSER_ONLY,
             None,
-            Some(crate::context::on_master_key_setting),
+            hooks.master_key,
             None,
         );
     }

@@ -1,58 +1,88 @@
 //! pg_tenancy: tenant isolation carried by PostgreSQL itself.
 //!
-//! One module per capability a user can name:
-//! - [`gucs`]: every `pg_tenancy.*` setting;
-//! - [`context`]: the tenant context (`set_tenant`, `set_tenant_token`, `current_tenant`, ...);
-//! - [`token`]: HS256 token verification for the signed context;
-//! - [`crypto`]: per-tenant keys, encryption bound to tenant and context, rotation, shredding;
-//! - [`catalog`]: reads and writes of the extension's own tables, as their owner;
-//! - [`grants`]: which roles may enter which tenants, with which scope;
-//! - [`protect`]: generated row-level-security policies and the guard that keeps them;
-//! - [`hooks`]: the executor hooks that refuse protected tables without a context and see probes;
-//! - [`audit`]: the denial log (shared-memory queue, writer workers, `tenancy.audit_log`);
-//! - [`error`]: every error the extension raises, with its SQLSTATE, detail and hint.
+//! The crate is layered; imports point down (scripts/check_layout.py fails on any that point up
+//! or go round in a cycle):
+//! 1. `util`, `error` (the SQLSTATE contract), `gucs` (every setting); and, outside this crate,
+//!    `pg_tenancy_core` (tenant ids, scopes and statuses, tokens, the ciphertext envelope and key
+//!    wrapping, the protection's statements: logic that needs no PostgreSQL);
+//! 2. `catalog`: every statement pg_tenancy runs on its own tables (and PostgreSQL's), typed,
+//!    search_path-proof, as the owner where it must be, with fresh snapshots where access is
+//!    decided; and the per-backend set of protected tables;
+//! 3. `audit`: the denial log (event, shared-memory queue, writer workers, SQL surface);
+//! 4. `context`: the tenant context (the setting, verification, grants, held cursors);
+//! 5. `crypto` (per-tenant keys and encryption) and `protect` (generated policies, the guard,
+//!    probes, EXPLAIN);
+//! 6. `hooks` (thin dispatchers into the features) and `invalidate` (every cache and what drops
+//!    it).
 use pgrx::prelude::*;
 
 pub mod audit;
 pub mod catalog;
 pub mod context;
 pub mod crypto;
-pub mod cursors;
 pub mod error;
-pub mod explain;
-pub mod gcm;
-pub mod grants;
 pub mod gucs;
 pub mod hooks;
-pub mod probe;
+pub mod invalidate;
 pub mod protect;
-pub mod tenant_id;
-pub mod token;
+pub mod util;
 
 ::pgrx::pg_module_magic!();
 
-// Tables, helper functions and roles that are plain SQL live in sql/ and are placed around the
-// functions pgrx generates from Rust.
+// Tables are created first; the SQL that refers to functions generated from Rust comes after
+// them (requires), feature by feature; privileges last.
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
-
-/// Runs its closure when dropped, also while unwinding from a PostgreSQL error: for backend
-/// flags that must not outlive the call that set them.
-pub(crate) struct OnDrop<F: FnMut()>(pub F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
+extension_sql_file!(
+    "../sql/tenants.sql",
+    name = "tenants",
+    requires = ["schema", context::sql::valid_tenant_id_sql, invalidate::_invalidate, context::grants::_grant_tenant, context::grants::_revoke_tenant]
+);
+extension_sql_file!(
+    "../sql/crypto.sql",
+    name = "crypto",
+    requires = ["tenants", crypto::active_key_version, crypto::key_version, crypto::rewrap]
+);
+extension_sql_file!(
+    "../sql/protect.sql",
+    name = "protect",
+    requires = ["crypto", protect::_protect, protect::_unprotect, protect::_protect_schema, protect::_policy_sql]
+);
+extension_sql_file!(
+    "../sql/guard.sql",
+    name = "guard",
+    requires = [
+        "protect",
+        protect::guard::_guard_exempt,
+        protect::guard::_refuse_weakening,
+        protect::guard::truncate_guard,
+        protect::guard::_record_protected_ddl,
+        protect::guard::_invoker_is_superuser,
+        protect::guard::_expr_leaks,
+        protect::guard::_holds_rows,
+        audit::sql::_in_extension_script,
+        audit::sql::_refuse_audit_change,
+    ]
+);
+extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["guard", audit::sql::_audit_log_guard]);
+extension_sql_file!(
+    "../sql/check.sql",
+    name = "check",
+    requires = ["audit", audit::sql::_audit_available, audit::sql::_audit_overflowed]
+);
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::init();
+    gucs::init(gucs::Hooks {
+        tenant_check: Some(context::check_tenant_guc),
+        tenant_assign: Some(context::on_tenant_assign),
+        verification_string: Some(invalidate::on_verification_setting),
+        verification_int: Some(invalidate::on_verification_setting_int),
+        master_key: Some(invalidate::on_master_key_setting),
+    });
+    invalidate::init();
     context::init();
     hooks::install();
-    explain::init();
-    crypto::init();
     audit::init();
 }
 

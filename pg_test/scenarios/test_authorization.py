@@ -54,6 +54,7 @@ CHANGES = {
     "revoke_grant": (False, lambda su, r: run(su, "SELECT tenancy.revoke_tenant(%s, %s)", r, T), "42501", "42501"),
     "revoke_membership": (True, lambda su, r: run(su, f"REVOKE {r}_grp FROM {r}"), "42501", "42501"),
     "suspend": (False, lambda su, r: run(su, "SELECT tenancy.set_status(%s, 'suspended')", T), "55000", "55000"),
+    "offboard": (False, None, "55000", "55000"),
     "read_scope": (False, lambda su, r: run(su, "SELECT tenancy.grant_tenant(%s, %s, 'read')", r, T), None, "42501"),
     "read_only": (False, lambda su, r: run(su, "SELECT tenancy.set_status(%s, 'read_only')", T), None, "25006"),
 }
@@ -66,11 +67,19 @@ def test_changes_reach_an_open_transaction(table, level, change):
     role = "az_" + change[:10]
     group, apply, read_state, write_state = CHANGES[change]
     fresh_role(su, role, group)
+    tenant = T
+    if change == "offboard":  # final: a tenant of its own for each run
+        tenant = f"az-off-{level.split()[0].lower()}"
+        run(su, "SELECT tenancy.create_tenant(%s, %s)", tenant, tenant)
+        run(su, "SELECT tenancy.grant_tenant(%s, %s, 'read_write')", role, tenant)
+        run(su, "INSERT INTO app.az VALUES (%s, 1, 'mine')", tenant)
+        def apply(su, r):
+            run(su, "SELECT tenancy.set_status(%s, 'offboarded')", tenant)
     conn = connect(user=role, autocommit=False)
     try:
         with conn.cursor() as cur:
             cur.execute(f"SET TRANSACTION ISOLATION LEVEL {level}")
-            cur.execute("SELECT tenancy.set_tenant(%s)", (T,))
+            cur.execute("SELECT tenancy.set_tenant(%s)", (tenant,))
             cur.execute("SELECT v FROM app.az ORDER BY id")  # takes the transaction's snapshot
             assert cur.fetchall() == [("mine",)]
             apply(su, role)
@@ -96,7 +105,7 @@ def test_changes_reach_an_open_transaction(table, level, change):
             if read_state is not None:
                 cur.execute("SAVEPOINT s")
                 with pytest.raises(psycopg2.Error) as e:
-                    cur.execute("SELECT tenancy.set_tenant(%s)", (T,))
+                    cur.execute("SELECT tenancy.set_tenant(%s)", (tenant,))
                 assert e.value.pgcode == read_state
                 cur.execute("ROLLBACK TO SAVEPOINT s")
         conn.rollback()
@@ -245,3 +254,28 @@ def test_set_role_needs_both_roles_granted(definer):
     finally:
         run(su, "ALTER ROLE az_wide NOLOGIN")
         run(su, "REVOKE az_plain FROM az_wide")
+
+
+def test_cursors_follow_revocations_and_suspensions(table):
+    """A cursor (held or not) declared before a revoke or a suspension is not read after it."""
+    su = table
+    fresh_role(su, "az_cursor")
+    conn = connect(user="az_cursor")
+    try:
+        run(conn, "SELECT tenancy.set_tenant(%s, true)", T)
+        run(conn, "BEGIN; DECLARE hc CURSOR WITH HOLD FOR SELECT v FROM app.az; COMMIT")
+        assert run(conn, "FETCH 1 FROM hc") == [("mine",)]
+        run(conn, "MOVE ABSOLUTE 0 IN hc")
+        run(su, "SELECT tenancy.set_status(%s, 'suspended')", T)
+        assert sqlstate_of(conn, "FETCH 1 FROM hc") == "55000"
+        assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'hc'; r record; BEGIN FETCH c INTO r; END $$") == "55000"
+        run(su, "SELECT tenancy.set_status(%s, 'active')", T)
+        assert run(conn, "FETCH 1 FROM hc") == [("mine",)]
+        # a cursor without HOLD, inside its transaction
+        run(conn, "BEGIN")
+        run(conn, "DECLARE c CURSOR FOR SELECT v FROM app.az")
+        run(su, "SELECT tenancy.revoke_tenant('az_cursor', %s)", T)
+        assert sqlstate_of(conn, "FETCH 1 FROM c") == "42501"
+    finally:
+        conn.close()
+        run(su, "SELECT tenancy.set_status(%s, 'active')", T)

@@ -168,3 +168,139 @@ def test_temporary_tables_cannot_be_protected(owned):
     assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('od_tmp')") == "42809"
     # nor become children of a protected table
     assert sqlstate_of(owned, "CREATE TEMP TABLE od_tmp_child () INHERITS (app.od_items)") == "42809"
+
+
+# -------------------------------------------------------------------------------------------
+# What a second attacker's read found (each was reproduced before it was fixed)
+# -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ran_log(su):
+    run(su, "CREATE TABLE IF NOT EXISTS public.od_ran (who name, what text)")
+    run(su, "GRANT INSERT, SELECT ON public.od_ran TO PUBLIC")
+    run(su, "TRUNCATE public.od_ran")
+    yield lambda: run(su, "SELECT who, what FROM public.od_ran")
+
+
+def test_attaching_a_view_runs_nothing_of_its_owner(su, owned, ran_log):
+    spy = """CREATE FUNCTION pg_temp.spy() RETURNS int LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.od_ran VALUES (current_user, 'spy'); RETURN 1; END $$"""
+    # as the application role (not the table's owner)
+    app = connect(user=APP)
+    try:
+        run(app, spy)
+        run(app, "CREATE TEMP VIEW v AS SELECT pg_temp.spy() AS tenant_id")
+        assert sqlstate_of(app, "ALTER TABLE app.od_items ATTACH PARTITION pg_temp.v DEFAULT") is not None
+        assert sqlstate_of(app, "ALTER TABLE pg_temp.v INHERIT app.od_items") is not None
+    finally:
+        app.close()
+    # as the owner, with a view of its own
+    run(owned, spy)
+    run(owned, "CREATE TEMP VIEW v AS SELECT pg_temp.spy() AS tenant_id, 1 AS id, 1 AS amount, ''::text AS email, ''::text AS other")
+    assert sqlstate_of(owned, "ALTER TABLE pg_temp.v INHERIT app.od_items") is not None
+    assert ran_log() == []
+    assert run(su, f"SELECT rolsuper FROM pg_roles WHERE rolname IN ('{APP}', '{OWNER}')") == [(False,), (False,)]
+
+
+def test_protect_refuses_a_table_it_could_not_isolate(su, owned):
+    run(owned, "DROP TABLE IF EXISTS app.od_docs, app.od_loot CASCADE")
+    run(owned, "CREATE TABLE app.od_loot (tenant_id text, body text)")
+    run(owned, "CREATE TABLE app.od_docs (tenant_id text NOT NULL, body text)")
+    run(owned, "ALTER TABLE app.od_docs ENABLE ROW LEVEL SECURITY")
+    run(owned, "CREATE POLICY open_door ON app.od_docs AS PERMISSIVE FOR ALL USING (true) WITH CHECK (true)")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") == "42501"
+    run(owned, "DROP POLICY open_door ON app.od_docs")
+    run(su, "CREATE RULE od_copy AS ON INSERT TO app.od_docs DO ALSO INSERT INTO app.od_loot VALUES (NEW.*)")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") == "42501"
+    run(su, "DROP RULE od_copy ON app.od_docs")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") is None
+    # an empty child that carries its own open policy cannot be attached either
+    run(owned, "CREATE TABLE app.od_parent (tenant_id text NOT NULL, id int, v text) PARTITION BY LIST (tenant_id)")
+    run(owned, "SELECT count(*) FROM tenancy.protect('app.od_parent')")
+    run(owned, "CREATE TABLE app.od_empty (tenant_id text NOT NULL, id int, v text)")
+    run(owned, "ALTER TABLE app.od_empty ENABLE ROW LEVEL SECURITY")
+    run(owned, "CREATE POLICY open_door ON app.od_empty AS PERMISSIVE FOR ALL USING (true)")
+    assert sqlstate_of(owned, f"ALTER TABLE app.od_parent ATTACH PARTITION app.od_empty FOR VALUES IN ('{B}')") == "42501"
+    run(owned, "DROP TABLE app.od_docs, app.od_loot")
+
+
+def test_cascading_foreign_keys_from_unprotected_tables_are_refused(su, owned):
+    run(owned, "DROP TABLE IF EXISTS app.od_tids, app.od_amounts CASCADE")
+    run(owned, "CREATE TABLE app.od_tids (t text PRIMARY KEY)")
+    run(su, "INSERT INTO app.od_tids VALUES (%s), (%s)", A, B)
+    for action in ("ON UPDATE CASCADE", "ON DELETE CASCADE", "ON DELETE SET NULL"):
+        # (validating a new key reads every tenant's rows: without a context the owner is refused anyway)
+        assert sqlstate_of(owned, f"ALTER TABLE app.od_items ADD FOREIGN KEY (tenant_id) REFERENCES app.od_tids (t) {action}") in ("42501", "28000"), action
+        assert sqlstate_of(owned, f"ALTER TABLE app.od_items ADD FOREIGN KEY (tenant_id) REFERENCES app.od_tids (t) {action} NOT VALID") == "42501"
+    run(owned, "CREATE TABLE app.od_amounts (a int PRIMARY KEY)")
+    run(su, "INSERT INTO app.od_amounts SELECT DISTINCT amount FROM app.od_items")
+    assert sqlstate_of(owned, "ALTER TABLE app.od_items ADD FOREIGN KEY (amount) REFERENCES app.od_amounts (a) ON DELETE CASCADE NOT VALID") == "42501"
+    # NO ACTION / RESTRICT change nothing: allowed
+    assert sqlstate_of(owned, "ALTER TABLE app.od_items ADD CONSTRAINT od_amount_fk FOREIGN KEY (amount) REFERENCES app.od_amounts (a) NOT VALID") is None
+    run(owned, "ALTER TABLE app.od_items DROP CONSTRAINT od_amount_fk")
+    assert run(su, "SELECT count(*) FROM app.od_items WHERE tenant_id = %s", B) == [(1,)]
+
+
+def test_ddl_errors_on_rows_do_not_show_their_values(su, owned):
+    since = last_audit_id(su)
+    for sql in ["ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (tenant_id = 'nobody' OR email::int IS NOT NULL)",
+                "ALTER TABLE app.od_items ALTER COLUMN email TYPE int USING email::int",
+                "CREATE INDEX ON app.od_items ((email::int))",
+                "ALTER TABLE app.od_items ADD COLUMN g int GENERATED ALWAYS AS (email::int) STORED"]:
+        with owned.cursor() as cur:
+            with pytest.raises(Exception) as e:
+                cur.execute(sql)
+        text = str(e.value) + str(getattr(e.value, "pgerror", ""))
+        assert "@x" not in text and e.value.pgcode == "22P02", (sql, text)
+    run(su, "INSERT INTO app.od_items (tenant_id, id, amount, email) VALUES (%s, 2, 1, %s)", B, f"{A}@x")
+    with owned.cursor() as cur:
+        with pytest.raises(Exception) as e:
+            cur.execute("CREATE UNIQUE INDEX od_email_u ON app.od_items (email)")
+    assert e.value.pgcode == "23505" and "@x" not in str(e.value) and e.value.diag.message_detail is not None
+    assert "@x" not in e.value.diag.message_detail
+    # notices of a function run over every row are not sent
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_peek2(text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+                  BEGIN RAISE NOTICE 'saw %', $1; RETURN $1; END $$""")
+    owned.notices.clear()
+    run(owned, "CREATE INDEX od_peek2_idx ON app.od_items (app.od_peek2(email))")
+    assert not any("@x" in n for n in owned.notices), owned.notices
+    run(owned, "DROP INDEX app.od_peek2_idx")
+    assert len(audit_events(su, since, "protected_ddl")) >= 5
+
+
+def test_nondeterministic_collations_are_refused(su, owned):
+    run(su, "DROP COLLATION IF EXISTS public.od_ci")
+    run(su, "CREATE COLLATION public.od_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+    run(owned, "DROP TABLE IF EXISTS app.od_notes")
+    run(owned, "CREATE TABLE app.od_notes (tenant_id text COLLATE public.od_ci NOT NULL, note text)")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_notes')") == "42501"
+    # (PostgreSQL itself refuses to retype a column its policies use; the guard would refuse it too)
+    assert sqlstate_of(owned, "ALTER TABLE app.od_items ALTER COLUMN tenant_id TYPE text COLLATE public.od_ci") is not None
+    assert run(su, "SELECT attcollation = 'default'::regcollation FROM pg_attribute "
+                   "WHERE attrelid = 'app.od_items'::regclass AND attname = 'tenant_id'") == [(True,)]
+    run(owned, "DROP TABLE app.od_notes")
+
+
+def test_statistics_and_nested_explain_are_not_oracles(su, owned):
+    app = connect(user=APP)
+    try:
+        run(app, "SELECT tenancy.set_tenant(%s, true)", A)
+        assert sqlstate_of(app, "SELECT pg_stat_get_xact_tuples_fetched('app.od_items'::regclass)") == "42501"
+        assert sqlstate_of(app, "SELECT * FROM pg_stat_user_tables") == "42501"
+        run(app, """CREATE FUNCTION pg_temp.n(int) RETURNS bigint LANGUAGE plpgsql AS $$
+                    BEGIN RETURN (SELECT count(*) FROM app.od_items WHERE amount > $1); END $$""")
+        assert sqlstate_of(app, "EXPLAIN (ANALYZE, BUFFERS) SELECT pg_temp.n(100)") == "42501"
+        assert run(app, "SELECT pg_temp.n(0)") == [(1,)]
+    finally:
+        app.close()
+    # monitoring keeps them
+    assert sqlstate_of(su, "SELECT count(*) FROM pg_stat_user_tables") is None
+
+
+def test_foreign_tables_cannot_join_a_protected_table(su, owned):
+    run(su, "CREATE EXTENSION IF NOT EXISTS file_fdw")
+    run(su, "DROP SERVER IF EXISTS od_files CASCADE")
+    run(su, "CREATE SERVER od_files FOREIGN DATA WRAPPER file_fdw")
+    assert sqlstate_of(su, "CREATE FOREIGN TABLE app.od_ft () INHERITS (app.od_items) SERVER od_files "
+                           "OPTIONS (filename '/dev/null')") == "42501"
+    run(su, "DROP SERVER od_files CASCADE")

@@ -5,8 +5,10 @@
 //! that tenant only, and only while its context is that tenant: admins never cross tenants.
 use pgrx::prelude::*;
 
+use pg_tenancy_core::model::Scope;
+
 use crate::catalog;
-use crate::context::{self, Scope};
+use crate::context;
 use crate::error::{OrRaise, Result, TenancyError};
 
 fn authorize(tenant: &str) -> Result<()> {
@@ -42,12 +44,12 @@ fn _grant_tenant(role: Option<pg_sys::Oid>, tenant: Option<&str>, scope: Option<
         .ok_or(TenancyError::InvalidArgument("scope (read, read_write or admin)"))
         .or_raise();
     authorize(tenant).or_raise();
-    if tenant != "*" && !catalog::tenant_exists(tenant).or_raise() {
+    if tenant != "*" && !catalog::tenants::tenant_exists(tenant).or_raise() {
         TenancyError::UnknownTenant.raise();
     }
     // SAFETY: GetUserId reads a backend-local variable.
     let grantor = unsafe { pg_sys::GetUserId() };
-    catalog::grant(role, tenant, scope.as_str(), grantor).or_raise();
+    catalog::tenants::grant(role, tenant, scope.as_str(), grantor).or_raise();
 }
 
 /// `tenancy.revoke_tenant(role regrole, tenant text)`: returns whether a grant was removed.
@@ -56,5 +58,5 @@ fn _revoke_tenant(role: Option<pg_sys::Oid>, tenant: Option<&str>) -> bool {
     let role = role.ok_or(TenancyError::InvalidArgument("role")).or_raise();
     let tenant = check_tenant_arg(tenant).or_raise();
     authorize(tenant).or_raise();
-    catalog::revoke(role, tenant).or_raise()
+    catalog::tenants::revoke(role, tenant).or_raise()
 }

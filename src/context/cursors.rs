@@ -13,11 +13,14 @@
 //!   every route;
 //! - a SQL `FETCH`/`MOVE` under another value is refused with 42501 before that, and recorded as
 //!   `cross_tenant_probe` (with the cursor's tenant as the attempted one) when either context
-//!   named a tenant.
+//!   named a tenant;
+//! - a SQL `FETCH`/`MOVE` of a cursor declared under a tenant verifies the context again, as
+//!   every statement on a protected table does; grants, roles or tenants that change lock held
+//!   cursors until it does (or until the context is set again, which verifies it).
 //!
-//! Cursors without HOLD end with their transaction and are not tracked. A held cursor declared
-//! and fetched with no context at all, as in a database that uses no tenancy, behaves as without
-//! pg_tenancy.
+//! Cursors without HOLD end with their transaction; within it, a SQL `FETCH` is checked the same
+//! way. A cursor declared and fetched with no context at all, as in a database that uses no
+//! tenancy, behaves as without pg_tenancy.
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
@@ -36,6 +39,8 @@ struct Held {
     tenant: Option<String>,
     /// A protected table it reads (InvalidOid when none is seen), for the audit record.
     rel: pg_sys::Oid,
+    /// WITH HOLD (tracked across transactions); without it, only within its transaction.
+    hold: bool,
     /// Marked failed by us (and so ours to mark ready again).
     locked: bool,
 }
@@ -45,6 +50,9 @@ thread_local! {
 }
 
 /// The live portal of a tracked cursor, or None when it was closed or replaced.
+///
+/// # Safety
+/// Called in a backend with a portal table (any backend running SQL).
 unsafe fn portal_of(h: &Held) -> Option<pg_sys::Portal> {
     // SAFETY: a hash lookup in the portal table; NULL when there is no such portal.
     let p = unsafe { pg_sys::GetPortalByName(h.name.as_ptr()) };
@@ -68,19 +76,17 @@ pub unsafe fn declared(stmt: *mut pg_sys::DeclareCursorStmt) {
     // SAFETY: a NUL-terminated name from the parser.
     let name = unsafe { CStr::from_ptr(name) }.to_owned();
     HELD.with(|h| h.borrow_mut().retain(|c| c.name != name));
-    if options & pg_sys::CURSOR_OPT_HOLD as i32 == 0 {
-        return;
-    }
+    let hold = options & pg_sys::CURSOR_OPT_HOLD as i32 != 0;
     // SAFETY: lookup of the portal DECLARE just made; its statements are PlannedStmts.
     let (portal, rel) = unsafe {
         let portal = pg_sys::GetPortalByName(name.as_ptr());
         if portal.is_null() {
             return;
         }
-        let rel = crate::probe::list_ptrs((*portal).stmts)
+        let rel = crate::catalog::list_ptrs((*portal).stmts)
             .into_iter()
             .filter(|s| !s.is_null() && (*(*s as *mut pg_sys::Node)).type_ == pg_sys::NodeTag::T_PlannedStmt)
-            .find_map(|s| crate::hooks::first_protected((*(s as *mut pg_sys::PlannedStmt)).rtable))
+            .find_map(|s| crate::catalog::protected::first_protected((*(s as *mut pg_sys::PlannedStmt)).rtable))
             .unwrap_or(pg_sys::InvalidOid);
         (portal, rel)
     };
@@ -94,13 +100,17 @@ pub unsafe fn declared(stmt: *mut pg_sys::DeclareCursorStmt) {
             context,
             tenant,
             rel,
+            hold,
             locked: false,
         })
     });
 }
 
-/// Before a SQL `FETCH` or `MOVE`: refuse (42501, recorded) a held cursor declared under another
-/// context.
+/// Before a SQL `FETCH` or `MOVE`: refuse (42501, recorded) a cursor declared under another
+/// context; for one declared under a tenant, verify the context again (as every statement on a
+/// protected table does: a grant revoked, a membership lost, a tenant suspended or a token
+/// expired since the cursor was declared refuse it, and a `SET ROLE` to a role without the grant
+/// too).
 ///
 /// # Safety
 /// `stmt` is the FetchStmt PostgreSQL is about to execute.
@@ -113,15 +123,15 @@ pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
     // SAFETY: a NUL-terminated name from the parser.
     let name = unsafe { CStr::from_ptr(name) };
     let now = current_context();
-    let foreign = HELD.with(|h| {
+    let found = HELD.with(|h| {
         h.borrow()
             .iter()
             // SAFETY: portal lookup only.
             .find(|c| c.name.as_c_str() == name && unsafe { portal_of(c) }.is_some())
-            .filter(|c| c.context != now)
-            .map(|c| (c.rel, c.tenant.clone(), c.context.is_some()))
+            .map(|c| (c.rel, c.tenant.clone(), c.context.is_some(), c.context != now))
     });
-    if let Some((rel, tenant, declared_in_tenant)) = foreign {
+    let Some((rel, tenant, declared_in_tenant, foreign)) = found else { return };
+    if foreign {
         if declared_in_tenant || now.is_some() {
             audit::record(
                 Event::CrossTenantProbe,
@@ -133,6 +143,45 @@ pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
         }
         TenancyError::ForeignCursor.raise();
     }
+    if declared_in_tenant {
+        if let Err(e) = crate::context::with_context(|_| ()) {
+            e.raise();
+        }
+        // verified now: a portal locked when the grants changed is readable again
+        HELD.with(|h| {
+            for c in h.borrow_mut().iter_mut().filter(|c| c.name.as_c_str() == name && c.locked) {
+                // SAFETY: portal lookup; the flip undoes ours.
+                unsafe {
+                    if let Some(p) = portal_of(c) {
+                        if (*p).status == pg_sys::PortalStatus::PORTAL_FAILED {
+                            (*p).status = pg_sys::PortalStatus::PORTAL_READY;
+                            c.locked = false;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Grants, roles or tenants changed (an invalidation): held cursors declared under a tenant
+/// become unreadable by every route until a SQL FETCH verifies the context again or the context
+/// is set again (which verifies it). Only flips portal states, as an invalidation callback must.
+pub fn verification_changed() {
+    HELD.with(|h| {
+        let Ok(mut held) = h.try_borrow_mut() else { return };
+        for c in held.iter_mut().filter(|c| c.hold && c.context.is_some()) {
+            // SAFETY: portal lookup; the flip is what PostgreSQL does to a portal it will not run.
+            unsafe {
+                if let Some(p) = portal_of(c) {
+                    if (*p).createSubid == 0 && (*p).status == pg_sys::PortalStatus::PORTAL_READY {
+                        (*p).status = pg_sys::PortalStatus::PORTAL_FAILED;
+                        c.locked = true;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// From the assign hook of `pg_tenancy.tenant`: held cursors declared under another value become
@@ -159,7 +208,7 @@ pub unsafe fn on_tenant_assign(newval: *const c_char) {
                 // A cursor of the current transaction is not held yet: committing a failed one
                 // would drop it. It is flipped once held (the setting reverts after that).
                 // (createSubid 0 = InvalidSubTransactionId: held over from a previous transaction.)
-                if (*p).createSubid != 0 {
+                if (*p).createSubid != 0 || !c.hold {
                     return true;
                 }
                 let ours = c.context.as_deref() == new;

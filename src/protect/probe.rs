@@ -6,7 +6,8 @@ use pgrx::pg_sys;
 use std::ffi::{c_int, CStr};
 
 use crate::audit::{self, Event};
-use crate::hooks::protected;
+use crate::catalog::list_ptrs;
+use crate::catalog::protected::protected;
 
 /// Record a probe in the plan of `query_desc` if its filters name a tenant other than `tenant`.
 ///
@@ -27,18 +28,6 @@ pub unsafe fn examine(query_desc: *mut pg_sys::QueryDesc, tenant: &str) {
     }
 }
 
-/// The pointers of a pointer List (empty for NIL).
-///
-/// # Safety
-/// `list` is NIL or a valid pointer List.
-pub(crate) unsafe fn list_ptrs(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
-    if list.is_null() {
-        return Vec::new();
-    }
-    // SAFETY: a pointer List of `length` elements.
-    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value).collect() }
-}
-
 struct Probe<'a> {
     rtable: *mut pg_sys::List,
     params: pg_sys::ParamListInfo,
@@ -57,6 +46,8 @@ struct Target {
 }
 
 impl Probe<'_> {
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn plan(&mut self, p: *mut pg_sys::Plan) {
         use pg_sys::NodeTag::*;
         if p.is_null() {
@@ -106,6 +97,8 @@ impl Probe<'_> {
         }
     }
 
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn target(&self, scanrelid: u32) -> Option<Target> {
         // SAFETY: scanrelid indexes the statement's range table (1-based), checked against its
         // length.
@@ -121,6 +114,8 @@ impl Probe<'_> {
         Some(Target { scanrelid, rel, attno, indextlist: std::ptr::null_mut() })
     }
 
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn quals(&mut self, list: *mut pg_sys::List, t: Target) {
         // SAFETY: a List of expression nodes.
         for e in unsafe { list_ptrs(list) } {
@@ -128,6 +123,8 @@ impl Probe<'_> {
         }
     }
 
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn expr(&mut self, node: *mut pg_sys::Node, t: Target) {
         use pg_sys::NodeTag::*;
         if node.is_null() || self.seen.contains(&t.rel) {
@@ -180,6 +177,8 @@ impl Probe<'_> {
         }
     }
 
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn is_tenant_var(&self, node: *mut pg_sys::Node, t: Target) -> bool {
         // SAFETY: casts follow the node tag.
         unsafe {
@@ -203,6 +202,9 @@ impl Probe<'_> {
     }
 
     /// A constant or external parameter, as (text, type).
+    ///
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn scalar(&self, node: *mut pg_sys::Node) -> Option<(String, pg_sys::Oid)> {
         // SAFETY: casts follow the node tag; parameters come from this execution's list.
         unsafe {
@@ -223,6 +225,8 @@ impl Probe<'_> {
         }
     }
 
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn param(&self, p: *mut pg_sys::Param) -> Option<(pg_sys::Datum, pg_sys::Oid)> {
         // SAFETY: PARAM_EXTERN ids are 1-based indexes into the execution's ParamListInfo.
         unsafe {
@@ -247,6 +251,9 @@ impl Probe<'_> {
     }
 
     /// The elements of a constant array, an ARRAY[...] of constants or an array parameter.
+    ///
+    /// # Safety
+    /// The nodes and lists given belong to the plan of the statement being started.
     unsafe fn array(&self, node: *mut pg_sys::Node) -> Vec<(String, pg_sys::Oid)> {
         // SAFETY: casts follow the node tag.
         unsafe {
@@ -297,6 +304,9 @@ fn same_tenant(value: &str, ty: pg_sys::Oid, tenant: &str) -> bool {
 }
 
 /// Skip binary-compatible casts (varchar column compared as text, and the like).
+///
+/// # Safety
+/// The nodes and lists given belong to the plan of the statement being started.
 unsafe fn strip(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
     // SAFETY: casts follow the node tag.
     unsafe {

@@ -24,36 +24,10 @@ use crate::gucs::{self, ExplainAnalyze};
 thread_local! {
     /// An `EXPLAIN (ANALYZE)` is about to start its statement.
     static PENDING: Cell<bool> = const { Cell::new(false) };
+    /// An `EXPLAIN (ANALYZE)`'s statement is running (with whatever it runs in turn).
+    static ACTIVE: Cell<bool> = const { Cell::new(false) };
     /// The statement whose counters are to be hidden when it finishes (hide mode).
     static HIDE: Cell<*mut pg_sys::QueryDesc> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// Register the abort callbacks that forget a pending EXPLAIN whose statement never started.
-pub fn init() {
-    // SAFETY: registers #[pg_guard] callbacks once, from _PG_init.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
-    if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
-        done();
-    }
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_subxact(
-    event: pg_sys::SubXactEvent::Type,
-    _my: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
-    _arg: *mut c_void,
-) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        done();
-    }
 }
 
 /// Before an `ExplainStmt` runs: note it when it has ANALYZE.
@@ -62,7 +36,7 @@ unsafe extern "C-unwind" fn on_subxact(
 /// `stmt` is the ExplainStmt PostgreSQL is about to run.
 pub unsafe fn note(stmt: *mut pg_sys::ExplainStmt) {
     // SAFETY: see above; options are DefElem nodes.
-    let analyze = unsafe { crate::probe::list_ptrs((*stmt).options) }.into_iter().any(|o| unsafe {
+    let analyze = unsafe { crate::catalog::list_ptrs((*stmt).options) }.into_iter().any(|o| unsafe {
         let d = o as *mut pg_sys::DefElem;
         !(*d).defname.is_null() && CStr::from_ptr((*d).defname).to_bytes() == b"analyze" && truthy((*d).arg)
     });
@@ -71,6 +45,9 @@ pub unsafe fn note(stmt: *mut pg_sys::ExplainStmt) {
 
 /// The value of an EXPLAIN option as PostgreSQL would read it; an option it would refuse reads
 /// as false here (PostgreSQL then refuses the statement itself).
+///
+/// # Safety
+/// `arg` is NULL or a value node of a DefElem.
 unsafe fn truthy(arg: *mut pg_sys::Node) -> bool {
     if arg.is_null() {
         return true;
@@ -107,13 +84,36 @@ pub unsafe fn take_pending(query_desc: *mut pg_sys::QueryDesc) -> bool {
     let instrumented = unsafe { (*query_desc).instrument_options } & rows != 0;
     if instrumented {
         PENDING.with(|p| p.set(false));
+        ACTIVE.with(|a| a.set(true));
     }
     instrumented
+}
+
+/// Whether an `EXPLAIN ANALYZE`'s statement is running: a statement it runs in turn (a function
+/// reading a protected table) is refused as the statement itself would be (its buffers and
+/// timing count in the plan EXPLAIN prints).
+pub fn active() -> bool {
+    ACTIVE.with(|a| a.get())
+}
+
+/// A statement of a running `EXPLAIN ANALYZE` (the explained one or one it runs) touches a
+/// protected table subject to row security, in refuse mode: refused.
+pub fn refuse_nested(rel: pg_sys::Oid) {
+    if gucs::explain_analyze() == ExplainAnalyze::Refuse {
+        audit::deny(
+            Event::CrossTenantProbe,
+            rel,
+            None,
+            "EXPLAIN ANALYZE of a statement on a protected table (its counters describe rows of other tenants)",
+            TenancyError::ExplainAnalyze,
+        );
+    }
 }
 
 /// The EXPLAIN is over (or its transaction aborted).
 pub fn done() {
     PENDING.with(|p| p.set(false));
+    ACTIVE.with(|a| a.set(false));
     HIDE.with(|h| h.set(std::ptr::null_mut()));
 }
 
@@ -126,15 +126,8 @@ pub unsafe fn analyze_of_protected(query_desc: *mut pg_sys::QueryDesc) {
     match gucs::explain_analyze() {
         ExplainAnalyze::Refuse => {
             // SAFETY: a started QueryDesc has its plannedstmt.
-            let rel = unsafe { crate::hooks::first_protected((*(*query_desc).plannedstmt).rtable) }
-                .unwrap_or(pg_sys::InvalidOid);
-            audit::deny(
-                Event::CrossTenantProbe,
-                rel,
-                None,
-                "EXPLAIN ANALYZE of a statement on a protected table (its counters describe rows of other tenants)",
-                TenancyError::ExplainAnalyze,
-            );
+            let rel = unsafe { crate::catalog::protected::first_protected((*(*query_desc).plannedstmt).rtable) };
+            refuse_nested(rel.unwrap_or(pg_sys::InvalidOid));
         }
         ExplainAnalyze::Hide => HIDE.with(|h| h.set(query_desc)),
     }
@@ -164,6 +157,10 @@ pub unsafe fn hide_counts(query_desc: *mut pg_sys::QueryDesc) {
     }
 }
 
+/// Zero the counters of one instrumentation.
+///
+/// # Safety
+/// `instr` points to a node's (or a worker's) instrumentation.
 unsafe fn zero(instr: *mut pg_sys::Instrumentation) {
     // SAFETY: a node's (or a worker's) instrumentation.
     unsafe {
@@ -203,7 +200,3 @@ unsafe extern "C-unwind" fn hide_node(ps: *mut pg_sys::PlanState, ctx: *mut c_vo
     }
 }
 
-/// The refusal itself, for the error module.
-pub const HINT: &str = "Its counters (rows removed by the tenant filter, buffers) would describe other tenants' rows. \
-Use EXPLAIN without ANALYZE, run it as a role that bypasses row security, or have a superuser set \
-pg_tenancy.explain_analyze = 'hide'.";

@@ -18,9 +18,9 @@
 //! - a superuser or BYPASSRLS role that reads it is recorded as `bypass_read`;
 //! - the table a statement writes is remembered, for events raised while it runs.
 //!
-//! `ExecutorStart_hook`: after the plan is ready, looks for probes ([`crate::probe`]), and
+//! `ExecutorStart_hook`: after the plan is ready, looks for probes ([`crate::protect::probe`]), and
 //! refuses (or prepares to hide) `EXPLAIN ANALYZE` of a statement on a protected table by a role
-//! subject to its policies ([`crate::explain`]). `ExecutorFinish_hook`: hides what such an
+//! subject to its policies ([`crate::protect::explain`]). `ExecutorFinish_hook`: hides what such an
 //! EXPLAIN would count of other tenants' rows, in `hide` mode.
 //!
 //! `ProcessUtility_hook`: records DDL that would weaken a protected table when it comes from a
@@ -32,13 +32,14 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 use crate::audit::{self, Event};
-use crate::catalog;
+use crate::catalog::protected::{self as registry, nothing_protected, protected, relations};
+use crate::catalog::{self, list_ptrs};
+use crate::context::{self, cursors};
 use crate::error::TenancyError;
-use crate::probe::list_ptrs;
+use crate::protect::{explain, guard, probe};
 
 /// PostgreSQL's standard implementations, declared here without pgrx's error boundary (see the
 /// module documentation): an error they raise must pass through untouched.
@@ -78,104 +79,25 @@ pub fn install() {
         pg_sys::ExecutorFinish_hook = Some(executor_finish);
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
-        // A schema created or dropped (CREATE/DROP EXTENSION in another session) may change
-        // whether anything is protected here.
-        pg_sys::CacheRegisterSyscacheCallback(
-            pg_sys::SysCacheIdentifier::NAMESPACEOID as c_int,
-            Some(on_namespace_change),
-            pg_sys::Datum::from(0),
-        );
     }
 }
 
 thread_local! {
-    /// Protected tables of this database and the attribute number of their tenant column;
-    /// `None` until loaded or after an invalidation. Empty where pg_tenancy is not installed.
-    static PROTECTED: RefCell<Option<HashMap<pg_sys::Oid, i16>>> = const { RefCell::new(None) };
-    /// Set while the set is being loaded (the loading query itself passes through this hook).
-    static LOADING: Cell<bool> = const { Cell::new(false) };
-    /// The protected table the latest statement writes (InvalidOid when none).
-    static LAST_WRITE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     /// What the permission check saw of the statement being started.
     static TOUCHED: Cell<Touched> = const { Cell::new(Touched::NONE) };
 }
 
 /// What the permission check of the statement being started saw.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Touched {
+struct Touched {
     /// A protected table is in its range table.
-    pub protected: bool,
+    protected: bool,
     /// ... and row security applies to the role reading it.
-    pub rls: bool,
+    rls: bool,
 }
 
 impl Touched {
     const NONE: Touched = Touched { protected: false, rls: false };
-}
-
-/// Forget the protected set (relcache invalidation of `tenancy.protected_tables`).
-pub fn forget() {
-    PROTECTED.with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            *p = None;
-        }
-    });
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c_int, _hash: u32) {
-    forget();
-    catalog::forget();
-}
-
-/// The protected table written by the statement running now (for events raised inside it).
-pub fn last_write_target() -> pg_sys::Oid {
-    LAST_WRITE.with(|l| l.get())
-}
-
-fn load_protected() -> HashMap<pg_sys::Oid, i16> {
-    // The queries below pass through check_perms themselves.
-    LOADING.with(|l| l.set(true));
-    let _reset = crate::OnDrop(|| LOADING.with(|l| l.set(false)));
-    let map: HashMap<pg_sys::Oid, i16> = match catalog::ids() {
-        Ok(_) => catalog::protected_set().map(|v| v.into_iter().collect()).unwrap_or_default(),
-        Err(_) => HashMap::new(),
-    };
-    PROTECTED.with(|p| *p.borrow_mut() = Some(map.clone()));
-    map
-}
-
-/// The tenant column's attribute number when `rel` is protected.
-pub(crate) fn protected(rel: pg_sys::Oid) -> Option<i16> {
-    let cached = PROTECTED.with(|p| p.borrow().as_ref().map(|s| s.get(&rel).copied()));
-    match cached {
-        Some(hit) => hit,
-        None => load_protected().get(&rel).copied(),
-    }
-}
-
-/// Whether nothing is protected in this database (known without a lookup).
-fn nothing_protected() -> bool {
-    PROTECTED.with(|p| p.borrow().as_ref().is_some_and(|m| m.is_empty()))
-}
-
-/// A protected table in a range table, if any.
-///
-/// # Safety
-/// `range_table` is a valid range table (List of RangeTblEntry) or NULL.
-pub(crate) unsafe fn first_protected(range_table: *mut pg_sys::List) -> Option<pg_sys::Oid> {
-    // SAFETY: see above.
-    unsafe { relations(range_table) }.map(|rte| rte.relid).find(|&rel| protected(rel).is_some())
-}
-
-/// Every RTE_RELATION entry of a range table.
-unsafe fn relations(range_table: *mut pg_sys::List) -> impl Iterator<Item = &'static pg_sys::RangeTblEntry> {
-    // SAFETY: a pointer List of RangeTblEntry (or NIL).
-    unsafe { list_ptrs(range_table) }.into_iter().filter_map(|p| {
-        // SAFETY: every element of a range table is a RangeTblEntry.
-        let rte = unsafe { &*(p as *const pg_sys::RangeTblEntry) };
-        (rte.rtekind == pg_sys::RTEKind::RTE_RELATION).then_some(rte)
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,15 +122,15 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
     // Parallel workers check the leader's range table again: the leader already refused or
     // recorded what there was to refuse or record.
     // SAFETY: reads a backend-global.
-    if LOADING.with(|l| l.get()) || unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+    if registry::loading() || unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
         return true;
     }
     // Nothing protected in this database (the common case for ordinary databases): done.
     if nothing_protected() {
-        LAST_WRITE.with(|l| l.set(pg_sys::InvalidOid));
+        audit::set_write_target(pg_sys::InvalidOid);
         return true;
     }
-    let has_context = crate::context::is_set();
+    let has_context = context::is_set();
     let mut write_target = pg_sys::InvalidOid;
     let mut touched = Touched::NONE;
     // SAFETY: range_table is a valid List of RangeTblEntry pointers (or NIL).
@@ -257,13 +179,17 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
     if touched.rls {
         // Authorization as of now, for this statement: refused (and recorded) if the grant, the
         // membership that carried it or the tenant's status changed since the context was set.
-        if let Err(e) = crate::context::with_context(|_| ()) {
+        if let Err(e) = context::with_context(|_| ()) {
             e.raise();
+        }
+        if explain::active() {
+            // SAFETY: as above.
+            explain::refuse_nested(unsafe { registry::first_protected(range_table) }.unwrap_or(pg_sys::InvalidOid));
         }
     }
     // (Set last: the verification above may run catalog statements of its own through here.)
     TOUCHED.with(|t| t.set(touched));
-    LAST_WRITE.with(|l| l.set(write_target));
+    audit::set_write_target(write_target);
     true
 }
 
@@ -289,7 +215,7 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
 unsafe extern "C-unwind" fn before_executor_start(query_desc: *mut pg_sys::QueryDesc) -> bool {
     TOUCHED.with(|t| t.set(Touched::NONE));
     // SAFETY: the QueryDesc about to be started.
-    unsafe { crate::explain::take_pending(query_desc) }
+    unsafe { explain::take_pending(query_desc) }
 }
 
 #[pg_guard]
@@ -301,11 +227,11 @@ unsafe extern "C-unwind" fn after_executor_start(query_desc: *mut pg_sys::QueryD
     }
     if explain && touched.rls {
         // SAFETY: the QueryDesc PostgreSQL just started.
-        unsafe { crate::explain::analyze_of_protected(query_desc) };
+        unsafe { explain::analyze_of_protected(query_desc) };
     }
-    if let Ok(tenant) = crate::context::with_context(|v| v.tenant.clone()) {
+    if let Ok(tenant) = context::with_context(|v| v.tenant.clone()) {
         // SAFETY: the QueryDesc PostgreSQL just started.
-        unsafe { crate::probe::examine(query_desc, &tenant) };
+        unsafe { probe::examine(query_desc, &tenant) };
     }
 }
 
@@ -317,7 +243,7 @@ unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) 
             Some(prev) => prev(query_desc),
             None => standard::standard_ExecutorFinish(query_desc),
         }
-        if crate::explain::hiding() {
+        if explain::hiding() {
             after_executor_finish(query_desc);
         }
     }
@@ -326,7 +252,7 @@ unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) 
 #[pg_guard]
 unsafe extern "C-unwind" fn after_executor_finish(query_desc: *mut pg_sys::QueryDesc) {
     // SAFETY: the QueryDesc PostgreSQL just finished (its plan state still alive).
-    unsafe { crate::explain::hide_counts(query_desc) };
+    unsafe { explain::hide_counts(query_desc) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,21 +276,82 @@ unsafe extern "C-unwind" fn process_utility(
     unsafe {
         let node = (*pstmt).utilityStmt;
         let noted = before_utility(node);
-        match PREV_PROCESS_UTILITY {
-            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => standard::standard_ProcessUtility(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
+        let shield = shield_for(node);
+        if shield.on {
+            run_shielded(shield.rel, pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        } else {
+            next_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
         }
         if noted {
             after_utility(node);
+        }
+    }
+}
+
+/// Whether a utility statement is to be shielded, and for which table.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Shield {
+    on: bool,
+    rel: pg_sys::Oid,
+}
+
+/// Whether the statement is DDL that evaluates a protected table's rows for a role subject to
+/// row security (`crate::protect::guard`: shielded), and the table.
+#[pg_guard]
+unsafe extern "C-unwind" fn shield_for(node: *mut pg_sys::Node) -> Shield {
+    let off = Shield { on: false, rel: pg_sys::InvalidOid };
+    if node.is_null() || nothing_protected() {
+        return off;
+    }
+    // SAFETY: the utility statement about to run.
+    match unsafe { guard::needs_shield(node) } {
+        Some(rel) => Shield { on: true, rel },
+        None => off,
+    }
+}
+
+/// The shielded path: this is the statement pg_tenancy is involved in, and its errors are the
+/// ones it reshapes.
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn run_shielded(
+    rel: pg_sys::Oid,
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    guard::shielded(rel, || {
+        // SAFETY: PostgreSQL's arguments, passed on.
+        unsafe { next_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc) }
+    });
+}
+
+/// The previous ProcessUtility hook, or the standard function.
+///
+/// # Safety
+/// PostgreSQL's arguments to the hook. (No `#[pg_guard]`: see the module documentation.)
+#[allow(clippy::too_many_arguments)]
+unsafe fn next_process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: see above; an error raised passes through.
+    unsafe {
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => standard::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         }
     }
 }
@@ -386,18 +373,18 @@ unsafe extern "C-unwind" fn before_utility(node: *mut pg_sys::Node) -> bool {
     unsafe {
         match (*node).type_ {
             T_FetchStmt => {
-                crate::cursors::before_fetch(node as *mut pg_sys::FetchStmt);
+                cursors::before_fetch(node as *mut pg_sys::FetchStmt);
                 false
             }
             T_DeclareCursorStmt => true,
             T_ExplainStmt => {
-                crate::explain::note(node as *mut pg_sys::ExplainStmt);
+                explain::note(node as *mut pg_sys::ExplainStmt);
                 true
             }
             T_DropRoleStmt => note_dropped_roles(node as *mut pg_sys::DropRoleStmt),
             _ => {
                 if !nothing_protected() {
-                    crate::protect::before_ddl(node);
+                    guard::before_ddl(node);
                 }
                 false
             }
@@ -411,8 +398,8 @@ unsafe extern "C-unwind" fn after_utility(node: *mut pg_sys::Node) {
     // SAFETY: the utility statement that just ran; the casts follow its tag.
     unsafe {
         match (*node).type_ {
-            T_DeclareCursorStmt => crate::cursors::declared(node as *mut pg_sys::DeclareCursorStmt),
-            T_ExplainStmt => crate::explain::done(),
+            T_DeclareCursorStmt => cursors::declared(node as *mut pg_sys::DeclareCursorStmt),
+            T_ExplainStmt => explain::done(),
             T_DropRoleStmt => forget_dropped_roles(),
             _ => {}
         }
@@ -420,6 +407,9 @@ unsafe extern "C-unwind" fn after_utility(node: *mut pg_sys::Node) {
 }
 
 /// Note the OIDs of the roles a DROP ROLE names, where pg_tenancy is installed.
+///
+/// # Safety
+/// `stmt` is the DropRoleStmt PostgreSQL is about to run.
 unsafe fn note_dropped_roles(stmt: *mut pg_sys::DropRoleStmt) -> bool {
     if catalog::ids().is_err() {
         return false;
@@ -441,37 +431,8 @@ unsafe fn note_dropped_roles(stmt: *mut pg_sys::DropRoleStmt) -> bool {
 fn forget_dropped_roles() {
     let roles = DROPPING.with(|d| std::mem::take(&mut *d.borrow_mut()));
     for role in roles {
-        if let Err(e) = catalog::forget_role(role) {
+        if let Err(e) = catalog::tenants::forget_role(role) {
             e.raise();
         }
-    }
-}
-
-/// A protected table `rv` names (without locking it; NULL or unknown names give None).
-///
-/// # Safety
-/// `rv` is NULL or a valid RangeVar.
-pub(crate) unsafe fn protected_rangevar(rv: *mut pg_sys::RangeVar) -> Option<(pg_sys::Oid, i16)> {
-    // (A three-part name is refused by PostgreSQL itself; it is not ours to look up.)
-    // SAFETY: see above.
-    if rv.is_null() || unsafe { !(*rv).catalogname.is_null() } {
-        return None;
-    }
-    // SAFETY: name lookup only, missing_ok.
-    let rel = unsafe {
-        pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as _, pg_sys::RVROption::RVR_MISSING_OK as _, None, std::ptr::null_mut())
-    };
-    if rel == pg_sys::InvalidOid {
-        return None;
-    }
-    protected(rel).map(|attno| (rel, attno))
-}
-
-/// The name of attribute `attno` of `rel`.
-pub(crate) fn attname(rel: pg_sys::Oid, attno: i16) -> Option<Vec<u8>> {
-    // SAFETY: syscache lookup; NULL when missing (missing_ok).
-    unsafe {
-        let n = pg_sys::get_attname(rel, attno, true);
-        (!n.is_null()).then(|| CStr::from_ptr(n).to_bytes().to_vec())
     }
 }

@@ -1,0 +1,14 @@
+//! The parts of pg_tenancy that need no PostgreSQL, tested with plain `cargo test`:
+//! - [`tenant_id`]: the shape of a tenant id and its canonical form;
+//! - [`model`]: scopes, tenant statuses, key kinds and states;
+//! - [`token`]: HS256 tokens (verification, and signing for tests and the demo);
+//! - [`envelope`]: the ciphertext format and AES-256-GCM (AWS-LC);
+//! - [`master_key`]: the master key's formats, identity, the wrapping of tenant keys, and the
+//!   bounded command that reads it;
+//! - [`policy`]: the statements that protect and unprotect a table, rendered from `sql/`.
+pub mod envelope;
+pub mod master_key;
+pub mod model;
+pub mod policy;
+pub mod tenant_id;
+pub mod token;

@@ -1,0 +1,261 @@
+-- tenancy.check(): the pre-go-live checklist items the database can verify itself.
+
+CREATE FUNCTION tenancy.check()
+RETURNS TABLE (severity text, object text, problem text, fix text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+WITH prot AS (
+    SELECT p.rel, p.tenant_column,
+           (SELECT a.attnum FROM pg_attribute a
+             WHERE a.attrelid = p.rel AND a.attname = p.tenant_column AND NOT a.attisdropped) AS attnum
+      FROM tenancy.protected_tables p
+), col AS (
+    SELECT coalesce(nullif(current_setting('pg_tenancy.tenant_column', true), ''), 'tenant_id')::name AS name
+), findings AS (
+    -- tables with the tenant column that are not protected
+    SELECT 'ERROR' AS severity, c.oid::regclass::text AS object,
+           'table has a tenant column but is not protected' AS problem,
+           format('SELECT tenancy.protect(%L);', c.oid::regclass::text) AS fix
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = (SELECT name FROM col)
+                         AND NOT a.attisdropped
+     WHERE c.relkind IN ('r', 'p')
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+       AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
+       AND NOT EXISTS (SELECT 1 FROM prot WHERE prot.rel = c.oid)
+    UNION ALL
+    -- protected tables whose protection was weakened (RLS off, not forced, policies changed)
+    SELECT 'ERROR', p.rel::text, tenancy._protection_problem(p.rel),
+           format('SELECT tenancy.protect(%L, %L);', p.rel::text, p.tenant_column)
+      FROM prot p
+     WHERE tenancy._protection_problem(p.rel) IS NOT NULL
+    UNION ALL
+    -- code over every tenant's rows that no superuser approved
+    SELECT DISTINCT 'WARNING', 'function ' || rf.fn::text,
+           'runs over every tenant''s rows of protected table ' || p.rel::text || ' (' || rf.via
+               || ') with the rights of the table owner or of each writer, and no superuser approved it',
+           format('SELECT tenancy.approve_function(%L, ''<why it is safe>''); -- after reviewing it',
+                  rf.fn::text)
+      FROM prot p
+     CROSS JOIN LATERAL tenancy._row_functions(p.rel) rf
+     WHERE NOT rf.approved
+    UNION ALL
+    -- restrictive policies that run leaky functions before the tenant filter (a superuser's)
+    SELECT 'WARNING', format('policy %I on %s', x.polname, x.polrelid::regclass),
+           'restrictive policy calls a function that is not leakproof on the row: it runs before the '
+               || 'tenant filter, on every tenant''s rows',
+           format('DROP POLICY %I ON %s; -- or make its functions leakproof', x.polname, x.polrelid::regclass)
+      FROM pg_policy x JOIN prot p ON p.rel = x.polrelid
+     WHERE NOT x.polpermissive AND x.polname NOT IN ('tenancy_isolation', 'tenancy_write_guard')
+       AND tenancy._expr_leaks(x.polqual::text)
+    UNION ALL
+    -- foreign keys whose actions change every tenant's rows from an unprotected table
+    SELECT 'ERROR', format('constraint %I on %s', ck.constraint_name, p.rel),
+           'foreign key cascades from ' || ck.referenced::text
+               || ', which is not protected (or not on the tenant column): changing it changes every '
+               || 'tenant''s rows, as the table''s owner, without row security',
+           'Make the key (tenant column, ...) on both sides with a protected referenced table, or ON UPDATE/DELETE NO ACTION.'
+      FROM prot p CROSS JOIN LATERAL tenancy._cascading_keys(p.rel) ck
+    UNION ALL
+    -- statistics functions that count other tenants' rows for whoever calls them
+    SELECT 'WARNING', 'function ' || f.oid::regprocedure::text,
+           'per-relation statistics are executable by PUBLIC: their counters (tuples fetched by a '
+               || 'session''s own scans, for instance) count rows of other tenants',
+           format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC; GRANT EXECUTE ON FUNCTION %s TO pg_read_all_stats;',
+                  f.oid::regprocedure, f.oid::regprocedure)
+      FROM pg_proc f
+     WHERE f.pronamespace = 'pg_catalog'::regnamespace
+       AND f.proname ~ '^pg_stat_get_' AND f.pronargs = 1 AND f.proargtypes[0] = 'oid'::regtype
+       AND has_function_privilege('public', f.oid, 'EXECUTE')
+    UNION ALL
+    -- protected tables under a parent that is not protected
+    SELECT 'ERROR', i.inhparent::regclass::text,
+           'parent of protected table ' || p.rel::text
+               || ' is not protected: it returns the child''s rows without the child''s policies',
+           format('SELECT tenancy.protect(%L, %L);', i.inhparent::regclass::text, p.tenant_column)
+      FROM prot p JOIN pg_inherits i ON i.inhrelid = p.rel
+     WHERE NOT EXISTS (SELECT 1 FROM prot q WHERE q.rel = i.inhparent)
+    UNION ALL
+    -- registry rows of tables that no longer exist (a temporary table ended with its session)
+    SELECT 'INFO', 'protected table ' || p.rel::oid::text,
+           'tenancy.protected_tables lists a table that no longer exists',
+           format('DELETE FROM tenancy.protected_tables WHERE rel = %s;', p.rel::oid)
+      FROM tenancy.protected_tables p
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel::oid)
+    UNION ALL
+    -- publications that send protected tables elsewhere whole
+    SELECT 'WARNING', 'publication ' || quote_ident(pub.pubname),
+           'publishes protected table ' || p.rel::text || ': a subscriber receives every tenant''s rows',
+           'Make sure every subscriber is as trusted as a superuser, or publish per tenant with a row filter.'
+      FROM pg_publication pub
+      JOIN prot p ON pub.puballtables
+                  OR EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = pub.oid AND pr.prrelid = p.rel)
+    UNION ALL
+    -- statement statistics shared by every tenant of one role
+    SELECT 'WARNING', 'view ' || c.oid::regclass::text,
+           'readable by PUBLIC: with one application role for all tenants, each tenant sees the statement '
+               || 'statistics (calls, rows, buffers) of the others'' sessions',
+           format('REVOKE SELECT ON %s FROM PUBLIC;', c.oid::regclass)
+      FROM pg_class c
+     WHERE c.relname IN ('pg_stat_statements', 'pg_stat_statements_info') AND c.relkind = 'v'
+       AND has_table_privilege('public', c.oid, 'SELECT')
+    UNION ALL
+    -- the guard itself switched off
+    SELECT 'ERROR', 'event trigger ' || e.evtname, 'the pg_tenancy guard is disabled',
+           format('ALTER EVENT TRIGGER %I ENABLE;', e.evtname)
+      FROM pg_event_trigger e
+     WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled = 'D'
+    UNION ALL
+    SELECT 'ERROR', 'setting pg_tenancy.guard', 'the guard is off in this session',
+           'RESET pg_tenancy.guard; -- and look for ALTER DATABASE/ROLE ... SET pg_tenancy.guard'
+     WHERE current_setting('pg_tenancy.guard', true) = 'off'
+    UNION ALL
+    -- the token secret where every role can read it
+    SELECT 'ERROR', 'settings of ' || coalesce('database ' || quote_ident(d.datname), 'all databases')
+                    || coalesce(' for role ' || quote_ident(r.rolname), ''),
+           'pg_tenancy.jwt_secret is stored in pg_db_role_setting, which every role can read',
+           format('ALTER %s RESET pg_tenancy.jwt_secret; -- then rotate the secret',
+                  CASE WHEN r.rolname IS NOT NULL THEN 'ROLE ' || quote_ident(r.rolname)
+                       ELSE 'DATABASE ' || quote_ident(d.datname) END)
+      FROM pg_db_role_setting s
+      LEFT JOIN pg_database d ON d.oid = s.setdatabase
+      LEFT JOIN pg_roles r ON r.oid = s.setrole
+     WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+       AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c WHERE c LIKE 'pg\_tenancy.jwt\_secret=%')
+    UNION ALL
+    -- roles that row level security does not apply to
+    SELECT 'WARNING', 'role ' || quote_ident(r.rolname),
+           CASE WHEN r.rolsuper
+                THEN 'role can log in as SUPERUSER: row level security does not apply to it'
+                ELSE 'role can log in with BYPASSRLS: row level security does not apply to it' END,
+           format('ALTER ROLE %I NOSUPERUSER NOBYPASSRLS; -- or NOLOGIN for a break-glass role',
+                  r.rolname)
+      FROM pg_roles r
+     WHERE r.rolcanlogin AND (r.rolsuper OR r.rolbypassrls)
+    UNION ALL
+    -- SECURITY DEFINER functions that mention a protected table
+    SELECT DISTINCT 'WARNING', 'function ' || f.oid::regprocedure::text,
+           'SECURITY DEFINER function mentions protected table ' || c.oid::regclass::text
+               || ': it runs with its owner''s rights',
+           format('ALTER FUNCTION %s SECURITY INVOKER;', f.oid::regprocedure)
+      FROM pg_proc f
+      JOIN pg_namespace n ON n.oid = f.pronamespace
+      CROSS JOIN prot p
+      JOIN pg_class c ON c.oid = p.rel
+     WHERE f.prosecdef
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+       AND f.prosrc ~* ('\m' || regexp_replace(c.relname, '([^[:alnum:]_])', '\\\1', 'g') || '\M')
+    UNION ALL
+    -- views without security_invoker and materialized views over protected tables
+    SELECT DISTINCT 'WARNING', v.oid::regclass::text,
+           CASE v.relkind WHEN 'm'
+                THEN 'materialized view copies protected table ' || p.rel::text
+                     || ' without row level security'
+                ELSE 'view over protected table ' || p.rel::text
+                     || ' is not security_invoker: it reads with its owner''s rights' END,
+           CASE v.relkind WHEN 'm'
+                THEN format('DROP MATERIALIZED VIEW %s; -- or protect a tenant-keyed table instead',
+                            v.oid::regclass)
+                ELSE format('ALTER VIEW %s SET (security_invoker = true);', v.oid::regclass) END
+      FROM pg_depend d
+      JOIN pg_rewrite rw ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid
+      JOIN pg_class v ON v.oid = rw.ev_class
+      JOIN prot p ON d.refclassid = 'pg_class'::regclass AND d.refobjid = p.rel
+     WHERE v.oid <> p.rel
+       AND (v.relkind = 'm'
+            OR (v.relkind = 'v' AND NOT EXISTS (
+                    SELECT 1 FROM unnest(v.reloptions) o
+                     WHERE lower(o) IN ('security_invoker=true', 'security_invoker=on',
+                                        'security_invoker=1', 'security_invoker=yes'))))
+    UNION ALL
+    -- foreign keys to protected tables that do not carry the tenant column on both sides
+    SELECT 'WARNING', format('constraint %I on %s', k.conname, k.conrelid::regclass),
+           'foreign key to protected table ' || k.confrelid::regclass::text
+               || ' does not include the tenant column: a row can point at another tenant''s row, '
+               || 'and the error tells whether it exists',
+           'Make the key (tenant column, ...) on both sides, with a matching unique constraint.'
+      FROM pg_constraint k
+      JOIN prot b ON b.rel = k.confrelid
+      LEFT JOIN prot a ON a.rel = k.conrelid
+     WHERE k.contype = 'f' AND k.conparentid = 0
+       AND NOT (a.attnum IS NOT NULL AND b.attnum IS NOT NULL
+                AND array_position(k.conkey, a.attnum) IS NOT NULL
+                AND array_position(k.conkey, a.attnum) = array_position(k.confkey, b.attnum))
+    UNION ALL
+    -- unique constraints without the tenant column
+    SELECT 'WARNING', i.indexrelid::regclass::text,
+           'unique index or exclusion constraint on protected table ' || p.rel::text
+               || ' does not include the tenant column: a conflict error tells a tenant '
+               || 'that another tenant has that value',
+           format('Make it unique on (%I, ...) instead.', p.tenant_column)
+      FROM pg_index i
+      JOIN prot p ON p.rel = i.indrelid
+     WHERE (i.indisunique OR i.indisexclusion) AND NOT (p.attnum = ANY (i.indkey::int2[]))
+       AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+    UNION ALL
+    -- no index leads with the tenant column
+    SELECT 'WARNING', p.rel::text, 'no index leads with the tenant column',
+           format('CREATE INDEX CONCURRENTLY ON %s (%I);', p.rel, p.tenant_column)
+      FROM prot p
+     WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = p.rel AND i.indkey[0] = p.attnum)
+    UNION ALL
+    -- nullable tenant column
+    SELECT 'WARNING', p.rel::text,
+           'tenant column allows NULL: such rows belong to no tenant and nobody can see them',
+           format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL;', p.rel, p.tenant_column)
+      FROM prot p
+      JOIN pg_attribute a ON a.attrelid = p.rel AND a.attnum = p.attnum
+     WHERE NOT a.attnotnull
+    UNION ALL
+    -- the extension's catalogs readable by PUBLIC
+    SELECT 'ERROR', c.oid::regclass::text,
+           'pg_tenancy catalog is readable by PUBLIC: every tenant could list the others',
+           format('REVOKE ALL ON %s FROM PUBLIC;', c.oid::regclass)
+      FROM pg_class c
+     WHERE c.relnamespace = 'tenancy'::regnamespace AND c.relkind IN ('r', 'v', 'm', 'p')
+       AND EXISTS (SELECT 1 FROM aclexplode(c.relacl) x WHERE x.grantee = 0)
+    UNION ALL
+    -- explicit all-tenants grants
+    SELECT 'WARNING', 'role ' || g.role::text,
+           format('role may enter every tenant (all-tenants grant, scope %s)', g.scope),
+           format('SELECT tenancy.revoke_tenant(%L, ''*'');', g.role::text)
+      FROM tenancy.grants g
+     WHERE g.tenant = '*'
+    UNION ALL
+    -- grants that point at nothing
+    SELECT 'INFO', 'grant ' || g.role::text || ' -> ' || g.tenant,
+           'grant for a tenant that does not exist or a role that was dropped',
+           format('DELETE FROM tenancy.grants WHERE role = %s AND tenant = %L;', g.role::oid, g.tenant)
+      FROM tenancy.grants g
+     WHERE (g.tenant <> '*' AND NOT EXISTS (SELECT 1 FROM tenancy.tenants t WHERE t.id = g.tenant))
+        OR NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.role)
+    UNION ALL
+    -- the denial log
+    SELECT 'ERROR', 'setting shared_preload_libraries',
+           'pg_tenancy is not preloaded: cross-tenant attempts are not recorded in tenancy.audit_log',
+           'ALTER SYSTEM SET shared_preload_libraries = ''pg_tenancy''; -- then restart the server'
+     WHERE NOT tenancy._audit_available()
+    UNION ALL
+    SELECT 'WARNING', 'tenancy.audit_log',
+           format('%s events overflowed the audit queue since the server started: they are only in the server log',
+                  tenancy._audit_overflowed()),
+           'Find what floods it: SELECT event, role, count(*) FROM tenancy.audit_log WHERE at > now() - interval ''1 hour'' GROUP BY 1, 2 ORDER BY 3 DESC;'
+     WHERE tenancy._audit_overflowed() > 0
+    UNION ALL
+    SELECT 'ERROR', 'tenancy.audit_log', format('trigger %s is not enabled ALWAYS: the log is not append-only', t.tgname),
+           format('ALTER TABLE tenancy.audit_log ENABLE ALWAYS TRIGGER %I;', t.tgname)
+      FROM pg_trigger t
+     WHERE t.tgrelid = to_regclass('tenancy.audit_log')
+       AND t.tgname IN ('audit_log_append_only', 'audit_log_no_truncate') AND t.tgenabled <> 'A'
+    UNION ALL
+    SELECT 'INFO', 'setting pg_tenancy.context_mode',
+           'the tenant context can be set with a plain tenant id (open mode)',
+           'ALTER SYSTEM SET pg_tenancy.context_mode = ''signed''; -- once the gateway mints tokens'
+     WHERE coalesce(current_setting('pg_tenancy.context_mode', true), 'open') = 'open'
+)
+SELECT f.severity, f.object, f.problem, f.fix
+  FROM findings f
+ ORDER BY CASE f.severity WHEN 'ERROR' THEN 0 WHEN 'WARNING' THEN 1 ELSE 2 END, f.object, f.problem
+$$;
+
+

@@ -1,0 +1,65 @@
+-- Privileges: nothing by default, then exactly what applications and owners need.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA tenancy FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA tenancy FROM PUBLIC;
+GRANT USAGE ON SCHEMA tenancy TO PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    tenancy.set_tenant(text, boolean),
+    tenancy.set_tenant_token(text, boolean),
+    tenancy.reset_tenant(),
+    tenancy.current_tenant(),
+    tenancy.writable_tenant(),
+    tenancy.has_tenant(),
+    tenancy.tenant_scope(),
+    tenancy.flag(text),
+    tenancy.config(text),
+    tenancy.valid_tenant_id(text),
+    tenancy.grant_tenant(regrole, text, text),
+    tenancy.revoke_tenant(regrole, text),
+    tenancy._grant_tenant(oid, text, text),
+    tenancy._revoke_tenant(oid, text),
+    tenancy.protect(regclass, name, boolean),
+    tenancy._protect(oid, text, boolean),
+    tenancy.protect_schema(name, name, boolean),
+    tenancy._protect_schema(text, text, boolean),
+    tenancy.policy_sql(regclass, name),
+    tenancy._policy_sql(oid, text),
+    tenancy.truncate_guard(),
+    tenancy._guard_exempt(oid),
+    tenancy._guard_ddl(),
+    tenancy._guard_drop(),
+    tenancy.encrypt(bytea, text),
+    tenancy.encrypt(text, text),
+    tenancy.decrypt(bytea, text),
+    tenancy.decrypt_text(bytea, text),
+    tenancy.rewrap(bytea, text),
+    tenancy.key_version(bytea),
+    tenancy.blind_index(text, text),
+    tenancy.active_key_version(),
+    tenancy.cipher_implementation(),
+    tenancy.reencrypt(regclass, name, text, integer),
+    tenancy._write_denied(text)
+TO PUBLIC;
+
+-- Per-relation statistics count rows a session's own scans read, the other tenants' included
+-- (an index scan on another column reads them before the tenant filter drops them): in this
+-- database they are not for PUBLIC. Monitoring keeps them through pg_read_all_stats.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace
+           AND p.proname OPERATOR(pg_catalog.~) '^pg_stat_get_' AND p.pronargs OPERATOR(pg_catalog.=) 1
+           AND p.proargtypes[0] OPERATOR(pg_catalog.=) 'pg_catalog.oid'::pg_catalog.regtype
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO pg_read_all_stats', f);
+    END LOOP;
+END
+$$;
+-- The auditor reads the log and the reports; pruning stays with superusers.
+GRANT SELECT ON tenancy.audit_log TO tenancy_auditor;
+GRANT EXECUTE ON FUNCTION tenancy.unexpected_denials(interval), tenancy.audit_status() TO tenancy_auditor;
+

@@ -1,0 +1,350 @@
+//! The tenant context: the database side of "X-Tenant-ID is mandatory and validated".
+//!
+//! The context travels in one setting, `pg_tenancy.tenant`, whose value is a tenant id or a
+//! signed token. That makes it transaction-scoped by default (`SET LOCAL` semantics: safe behind
+//! transaction-pooling poolers), cleared by `DISCARD ALL`, and able to travel as a single
+//! `SET LOCAL` to other nodes, each of which verifies it on its own.
+//!
+//! The setting is never trusted: a check hook verifies every value when it is set, and
+//! [`resolve`] verifies it again, for the role running the statement, every time a policy reads
+//! it. Verification results are cached per backend; the cache is dropped when the extension's
+//! catalogs change (relcache invalidation, sent by triggers on those tables) or when a setting
+//! that governs verification changes.
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pg_tenancy_core::model::{Scope, Status};
+use pg_tenancy_core::token::{self, TokenError};
+
+use crate::catalog;
+use crate::error::{Result, TenancyError};
+use crate::gucs::{self, ContextMode};
+
+pub mod cursors;
+pub mod grants;
+pub mod setting;
+pub mod sql;
+
+pub use setting::{check_tenant_guc, on_tenant_assign};
+
+/// Whether `id` may name a tenant (see `pg_tenancy_core::tenant_id`).
+pub fn valid_tenant_id(id: &str) -> bool {
+    pg_tenancy_core::tenant_id::valid(id)
+}
+
+/// A context value verified for one role.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    raw: String,
+    user: pg_sys::Oid,
+    pub tenant: String,
+    pub scope: Scope,
+    pub read_only: bool,
+    pub config: Option<String>,
+    /// `exp` of the token the context came from, re-checked at every use.
+    exp: Option<i64>,
+}
+
+impl Verified {
+    /// Whether this context may write: an active tenant and a read_write or admin grant.
+    pub fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(TenancyError::ReadOnly)
+        } else if self.scope < Scope::ReadWrite {
+            Err(TenancyError::ReadScope)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+
+/// Distinct (value, role) verifications kept per backend. A pooled connection that serves many
+/// tenants keeps them all warm (bench/README.md: 1,000 tenants); past this the cache starts over.
+const CACHE_CAPACITY: usize = 4096;
+
+thread_local! {
+    /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
+    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Verified>>> = RefCell::new(HashMap::new());
+    static CACHE_LEN: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Drop every cached verification (called by the invalidate module when an input changed).
+pub fn clear_cache() {
+    CACHE.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            c.clear();
+        }
+    });
+    CACHE_LEN.with(|n| n.set(0));
+}
+
+
+/// Name events after the session's tenant (the audit floor asks through this).
+pub fn init() {
+    crate::audit::set_session_tenant(session_tenant_for_log);
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn load_secret() -> Result<Vec<u8>> {
+    let secret = if let Some(s) = gucs::jwt_secret() {
+        s.into_bytes()
+    } else if let Some(path) = gucs::jwt_secret_file() {
+        let mut bytes = std::fs::read(path).map_err(|_| TenancyError::BadSecret("the secret file cannot be read"))?;
+        while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+            bytes.pop();
+        }
+        bytes
+    } else {
+        return Err(TenancyError::NoSecret);
+    };
+    if secret.len() < token::MIN_SECRET_LEN {
+        return Err(TenancyError::BadSecret("the secret is shorter than 32 bytes"));
+    }
+    Ok(secret)
+}
+
+
+fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
+    // SAFETY: superuser_arg only reads the role's catalog entry (syscache: current).
+    let is_super = unsafe { pg_sys::superuser_arg(user) };
+    let (tenant, exp) = if token::looks_like_token(raw) {
+        let secret = load_secret()?;
+        let claims = token::verify(raw, &secret, &gucs::tenant_claim(), now, gucs::jwt_leeway())
+            .map_err(TenancyError::Token)?;
+        (claims.tenant, Some(claims.exp))
+    } else {
+        if !valid_tenant_id(raw) {
+            return Err(TenancyError::InvalidTenantId);
+        }
+        if gucs::context_mode() == ContextMode::Signed && !is_super {
+            return Err(TenancyError::SignedModeRequired);
+        }
+        (raw.to_string(), None)
+    };
+    let access = catalog::tenants::tenant_access(&tenant, user)?;
+    let scope = if is_super {
+        Scope::Admin
+    } else {
+        // No grant: refuse before saying anything about the tenant, so a role cannot learn
+        // which tenants exist.
+        access.best_scope.and_then(Scope::from_rank).ok_or(TenancyError::NotPermitted)?
+    };
+    let read_only = match access.status.as_deref().map(Status::parse) {
+        None => return Err(TenancyError::UnknownTenant),
+        Some(Some(Status::Active)) => false,
+        Some(Some(Status::ReadOnly)) => true,
+        Some(Some(Status::Suspended)) => return Err(TenancyError::Unavailable("suspended")),
+        Some(_) => return Err(TenancyError::Unavailable("offboarded")),
+    };
+    Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp })
+}
+
+fn check_expiry(v: &Verified, now: i64) -> Result<()> {
+    match v.exp {
+        Some(exp) if now > exp.saturating_add(gucs::jwt_leeway()) => {
+            Err(TenancyError::Token(TokenError::Expired))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Verify `raw` for `user` (from the cache when possible) and hand the result to `f`.
+pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    let now = unix_now();
+    let mut f = Some(f);
+    let hit = CACHE.with(|c| {
+        let c = c.borrow();
+        c.get(raw).and_then(|vs| vs.iter().find(|v| v.user == user)).map(|v| {
+            if let Err(e) = check_expiry(v, now) {
+                refused(&e, &v.raw);
+                return Err(e);
+            }
+            Ok((f.take().expect("called once"))(v))
+        })
+    });
+    if let Some(result) = hit {
+        return result;
+    }
+    let raw = match std::str::from_utf8(raw) {
+        Ok(r) => r.to_owned(),
+        Err(_) => {
+            refused(&TenancyError::InvalidTenantId, "");
+            return Err(TenancyError::InvalidTenantId);
+        }
+    };
+    let v = verify_fresh(&raw, user, now).and_then(|v| check_expiry(&v, now).map(|_| v));
+    let v = match v {
+        Ok(v) => v,
+        Err(e) => {
+            refused(&e, &raw);
+            return Err(e);
+        }
+    };
+    let result = (f.take().expect("called once"))(&v);
+    if CACHE_LEN.with(|n| n.get()) >= CACHE_CAPACITY {
+        clear_cache();
+    }
+    CACHE.with(|c| c.borrow_mut().entry(v.raw.as_bytes().to_vec()).or_default().push(v));
+    CACHE_LEN.with(|n| n.set(n.get() + 1));
+    Ok(result)
+}
+
+/// A context value was refused: record `forbidden_tenant` (configuration errors are not attempts).
+pub(crate) fn refused(e: &TenancyError, raw: &str) {
+    let detail = match e {
+        TenancyError::NotPermitted => "role has no grant for the tenant",
+        TenancyError::UnknownTenant => "tenant does not exist",
+        TenancyError::Unavailable("suspended") => "tenant is suspended",
+        TenancyError::Unavailable(_) => "tenant is offboarded",
+        TenancyError::InvalidTenantId => "malformed tenant context",
+        TenancyError::SignedModeRequired => "plain tenant id refused in signed mode",
+        TenancyError::Token(TokenError::Expired) => "token expired",
+        TenancyError::Token(_) => "token rejected (bad signature, algorithm or claims)",
+        _ => return,
+    };
+    let attempted = if token::looks_like_token(raw) {
+        token::unverified_tenant(raw, &gucs::tenant_claim())
+    } else {
+        Some(raw.to_string())
+    };
+    crate::audit::record(
+        crate::audit::Event::ForbiddenTenant,
+        pg_sys::InvalidOid,
+        attempted.as_deref(),
+        &e.sqlstate_text(),
+        detail,
+    );
+}
+
+
+/// The session's tenant as it may appear in the audit log: a plain id, or the tenant of a
+/// token this backend already verified (a token itself is never logged).
+pub fn session_tenant_for_log() -> String {
+    let Some(raw) = gucs::tenant_raw() else { return String::new() };
+    if !token::looks_like_token(&raw) {
+        return crate::audit::loggable_tenant(&raw);
+    }
+    CACHE
+        .with(|c| c.try_borrow().ok().and_then(|c| c.get(raw.as_bytes()).and_then(|vs| vs.first().map(|v| v.tenant.clone()))))
+        .unwrap_or_else(|| "(unverified token)".to_string())
+}
+
+
+/// The raw context value in place (NULL or empty: none).
+pub(crate) fn raw_value<'a>() -> Option<&'a [u8]> {
+    // SAFETY: the setting's storage is a NUL-terminated string owned by the GUC machinery (or
+    // NULL). It changes only when the setting is assigned, which nothing below does while the
+    // slice is in use (a cache miss copies the value before it runs SPI).
+    unsafe {
+        let p = *gucs::TENANT.as_ptr();
+        if p.is_null() {
+            return None;
+        }
+        let raw = CStr::from_ptr(p).to_bytes();
+        (!raw.is_empty()).then_some(raw)
+    }
+}
+
+/// The role that set the value must hold the grant too (see [`setting::Setter`]).
+fn verify_setter(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
+    let setter = match setting::setter() {
+        setting::Setter::Role(s) => s,
+        // SAFETY: reads a backend-local variable.
+        setting::Setter::Worker => unsafe { pg_sys::GetOuterUserId() },
+        setting::Setter::Unknown => {
+            refused(&TenancyError::NotPermitted, std::str::from_utf8(raw).unwrap_or(""));
+            return Err(TenancyError::NotPermitted);
+        }
+    };
+    if setter == user {
+        return Ok(());
+    }
+    with_verified(raw, setter, |_| ())
+}
+
+/// Run `f` on the verified context of the role running the current statement.
+///
+/// The value must verify for that role and for the role that set it. Invalidation messages are
+/// taken first, so that a change committed by another session (a revoked grant or membership,
+/// a suspension) reaches this one at its next statement even inside an open transaction that
+/// already holds every lock it needs. On a cache hit this reads the setting in place and runs
+/// no query.
+pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    // SAFETY: processes pending invalidation messages, as any lock acquisition does.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    let raw = raw_value().ok_or(TenancyError::NoContext)?;
+    // SAFETY: GetUserId only reads a backend-local variable.
+    let user = unsafe { pg_sys::GetUserId() };
+    verify_setter(raw, user)?;
+    with_verified(raw, user, f)
+}
+
+/// The verified context for the role running the current statement.
+pub fn resolve() -> Result<Verified> {
+    with_context(|v| v.clone())
+}
+
+/// Whether a context value is set at all (not whether it verifies).
+pub fn is_set() -> bool {
+    raw_value().is_some()
+}
+
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    fn setup_tenants() {
+        Spi::run("SELECT tenancy.create_tenant('ut_a', 'A'), tenancy.create_tenant('ut_b', 'B')").unwrap();
+        Spi::run("CREATE ROLE ut_app").unwrap();
+        Spi::run("SELECT tenancy.grant_tenant('ut_app', 'ut_a', 'read')").unwrap();
+    }
+
+    #[pg_test]
+    fn context_is_checked_for_the_role_using_it() {
+        setup_tenants();
+        Spi::run("SET LOCAL ROLE ut_app").unwrap();
+        assert_eq!(Spi::get_one::<String>("SELECT tenancy.set_tenant('ut_a')").unwrap().as_deref(), Some("ut_a"));
+        assert_eq!(resolve().map(|v| (v.tenant, v.scope)), Ok(("ut_a".to_string(), Scope::Read)));
+        // the role has no grant for ut_b: the setting cannot be pointed there
+        assert!(with_verified(b"ut_b", unsafe { pg_sys::GetUserId() }, |_| ()).is_err());
+        assert_eq!(
+            with_verified(b"ut_b", unsafe { pg_sys::GetUserId() }, |_| ()).unwrap_err(),
+            TenancyError::NotPermitted
+        );
+    }
+
+    #[pg_test]
+    fn catalog_changes_reach_the_cache() {
+        setup_tenants();
+        Spi::run("SET LOCAL ROLE ut_app").unwrap();
+        Spi::run("SELECT tenancy.set_tenant('ut_a')").unwrap();
+        assert!(resolve().is_ok());
+        Spi::run("RESET ROLE").unwrap();
+        Spi::run("SELECT tenancy.set_status('ut_a', 'suspended')").unwrap();
+        // the statement boundary processes the invalidation the trigger queued
+        Spi::run("SET LOCAL ROLE ut_app").unwrap();
+        assert_eq!(resolve().unwrap_err(), TenancyError::Unavailable("suspended"));
+    }
+
+    #[pg_test]
+    fn no_context_fails_closed() {
+        assert_eq!(resolve().unwrap_err(), TenancyError::NoContext);
+        assert_eq!(TenancyError::NoContext.sqlstate(), PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION);
+    }
+
+    #[pg_test(error = "no tenant context is set")]
+    fn current_tenant_raises_without_context() {
+        Spi::get_one::<String>("SELECT tenancy.current_tenant()").unwrap();
+    }
+}

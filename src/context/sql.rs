@@ -1,0 +1,110 @@
+//! The context's SQL surface for applications.
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use pg_tenancy_core::token::{self, TokenError};
+
+use super::setting::set_context;
+use super::{load_secret, valid_tenant_id, with_context};
+use crate::error::{OrRaise, TenancyError};
+
+/// Enter a tenant for the rest of the transaction (or the session, when asked).
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_tenant(tenant: Option<&str>, session: default!(bool, false)) -> String {
+    let tenant = tenant.ok_or(TenancyError::InvalidArgument("tenant")).or_raise();
+    if tenant.is_empty() || token::looks_like_token(tenant) {
+        // A token is not a tenant id: refuse rather than guess what the caller meant. (A
+        // malformed id, or an alias such as `007` for `7`, is refused and recorded by the
+        // setting's check hook.)
+        TenancyError::InvalidTenantId.raise();
+    }
+    set_context(tenant, session);
+    with_context(|v| v.tenant.clone()).or_raise()
+}
+
+/// Enter the tenant named by a signed token (HS256 JWT) for the transaction or the session.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> String {
+    let token = token.ok_or(TenancyError::InvalidArgument("token")).or_raise();
+    if !token::looks_like_token(token) {
+        TenancyError::Token(TokenError::Malformed).raise();
+    }
+    set_context(token, session);
+    with_context(|v| v.tenant.clone()).or_raise()
+}
+
+/// Leave the tenant: no context, so protected tables refuse every statement.
+#[pg_extern(volatile, parallel_unsafe)]
+fn reset_tenant() {
+    set_context("", true);
+}
+
+/// The current tenant; raises 28000 when there is none. Policies call it once per statement.
+#[pg_extern(stable, parallel_safe)]
+fn current_tenant() -> String {
+    with_context(|v| v.tenant.clone()).or_raise()
+}
+
+/// The current tenant, if it may be written: raises 25006 for a read_only tenant and 42501 for
+/// a role whose grant has scope 'read'. Write policies call it.
+#[pg_extern(stable, parallel_safe)]
+fn writable_tenant() -> String {
+    let r = with_context(|v| v.writable().map(|_| v.tenant.clone())).and_then(|r| r);
+    if let Err(e @ (TenancyError::ReadOnly | TenancyError::ReadScope)) = &r {
+        crate::audit::record(
+            crate::audit::Event::ReadOnlyWrite,
+            crate::audit::write_target(),
+            None,
+            &e.sqlstate_text(),
+            if *e == TenancyError::ReadOnly { "write to a read_only tenant" } else { "write with a read-scope grant" },
+        );
+    }
+    r.or_raise()
+}
+
+/// Whether a usable tenant context is set (never raises for a missing or refused context).
+#[pg_extern(stable, parallel_safe)]
+fn has_tenant() -> bool {
+    with_context(|_| ()).is_ok()
+}
+
+/// The scope the current role holds in the current tenant: read, read_write or admin.
+#[pg_extern(stable, parallel_safe)]
+fn tenant_scope() -> &'static str {
+    with_context(|v| v.scope.as_str()).or_raise()
+}
+
+fn current_config() -> serde_json::Value {
+    with_context(|v| {
+        v.config
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or(serde_json::Value::Null)
+    })
+    .or_raise()
+}
+
+/// Feature flag of the current tenant: `config -> 'flags' -> name` is JSON true.
+#[pg_extern(stable, parallel_safe)]
+fn flag(name: &str) -> bool {
+    current_config().get("flags").and_then(|f| f.get(name)) == Some(&serde_json::Value::Bool(true))
+}
+
+/// One key of the current tenant's configuration (NULL when absent).
+#[pg_extern(stable, parallel_safe)]
+fn config(key: &str) -> Option<JsonB> {
+    current_config().get(key).cloned().map(JsonB)
+}
+
+/// Whether `id` is a well-formed tenant id.
+#[pg_extern(immutable, parallel_safe, strict, name = "valid_tenant_id")]
+fn valid_tenant_id_sql(id: &str) -> bool {
+    valid_tenant_id(id)
+}
+
+/// Mint a token: for tests, the demo and the benchmark. Superuser-only (see finalize.sql).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _sign_token(payload: JsonB) -> String {
+    let secret = load_secret().or_raise();
+    token::sign(&payload.0, &secret)
+}

@@ -1,0 +1,130 @@
+//! Every cache pg_tenancy keeps in a backend, and every event that must drop one, in one place.
+//!
+//! | cache | inputs | dropped on |
+//! | --- | --- | --- |
+//! | catalog OIDs (`catalog::ids`) | the extension's schema and tables | relcache reset or invalidation of those tables; a schema created or dropped |
+//! | protected set (`catalog::protected`) | `tenancy.protected_tables`, `pg_attribute` | the same |
+//! | verified contexts (`context`) | `tenancy.tenants`, `tenancy.grants`, roles, role memberships, the verification settings | relcache invalidation of the two tables (sent by their triggers); syscache invalidation of `pg_authid` and `pg_auth_members`; the settings' assign hooks |
+//! | held cursors' readability (`context::cursors`) | the same as verified contexts | the same |
+//! | unwrapped and ready keys (`crypto::keystore`) | `tenancy.keys`, the master-key settings | relcache invalidation of `tenancy.keys` (its triggers); the settings' assign hooks; the abort of a (sub)transaction that may have created a key |
+//! | a pending EXPLAIN ANALYZE (`protect::explain`) | the statement | the abort of a (sub)transaction |
+use pgrx::prelude::*;
+use std::ffi::{c_char, c_int, c_void};
+
+use crate::catalog;
+use crate::context;
+use crate::crypto::keystore;
+use crate::protect::explain;
+
+/// Register every callback, once, from `_PG_init`.
+pub fn init() {
+    // SAFETY: registers #[pg_guard] callbacks with the signatures PostgreSQL expects.
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0));
+        for cache in [
+            pg_sys::SysCacheIdentifier::AUTHOID,
+            pg_sys::SysCacheIdentifier::AUTHMEMMEMROLE,
+            pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+        ] {
+            pg_sys::CacheRegisterSyscacheCallback(cache as c_int, Some(on_role_change), pg_sys::Datum::from(0));
+        }
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as c_int,
+            Some(on_namespace_change),
+            pg_sys::Datum::from(0),
+        );
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+/// Verifications may be stale.
+fn verification_inputs_changed() {
+    context::clear_cache();
+    context::cursors::verification_changed();
+}
+
+/// Everything, at once (the extension came or went, or PostgreSQL reset its caches).
+fn forget_everything() {
+    catalog::forget();
+    catalog::protected::forget();
+    verification_inputs_changed();
+    keystore::forget_keys();
+}
+
+/// Relcache invalidations of the extension's tables (their triggers send them when rows change)
+/// or a full reset.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid {
+        forget_everything();
+        return;
+    }
+    // Invariant: whatever is cached was read through catalog::ids(), and the ids are forgotten
+    // only with everything else; so while no ids are cached, nothing is.
+    let Some(ids) = catalog::cached_ids() else { return };
+    if relid == ids.protected {
+        catalog::protected::forget();
+    } else if relid == ids.tenants || relid == ids.grants {
+        verification_inputs_changed();
+    } else if relid == ids.keys {
+        keystore::forget_keys();
+    }
+}
+
+/// A role or a role membership changed anywhere in the cluster.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_role_change(_arg: pg_sys::Datum, _cacheid: c_int, _hash: u32) {
+    verification_inputs_changed();
+}
+
+/// A schema was created or dropped (CREATE/DROP EXTENSION in another session, say).
+#[pg_guard]
+unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c_int, _hash: u32) {
+    forget_everything();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
+        keystore::forget_keys();
+        explain::done();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        keystore::forget_keys();
+        explain::done();
+    }
+}
+
+/// Assign hook of the settings that change how a context value verifies.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_verification_setting(_new: *const c_char, _extra: *mut c_void) {
+    verification_inputs_changed();
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_verification_setting_int(_new: i32, _extra: *mut c_void) {
+    verification_inputs_changed();
+}
+
+/// Assign hook of the master-key settings.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn on_master_key_setting(_new: *const c_char, _extra: *mut c_void) {
+    keystore::forget_master_keys();
+}
+
+/// Invalidate every backend's caches of `rel` (fired by the triggers on the extension's tables).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _invalidate(rel: pg_sys::Oid) {
+    // SAFETY: queues a relcache invalidation message for an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
+}
