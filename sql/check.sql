@@ -55,7 +55,7 @@ WITH prot AS (
                || ', which is not protected (or not on the tenant column): changing it changes every '
                || 'tenant''s rows, as the table''s owner, without row security',
            'Make the key (tenant column, ...) on both sides with a protected referenced table, or ON UPDATE/DELETE NO ACTION.'
-      FROM prot p CROSS JOIN LATERAL tenancy._cascading_keys(p.rel) ck
+      FROM prot p CROSS JOIN LATERAL tenancy._cascading_keys(p.rel, p.tenant_column) ck
     UNION ALL
     -- statistics functions that count other tenants' rows for whoever calls them
     SELECT 'WARNING', 'function ' || f.oid::regprocedure::text,
@@ -108,7 +108,7 @@ WITH prot AS (
     UNION ALL
     SELECT 'ERROR', 'setting pg_tenancy.guard', 'the guard is off in this session',
            'RESET pg_tenancy.guard; -- and look for ALTER DATABASE/ROLE ... SET pg_tenancy.guard'
-     WHERE current_setting('pg_tenancy.guard', true) = 'off'
+     WHERE NOT tenancy._guard_on()
     UNION ALL
     -- the token secret where every role can read it
     SELECT 'ERROR', 'settings of ' || coalesce('database ' || quote_ident(d.datname), 'all databases')

@@ -25,6 +25,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
             THEN 'the tenant column has a nondeterministic collation: two tenant ids could compare equal'
         WHEN EXISTS (SELECT 1 FROM pg_rewrite w WHERE w.ev_class = c.oid AND w.rulename <> '_RETURN')
             THEN 'a rule was added: it could copy or redirect every tenant''s rows'
+        WHEN EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables q ON q.rel = i.inhparent
+                      WHERE i.inhrelid = c.oid AND q.tenant_column <> p.tenant_column)
+            THEN 'its protected parent uses another tenant column: through the parent its rows would answer to other tenants'
         WHEN tenancy._policy_fingerprint(c.oid) IS DISTINCT FROM p.fingerprint
             THEN 'a generated tenancy policy was dropped or altered'
         WHEN EXISTS (SELECT 1 FROM pg_policy x
@@ -91,6 +94,10 @@ WITH objs(classid, objid, via) AS (
     SELECT 'pg_statistic_ext'::regclass, s.oid, 'statistics ' || quote_ident(s.stxname)
       FROM pg_statistic_ext s WHERE s.stxrelid = $1
     UNION ALL
+    SELECT 'pg_constraint'::regclass, k.oid, 'domain ' || k.contypid::regtype::text || ' of column ' || quote_ident(a.attname)
+      FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
+     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
     SELECT 'pg_attrdef'::regclass, d.oid, 'generated column ' || quote_ident(a.attname)
       FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
      WHERE d.adrelid = $1 AND a.attgenerated <> ''
@@ -117,13 +124,12 @@ $$;
 -- from a table that is not protected, or that does not carry the tenant column at the same place
 -- on both sides: PostgreSQL runs those actions as the table's owner without row security, so
 -- whoever may change the referenced table changes every tenant's rows.
-CREATE FUNCTION tenancy._cascading_keys(rel regclass)
+CREATE FUNCTION tenancy._cascading_keys(rel regclass, tenant_column name)
 RETURNS TABLE (constraint_name name, referenced regclass)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT k.conname, k.confrelid::regclass
       FROM pg_constraint k
-      JOIN tenancy.protected_tables a ON a.rel = k.conrelid
-      JOIN pg_attribute aa ON aa.attrelid = a.rel AND aa.attname = a.tenant_column
+      JOIN pg_attribute aa ON aa.attrelid = k.conrelid AND aa.attname = $2
       LEFT JOIN tenancy.protected_tables b ON b.rel = k.confrelid
       LEFT JOIN pg_attribute ba ON ba.attrelid = b.rel AND ba.attname = b.tenant_column
      WHERE k.conrelid = $1 AND k.contype = 'f'
@@ -152,7 +158,7 @@ DECLARE
     unprotected_parent constant text := 'a protected table cannot inherit from, or be a partition of, a table '
                                         'that is not protected: the parent would return its rows without its policies';
 BEGIN
-    IF current_setting('pg_tenancy.guard', true) = 'off' THEN
+    IF NOT tenancy._guard_on() THEN
         RETURN;  -- a superuser restoring a dump (see README, "Backups")
     END IF;
     FOR r IN
@@ -180,7 +186,8 @@ BEGIN
                 PERFORM tenancy._refuse_weakening(r.relid::oid, problem);
             END IF;
             IF NOT tenancy._invoker_is_superuser()
-               AND EXISTS (SELECT 1 FROM tenancy._cascading_keys(r.relid)) THEN
+               AND EXISTS (SELECT 1 FROM tenancy.protected_tables q, tenancy._cascading_keys(q.rel, q.tenant_column)
+                            WHERE q.rel = r.relid) THEN
                 PERFORM tenancy._refuse_weakening(r.relid::oid,
                     'a foreign key of a protected table cascades from a table that is not protected (or not '
                     'on the tenant column): changing that table would change every tenant''s rows');
@@ -208,6 +215,13 @@ BEGIN
         IF EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = r.relid) THEN
             -- partitions or children attached to a protected table are protected too; one that
             -- already holds rows (written outside the policies, for any tenant) is refused
+            -- (children already protected must agree with it: same column, nothing weakened)
+            FOR ch IN
+                SELECT i.inhrelid FROM pg_inherits i JOIN tenancy.protected_tables q ON q.rel = i.inhrelid
+                 WHERE i.inhparent = r.relid AND tenancy._protection_problem(i.inhrelid) IS NOT NULL
+            LOOP
+                PERFORM tenancy._refuse_weakening(ch.inhrelid::oid, tenancy._protection_problem(ch.inhrelid));
+            END LOOP;
             FOR ch IN
                 SELECT i.inhrelid, p.tenant_column
                   FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
@@ -309,7 +323,7 @@ BEGIN
     DELETE FROM tenancy.protected_tables p
      USING pg_event_trigger_dropped_objects() d
      WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND d.objid = p.rel::oid;
-    IF current_setting('pg_tenancy.guard', true) = 'off' THEN
+    IF NOT tenancy._guard_on() THEN
         RETURN;
     END IF;
     FOR r IN

@@ -50,7 +50,7 @@ pub enum TenancyError {
     CiphertextInvalid,
     #[error("the tenant's keys were destroyed")]
     KeysDestroyed,
-    #[error("pg_tenancy auditing requires shared_preload_libraries")]
+    #[error("pg_tenancy requires shared_preload_libraries")]
     PreloadRequired,
     #[error("the audit log is append-only")]
     AuditAppendOnly,

@@ -59,6 +59,7 @@ extension_sql_file!(
         protect::guard::_invoker_is_superuser,
         protect::guard::_expr_leaks,
         protect::guard::_holds_rows,
+        protect::guard::_guard_on,
         audit::sql::_in_extension_script,
         audit::sql::_refuse_audit_change,
     ]
@@ -73,6 +74,9 @@ extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reads a backend-global flag.
+    util::set_preloaded(unsafe { pg_sys::process_shared_preload_libraries_in_progress });
+    util::set_loading(true);
     gucs::init(gucs::Hooks {
         tenant_check: Some(context::check_tenant_guc),
         tenant_assign: Some(context::on_tenant_assign),
@@ -80,6 +84,7 @@ pub extern "C-unwind" fn _PG_init() {
         verification_int: Some(invalidate::on_verification_setting_int),
         master_key: Some(invalidate::on_master_key_setting),
     });
+    util::set_loading(false);
     invalidate::init();
     context::init();
     hooks::install();

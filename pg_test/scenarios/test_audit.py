@@ -182,7 +182,9 @@ def test_queued_events_survive_a_clean_restart(su, app):
     assert n == 5
 
 
-def test_without_preload_the_rest_works_and_audit_says_why(tmp_path):
+def test_without_preload_nothing_is_served_and_errors_say_why(tmp_path):
+    """Loaded late (at its first function call), pg_tenancy would have missed statements and
+    settings it must see: it refuses to act on a tenant context, and says why."""
     root, port = "/tmp/pg_tenancy_nopreload", PORT - 1
     env = dict(os.environ, PGT_ROOT=root, PGT_PORT=str(port), PGT_PRELOAD="0")
     subprocess.run([CLUSTER, "destroy"], env=env, check=True, capture_output=True)
@@ -204,17 +206,18 @@ def test_without_preload_the_rest_works_and_audit_says_why(tmp_path):
         run(conn, "SELECT tenancy.grant_tenant('np_app', 'np-a', 'read_write')")
         run(conn, "CREATE TABLE np (tenant_id text NOT NULL, v int)")
         run(conn, "SELECT count(*) FROM tenancy.protect('np')")
+        run(conn, "INSERT INTO np VALUES ('np-a', 1), ('np-b', 2)")
         run(conn, "GRANT SELECT, INSERT ON np TO np_app")
         run(conn, "SET ROLE np_app")
         assert sqlstate_of(conn, "SELECT * FROM np") == "28000"
-        run(conn, "BEGIN")
-        run(conn, "SELECT tenancy.set_tenant('np-a')")
-        run(conn, "INSERT INTO np VALUES ('np-a', 1)")
-        assert run(conn, "SELECT count(*) FROM np") == [(1,)]
-        run(conn, "COMMIT")
-        run(conn, "BEGIN")
-        run(conn, "SELECT tenancy.set_tenant('np-a')")
-        assert sqlstate_of(conn, "INSERT INTO np VALUES ('np-b', 2)") == "42501"
+        for sql in ("SELECT tenancy.set_tenant('np-a')", "SET pg_tenancy.tenant = 'np-a'"):
+            with conn.cursor() as cur:
+                with pytest.raises(psycopg2.Error) as e:
+                    cur.execute(sql)
+            assert e.value.pgcode == "55000" and "shared_preload_libraries" in e.value.pgerror, sql
+        # still nothing readable, by any route
+        assert sqlstate_of(conn, "SELECT * FROM np") == "28000"
+        assert sqlstate_of(conn, "SELECT count(*) FROM np") == "28000"
         conn.close()
     finally:
         subprocess.run([CLUSTER, "destroy"], env=env, check=True, capture_output=True)

@@ -271,6 +271,13 @@ def test_cursors_follow_revocations_and_suspensions(table):
         assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'hc'; r record; BEGIN FETCH c INTO r; END $$") == "55000"
         run(su, "SELECT tenancy.set_status(%s, 'active')", T)
         assert run(conn, "FETCH 1 FROM hc") == [("mine",)]
+        # a rollback that restores the declaring context verifies nothing: the cursor stays locked
+        run(conn, "MOVE ABSOLUTE 0 IN hc")
+        run(su, "SELECT tenancy.set_status(%s, 'suspended')", T)
+        run(conn, "BEGIN; SET LOCAL pg_tenancy.tenant = ''; ROLLBACK")
+        assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'hc'; r record; BEGIN FETCH c INTO r; END $$") == "55000"
+        run(su, "SELECT tenancy.set_status(%s, 'active')", T)
+        assert run(conn, "FETCH 1 FROM hc") == [("mine",)]
         # a cursor without HOLD, inside its transaction
         run(conn, "BEGIN")
         run(conn, "DECLARE c CURSOR FOR SELECT v FROM app.az")

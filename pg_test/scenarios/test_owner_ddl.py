@@ -11,6 +11,7 @@ approves that function's definition.
 """
 import time
 
+import psycopg2
 import pytest
 
 from conftest import APP, OWNER, TENANTS, connect, run, sqlstate_of
@@ -304,3 +305,130 @@ def test_foreign_tables_cannot_join_a_protected_table(su, owned):
     assert sqlstate_of(su, "CREATE FOREIGN TABLE app.od_ft () INHERITS (app.od_items) SERVER od_files "
                            "OPTIONS (filename '/dev/null')") == "42501"
     run(su, "DROP SERVER od_files CASCADE")
+
+
+SHIELDED = "a statement on a protected table failed while it evaluated its rows"
+
+
+def shielded_error(conn, sql):
+    """The error `sql` raises: it must be the shield's, with no value of the rows in it."""
+    with conn.cursor() as cur:
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute(sql)
+    d = e.value.diag
+    text = " ".join(str(x) for x in (e.value.pgerror, d.message_detail, d.message_hint, d.context) if x)
+    assert "@x" not in text, (sql, text)
+    assert d.message_primary == SHIELDED, (sql, text)
+    return e.value.pgcode
+
+
+def test_the_shield_hides_every_error_a_row_can_raise(su, owned):
+    db = run(su, "SELECT current_database()")[0][0]
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_shout(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+                  BEGIN RAISE SQLSTATE '42P99' USING MESSAGE = 'saw ' || $1; END $$""")
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_internal(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+                  BEGIN RAISE SQLSTATE 'XX000' USING MESSAGE = 'saw ' || $1; END $$""")
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_lookup(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+                  BEGIN EXECUTE format('SELECT 1 FROM app.%I', $1); RETURN true; END $$""")
+    cases = {
+        # lookups quote what they did not find
+        "ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (email::regclass IS NOT NULL)": "42P01",
+        "ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (has_column_privilege('app.od_items', email, 'SELECT'))": "42703",
+        # SQLSTATEs raised by a function (one PostgreSQL does not define comes back as XX000)
+        "ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (app.od_shout(email))": "XX000",
+        "ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (app.od_internal(email))": "XX000",
+        "CREATE INDEX ON app.od_items (app.od_lookup(email))": "42P01",
+        # a name with its database is the same table
+        f"CREATE INDEX ON {db}.app.od_items ((email::int))": "22P02",
+    }
+    for sql, code in cases.items():
+        assert shielded_error(owned, sql) == code, sql
+    # errors about the statement itself, not the rows, are shown as they are
+    with owned.cursor() as cur:
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("ALTER TABLE app.od_items ADD COLUMN email text")
+    assert e.value.pgcode == "42701" and "email" in e.value.diag.message_primary
+
+
+def test_the_shield_keeps_notices_a_function_turns_back_on(su, owned):
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_loud(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+                  BEGIN PERFORM set_config('client_min_messages', 'notice', true);
+                        RAISE WARNING 'saw %', $1; RETURN true; END $$""")
+    owned.notices.clear()
+    run(owned, "CREATE INDEX od_loud_idx ON app.od_items (app.od_loud(email))")
+    run(owned, "CLUSTER app.od_items USING od_loud_idx")
+    # a bare CLUSTER (every table clustered before) and REINDEX of a whole schema are shielded too
+    run(owned, "CLUSTER")
+    run(owned, "REINDEX SCHEMA app")  # (the owner owns the schema)
+    assert not any("@x" in n for n in owned.notices), owned.notices
+    run(owned, "DROP INDEX app.od_loud_idx")
+
+
+def test_domain_constraints_are_shielded_and_listed(su, owned):
+    run(owned, "DROP DOMAIN IF EXISTS app.od_mail CASCADE")
+    run(owned, "CREATE DOMAIN app.od_mail AS text")
+    run(owned, "ALTER TABLE app.od_items ADD COLUMN mail app.od_mail")
+    run(su, "UPDATE app.od_items SET mail = email")
+    assert shielded_error(owned, "ALTER DOMAIN app.od_mail ADD CONSTRAINT c CHECK (VALUE::regclass IS NOT NULL)") == "42P01"
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_fine(text) RETURNS boolean LANGUAGE sql IMMUTABLE
+                  AS $$ SELECT $1 IS NOT NULL $$""")
+    run(owned, "ALTER DOMAIN app.od_mail ADD CONSTRAINT c CHECK (app.od_fine(VALUE))")
+    listed = run(su, "SELECT object FROM tenancy.check() WHERE object LIKE '%od_fine%'")
+    assert listed, "a domain constraint's function over protected rows is listed"
+    run(owned, "ALTER TABLE app.od_items DROP COLUMN mail")
+    run(owned, "DROP DOMAIN app.od_mail")
+
+
+def test_a_child_answers_to_its_parents_tenant_column(su, owned):
+    run(owned, "DROP TABLE IF EXISTS app.od_parent, app.od_empty CASCADE")
+    run(owned, "CREATE TABLE app.od_parent (tenant_id text NOT NULL, id int, v text) PARTITION BY LIST (tenant_id)")
+    run(owned, "SELECT count(*) FROM tenancy.protect('app.od_parent')")
+    # a table protected on another column cannot become its partition ...
+    run(owned, "CREATE TABLE app.od_empty (tenant_id text NOT NULL, id int, v text NOT NULL)")
+    run(owned, "SELECT count(*) FROM tenancy.protect('app.od_empty', 'v')")
+    assert sqlstate_of(owned, f"ALTER TABLE app.od_parent ATTACH PARTITION app.od_empty FOR VALUES IN ('{A}')") == "42501"
+    assert run(su, "SELECT count(*) FROM pg_inherits WHERE inhrelid = 'app.od_empty'::regclass") == [(0,)]
+    # ... and a partition cannot be protected on another column than its parent's
+    run(su, "SELECT tenancy.unprotect('app.od_empty')")
+    run(owned, f"ALTER TABLE app.od_parent ATTACH PARTITION app.od_empty FOR VALUES IN ('{A}')")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_empty', 'v')") == "42501"
+    assert run(su, "SELECT tenant_column FROM tenancy.protected_tables WHERE rel = 'app.od_empty'::regclass") \
+        == [("tenant_id",)]
+
+
+def test_protect_and_attach_refuse_what_would_run_before_the_filter(su, owned):
+    run(owned, "DROP TABLE IF EXISTS app.od_tids, app.od_docs, app.od_parent, app.od_empty CASCADE")
+    run(owned, "CREATE TABLE app.od_tids (t text PRIMARY KEY)")
+    run(owned, "CREATE TABLE app.od_docs (tenant_id text NOT NULL REFERENCES app.od_tids ON UPDATE CASCADE, body text)")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") == "42501"
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_leaky(text) RETURNS boolean LANGUAGE plpgsql
+                  AS $$ BEGIN RAISE NOTICE '%', $1; RETURN true; END $$""")
+    run(owned, "CREATE TABLE app.od_parent (tenant_id text NOT NULL, id int, v text) PARTITION BY LIST (tenant_id)")
+    run(owned, "SELECT count(*) FROM tenancy.protect('app.od_parent')")
+    run(owned, "CREATE TABLE app.od_empty (tenant_id text NOT NULL, id int, v text)")
+    run(owned, "ALTER TABLE app.od_empty ENABLE ROW LEVEL SECURITY")
+    run(owned, "CREATE POLICY leak ON app.od_empty AS RESTRICTIVE FOR SELECT USING (app.od_leaky(v))")
+    assert sqlstate_of(owned, f"ALTER TABLE app.od_parent ATTACH PARTITION app.od_empty FOR VALUES IN ('{A}')") == "42501"
+    run(owned, "DROP TABLE app.od_docs, app.od_tids, app.od_parent, app.od_empty CASCADE")
+
+
+def test_weakening_named_with_its_database_is_recorded(su, owned):
+    db = run(su, "SELECT current_database()")[0][0]
+    since = last_audit_id(su)
+    app = connect(user=APP)
+    try:
+        assert sqlstate_of(app, f"ALTER TABLE {db}.app.od_items NO FORCE ROW LEVEL SECURITY") == "42501"
+    finally:
+        app.close()
+    assert audit_events(su, since, "policy_tamper")
+
+
+def test_long_function_names_in_protect_do_not_break_it(su, owned):
+    name = "od_" + "é" * 60
+    run(owned, "DROP TABLE IF EXISTS app.od_docs")
+    run(owned, f"""CREATE OR REPLACE FUNCTION app."{name}"(text) RETURNS boolean LANGUAGE sql IMMUTABLE
+                   AS $$ SELECT true $$""")
+    run(owned, f"""CREATE TABLE app.od_docs (tenant_id text NOT NULL, body text CHECK (app."{name}"(body)))""")
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") is None
+    run(owned, "DROP TABLE app.od_docs")
+    run(owned, f'DROP FUNCTION app."{name}"(text)')

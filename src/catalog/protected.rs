@@ -179,14 +179,28 @@ pub fn unapproved_row_functions(rel: pg_sys::Oid) -> Result<Option<String>> {
 }
 
 const CASCADING_FOREIGN_KEYS: Stmt = Stmt {
-    sql: "SELECT EXISTS (SELECT 1 FROM tenancy._cascading_keys($1::pg_catalog.regclass))",
-    args: &[pg_sys::OIDOID],
+    sql: "SELECT EXISTS (SELECT 1 FROM tenancy._cascading_keys($1::pg_catalog.regclass, $2::pg_catalog.name))",
+    args: &[pg_sys::OIDOID, pg_sys::TEXTOID],
     who: Who::Owner,
     fresh: false,
 };
 
 /// Whether `rel` has a foreign key whose actions would change its rows from a table that is not
 /// protected (sql/guard.sql, `_cascading_keys`).
-pub fn cascading_foreign_keys(rel: pg_sys::Oid) -> Result<bool> {
-    Ok(one(&CASCADING_FOREIGN_KEYS, &[arg(rel)], |r| r.get::<bool>(1))?.flatten() == Some(true))
+pub fn cascading_foreign_keys(rel: pg_sys::Oid, column: &str) -> Result<bool> {
+    Ok(one(&CASCADING_FOREIGN_KEYS, &[arg(rel), arg(column)], |r| r.get::<bool>(1))?.flatten() == Some(true))
+}
+
+const PARENT_COLUMNS: Stmt = Stmt {
+    sql: "SELECT p.tenant_column::pg_catalog.text FROM pg_catalog.pg_inherits i \
+            JOIN tenancy.protected_tables p ON p.rel::pg_catalog.oid OPERATOR(pg_catalog.=) i.inhparent \
+           WHERE i.inhrelid OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::OIDOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// The tenant columns of `rel`'s protected parents.
+pub fn parent_columns(rel: pg_sys::Oid) -> Result<Vec<String>> {
+    Ok(run(&PARENT_COLUMNS, &[arg(rel)], |r| r.get::<String>(1))?.into_iter().flatten().collect())
 }

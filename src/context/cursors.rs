@@ -16,7 +16,8 @@
 //!   named a tenant;
 //! - a SQL `FETCH`/`MOVE` of a cursor declared under a tenant verifies the context again, as
 //!   every statement on a protected table does; grants, roles or tenants that change lock held
-//!   cursors until it does (or until the context is set again, which verifies it).
+//!   cursors until it does (setting the context back does not: a rollback restores a value
+//!   without verifying anything).
 //!
 //! Cursors without HOLD end with their transaction; within it, a SQL `FETCH` is checked the same
 //! way. A cursor declared and fetched with no context at all, as in a database that uses no
@@ -41,8 +42,36 @@ struct Held {
     rel: pg_sys::Oid,
     /// WITH HOLD (tracked across transactions); without it, only within its transaction.
     hold: bool,
-    /// Marked failed by us (and so ours to mark ready again).
-    locked: bool,
+    /// Marked failed by us because the setting holds another value.
+    foreign: bool,
+    /// Marked failed by us because grants, roles or tenants changed since it was last verified.
+    stale: bool,
+    /// Its portal is failed because we failed it (and so ours to make ready again).
+    flipped: bool,
+}
+
+impl Held {
+    /// Flip the portal to match the two locks: failed while either holds, ready again when
+    /// neither does and it was us who failed it.
+    ///
+    /// # Safety
+    /// `p` is this cursor's live portal.
+    unsafe fn settle(&mut self, p: pg_sys::Portal) {
+        // SAFETY: see above; the flips are what PostgreSQL itself does to a portal it will not
+        // run (MarkPortalFailed without the cleanup a held portal does not need).
+        unsafe {
+            if self.foreign || self.stale {
+                if (*p).status == pg_sys::PortalStatus::PORTAL_READY {
+                    (*p).status = pg_sys::PortalStatus::PORTAL_FAILED;
+                    self.flipped = true;
+                }
+            } else if self.flipped && (*p).status == pg_sys::PortalStatus::PORTAL_FAILED {
+                (*p).status = pg_sys::PortalStatus::PORTAL_READY;
+                self.flipped = false;
+            }
+        }
+    }
+
 }
 
 thread_local! {
@@ -101,7 +130,9 @@ pub unsafe fn declared(stmt: *mut pg_sys::DeclareCursorStmt) {
             tenant,
             rel,
             hold,
-            locked: false,
+            foreign: false,
+            stale: false,
+            flipped: false,
         })
     });
 }
@@ -149,14 +180,12 @@ pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
         }
         // verified now: a portal locked when the grants changed is readable again
         HELD.with(|h| {
-            for c in h.borrow_mut().iter_mut().filter(|c| c.name.as_c_str() == name && c.locked) {
-                // SAFETY: portal lookup; the flip undoes ours.
+            for c in h.borrow_mut().iter_mut().filter(|c| c.name.as_c_str() == name && c.stale) {
+                // SAFETY: portal lookup; settle only undoes our flips.
                 unsafe {
                     if let Some(p) = portal_of(c) {
-                        if (*p).status == pg_sys::PortalStatus::PORTAL_FAILED {
-                            (*p).status = pg_sys::PortalStatus::PORTAL_READY;
-                            c.locked = false;
-                        }
+                        c.stale = false;
+                        c.settle(p);
                     }
                 }
             }
@@ -165,8 +194,8 @@ pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
 }
 
 /// Grants, roles or tenants changed (an invalidation): held cursors declared under a tenant
-/// become unreadable by every route until a SQL FETCH verifies the context again or the context
-/// is set again (which verifies it). Only flips portal states, as an invalidation callback must.
+/// become unreadable by every route until a SQL FETCH verifies the context again. Only flips
+/// portal states, as an invalidation callback must.
 pub fn verification_changed() {
     HELD.with(|h| {
         let Ok(mut held) = h.try_borrow_mut() else { return };
@@ -174,9 +203,9 @@ pub fn verification_changed() {
             // SAFETY: portal lookup; the flip is what PostgreSQL does to a portal it will not run.
             unsafe {
                 if let Some(p) = portal_of(c) {
-                    if (*p).createSubid == 0 && (*p).status == pg_sys::PortalStatus::PORTAL_READY {
-                        (*p).status = pg_sys::PortalStatus::PORTAL_FAILED;
-                        c.locked = true;
+                    if (*p).createSubid == 0 {
+                        c.stale = true;
+                        c.settle(p);
                     }
                 }
             }
@@ -211,14 +240,8 @@ pub unsafe fn on_tenant_assign(newval: *const c_char) {
                 if (*p).createSubid != 0 || !c.hold {
                     return true;
                 }
-                let ours = c.context.as_deref() == new;
-                if ours && c.locked && (*p).status == pg_sys::PortalStatus::PORTAL_FAILED {
-                    (*p).status = pg_sys::PortalStatus::PORTAL_READY;
-                    c.locked = false;
-                } else if !ours && (*p).status == pg_sys::PortalStatus::PORTAL_READY {
-                    (*p).status = pg_sys::PortalStatus::PORTAL_FAILED;
-                    c.locked = true;
-                }
+                c.foreign = c.context.as_deref() != new;
+                c.settle(p);
                 true
             }
         });

@@ -14,6 +14,7 @@ use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use pg_tenancy_core::model::{Scope, Status};
 use pg_tenancy_core::token::{self, TokenError};
@@ -67,20 +68,29 @@ const CACHE_CAPACITY: usize = 4096;
 
 thread_local! {
     /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
-    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Verified>>> = RefCell::new(HashMap::new());
+    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>>> = RefCell::new(HashMap::new());
     static CACHE_LEN: Cell<usize> = const { Cell::new(0) };
+    /// The last verification used: most statements of a session use the one the statement before
+    /// used, so a byte comparison finds it without hashing.
+    static LAST: RefCell<Option<Rc<Verified>>> = const { RefCell::new(None) };
+    /// An input of the verifications changed: the caches are emptied at their next use (an
+    /// invalidation can arrive while they are being read).
+    static STALE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Drop every cached verification (called by the invalidate module when an input changed).
+/// Drop every cached verification (called by the invalidate module when an input changed): at
+/// the next use, never while one is being read.
 pub fn clear_cache() {
-    CACHE.with(|c| {
-        if let Ok(mut c) = c.try_borrow_mut() {
-            c.clear();
-        }
-    });
-    CACHE_LEN.with(|n| n.set(0));
+    STALE.with(|s| s.set(true));
 }
 
+fn empty_if_stale() {
+    if STALE.with(|s| s.replace(false)) {
+        CACHE.with(|c| c.borrow_mut().clear());
+        CACHE_LEN.with(|n| n.set(0));
+        LAST.with(|l| *l.borrow_mut() = None);
+    }
+}
 
 /// Name events after the session's tenant (the audit floor asks through this).
 pub fn init() {
@@ -159,20 +169,21 @@ fn check_expiry(v: &Verified, now: i64) -> Result<()> {
 
 /// Verify `raw` for `user` (from the cache when possible) and hand the result to `f`.
 pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Verified) -> R) -> Result<R> {
-    let now = unix_now();
-    let mut f = Some(f);
-    let hit = CACHE.with(|c| {
-        let c = c.borrow();
-        c.get(raw).and_then(|vs| vs.iter().find(|v| v.user == user)).map(|v| {
-            if let Err(e) = check_expiry(v, now) {
+    empty_if_stale();
+    let hit = LAST
+        .with(|l| l.borrow().as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw).cloned())
+        .or_else(|| {
+            CACHE.with(|c| c.borrow().get(raw).and_then(|vs| vs.iter().find(|v| v.user == user)).cloned())
+        });
+    if let Some(v) = hit {
+        if v.exp.is_some() {
+            if let Err(e) = check_expiry(&v, unix_now()) {
                 refused(&e, &v.raw);
                 return Err(e);
             }
-            Ok((f.take().expect("called once"))(v))
-        })
-    });
-    if let Some(result) = hit {
-        return result;
+        }
+        LAST.with(|l| *l.borrow_mut() = Some(v.clone()));
+        return Ok(f(&v));
     }
     let raw = match std::str::from_utf8(raw) {
         Ok(r) => r.to_owned(),
@@ -181,21 +192,25 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
             return Err(TenancyError::InvalidTenantId);
         }
     };
+    let now = unix_now();
     let v = verify_fresh(&raw, user, now).and_then(|v| check_expiry(&v, now).map(|_| v));
     let v = match v {
-        Ok(v) => v,
+        Ok(v) => Rc::new(v),
         Err(e) => {
             refused(&e, &raw);
             return Err(e);
         }
     };
-    let result = (f.take().expect("called once"))(&v);
+    // (the lookup may have taken invalidations: what it read is as of now, the rest is not)
+    empty_if_stale();
     if CACHE_LEN.with(|n| n.get()) >= CACHE_CAPACITY {
-        clear_cache();
+        CACHE.with(|c| c.borrow_mut().clear());
+        CACHE_LEN.with(|n| n.set(0));
     }
-    CACHE.with(|c| c.borrow_mut().entry(v.raw.as_bytes().to_vec()).or_default().push(v));
+    CACHE.with(|c| c.borrow_mut().entry(v.raw.as_bytes().to_vec()).or_default().push(v.clone()));
     CACHE_LEN.with(|n| n.set(n.get() + 1));
-    Ok(result)
+    LAST.with(|l| *l.borrow_mut() = Some(v.clone()));
+    Ok(f(&v))
 }
 
 /// A context value was refused: record `forbidden_tenant` (configuration errors are not attempts).
@@ -279,6 +294,9 @@ fn verify_setter(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
 /// already holds every lock it needs. On a cache hit this reads the setting in place and runs
 /// no query.
 pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    if !crate::util::preloaded() {
+        return Err(TenancyError::PreloadRequired);
+    }
     // SAFETY: processes pending invalidation messages, as any lock acquisition does.
     unsafe { pg_sys::AcceptInvalidationMessages() };
     let raw = raw_value().ok_or(TenancyError::NoContext)?;

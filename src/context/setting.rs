@@ -73,11 +73,18 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
     if value.is_empty() {
         return true;
     }
+    if !crate::util::preloaded() {
+        TenancyError::PreloadRequired.to_guc_check();
+        return false;
+    }
     // SAFETY: plain reads of backend state.
     let (worker, current, session) =
         unsafe { (pg_sys::ParallelWorkerNumber >= 0, pg_sys::GetUserId(), pg_sys::GetSessionUserId()) };
     let setter = if worker {
         Setter::Worker
+    } else if crate::util::loading() {
+        // set before the library was loaded (a placeholder applied now): nobody vouches for it
+        Setter::Unknown
     } else {
         match source {
             PGC_S_SESSION => Setter::Role(current),

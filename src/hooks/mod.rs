@@ -28,7 +28,9 @@
 //! guard's event triggers run); refuses rules on protected tables; records `ALTER COLUMN ...
 //! TYPE ... USING` on a protected table (an expression run over every tenant's rows); runs the
 //! held-cursor checks around `DECLARE` and `FETCH`; notes `EXPLAIN ANALYZE`; and removes the
-//! tenant grants of a dropped role.
+//! tenant grants of a dropped role. DDL that evaluates a protected table's rows for a role
+//! subject to row security runs shielded ([`crate::protect::guard`]); `emit_log_hook` keeps its
+//! notices from the client and the log.
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -66,6 +68,7 @@ static mut PREV_CHECK_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
 static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 
 pub fn install() {
     // SAFETY: called once from _PG_init, before any query runs in this backend; the previous
@@ -79,6 +82,27 @@ pub fn install() {
         pg_sys::ExecutorFinish_hook = Some(executor_finish);
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log);
+    }
+}
+
+/// `emit_log_hook`: while a shielded statement runs, a message below ERROR (a notice or warning
+/// raised over a protected table's rows, which could quote them) goes neither to the client nor
+/// to the server log. It cannot raise: it only reads a counter and clears two flags.
+///
+/// # Safety
+/// Called by PostgreSQL with the report being emitted.
+unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: `edata` is the report PostgreSQL is emitting; the previous hook gets it as we got it.
+    unsafe {
+        if !edata.is_null() && (*edata).elevel < pg_sys::PGERROR as c_int && guard::shield_up() {
+            (*edata).output_to_client = false;
+            (*edata).output_to_server = false;
+        }
+        if let Some(prev) = PREV_EMIT_LOG {
+            prev(edata);
+        }
     }
 }
 

@@ -12,12 +12,13 @@
 //! - attaching a table that holds rows (or is not a plain table) as a partition or child of a
 //!   protected one is refused, unless a superuser does it;
 //! - DDL that evaluates expressions over every tenant's rows of a protected table with the
-//!   owner's rights (`ALTER TABLE`, `CREATE INDEX`, `REINDEX`, `CLUSTER`, `VACUUM FULL`,
-//!   `ANALYZE`), run by a role subject to row security, is *shielded*: its notices are not
-//!   sent, and an error it raises on a row (a data or integrity error, or one raised by a
-//!   function) reaches the client without its message, detail or context, which can carry the
-//!   row's values; the failure is recorded as `protected_ddl`. `ALTER COLUMN ... TYPE ... USING`
-//!   is recorded as well.
+//!   owner's rights (`ALTER TABLE`, `CREATE INDEX`, `REINDEX` of a table or of a whole schema,
+//!   system or database, `CLUSTER` with or without a table, `VACUUM FULL`, `ANALYZE`,
+//!   `ALTER DOMAIN`), run by a role subject to row security, is *shielded*: no message below
+//!   ERROR leaves the backend while it runs, and an error it raises reaches the client without
+//!   its message, detail or context (which can carry a row's values) unless it is pg_tenancy's
+//!   own or of a kind that never quotes a value (`shown_as_is`); the failure is recorded as
+//!   `protected_ddl`. `ALTER COLUMN ... TYPE ... USING` is recorded as well.
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -105,8 +106,8 @@ fn truncate_guard<'a>(
 }
 
 
-/// A protected table `rv` names (without locking it; NULL, unknown or three-part names give
-/// None: PostgreSQL itself deals with those).
+/// A protected table `rv` names (without locking it; NULL or unknown names give None; a name
+/// with a database is looked up as PostgreSQL does, which refuses another database's).
 ///
 /// # Safety
 /// `rv` is NULL or a valid RangeVar.
@@ -123,7 +124,7 @@ pub(crate) unsafe fn protected_rangevar(rv: *mut pg_sys::RangeVar) -> Option<(pg
 unsafe fn rangevar_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     // SAFETY: see above; a name lookup only, missing_ok.
     unsafe {
-        if rv.is_null() || !(*rv).catalogname.is_null() {
+        if rv.is_null() {
             return None;
         }
         let rel = pg_sys::RangeVarGetRelidExtended(
@@ -265,7 +266,21 @@ pub unsafe fn needs_shield(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
         match (*node).type_ {
             T_AlterTableStmt => protected_rangevar((*(node as *mut pg_sys::AlterTableStmt)).relation).map(|r| r.0),
             T_IndexStmt => protected_rangevar((*(node as *mut pg_sys::IndexStmt)).relation).map(|r| r.0),
-            T_ClusterStmt => protected_rangevar((*(node as *mut pg_sys::ClusterStmt)).relation).map(|r| r.0),
+            T_ClusterStmt => {
+                let stmt = node as *mut pg_sys::ClusterStmt;
+                if (*stmt).relation.is_null() {
+                    // every table clustered before, protected ones included
+                    Some(pg_sys::InvalidOid)
+                } else {
+                    protected_rangevar((*stmt).relation).map(|r| r.0)
+                }
+            }
+            // a domain's new constraint is checked on every column of that type, anywhere
+            T_AlterDomainStmt => Some(pg_sys::InvalidOid),
+            T_ReindexStmt if (*(node as *mut pg_sys::ReindexStmt)).relation.is_null() => {
+                // REINDEX SCHEMA, SYSTEM or DATABASE: protected tables may be among them
+                Some(pg_sys::InvalidOid)
+            }
             T_ReindexStmt => {
                 let stmt = node as *mut pg_sys::ReindexStmt;
                 let rel = rangevar_oid((*stmt).relation);
@@ -294,10 +309,42 @@ pub unsafe fn needs_shield(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
     subject_to_row_security().then_some(rel)
 }
 
+thread_local! {
+    /// How many shielded statements are running (they nest: a function may run one).
+    static SHIELD_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether a shielded statement is running: the emit_log hook then keeps every message below ERROR
+/// from the client and the server log (a function the statement runs may have changed
+/// `client_min_messages` itself).
+pub fn shield_up() -> bool {
+    SHIELD_DEPTH.with(|d| d.get() > 0)
+}
+
+/// Whether an error raised in a shielded statement may reach the client as it is: it was not
+/// raised by a procedural language (which raises what a function says, values included), and it
+/// is pg_tenancy's own or of a kind that never quotes a value (privileges, concurrency,
+/// resources, transaction state, duplicate or dependent objects, definitions). The others (data
+/// and integrity errors, and lookups such as `'...'::regclass`, which quote what they did not
+/// find) lose their message, detail and context.
+fn shown_as_is(sqlstate: &str, file: &str) -> bool {
+    if file.starts_with("pl") {
+        return false;
+    }
+    file.ends_with(".rs")
+        || matches!(&sqlstate[..2], "25" | "40" | "53" | "57")
+        || matches!(sqlstate, "42501" | "42P07" | "42710" | "42701" | "2BP01" | "42P16" | "42P17" | "0A000" | "55P03" | "55006")
+}
+
 /// Run a shielded utility statement (see the module documentation): `run` is the call of the
 /// previous hook or the standard function.
 pub fn shielded(rel: pg_sys::Oid, run: impl FnOnce()) {
-    let _quiet = catalog::GucScope::new(&[(c"client_min_messages", c"error"), (c"log_min_messages", c"error")]);
+    // Every message is emitted towards the server log (PostgreSQL calls emit_log_hook only for
+    // those), where the emit_log hook drops it, and towards the client only at ERROR (a function
+    // may lower client_min_messages again: the hook drops that one too).
+    let _quiet = catalog::GucScope::new(&[(c"client_min_messages", c"error"), (c"log_min_messages", c"debug5")]);
+    SHIELD_DEPTH.with(|d| d.set(d.get() + 1));
+    let _down = crate::util::OnDrop(|| SHIELD_DEPTH.with(|d| d.set(d.get().saturating_sub(1))));
     let run = std::panic::AssertUnwindSafe(run);
     PgTryBuilder::new(move || {
         let run = run;
@@ -309,9 +356,7 @@ pub fn shielded(rel: pg_sys::Oid, run: impl FnOnce()) {
         let CaughtError::PostgresError(report) = &e else { e.rethrow() };
         let code = report.sql_error_code();
         let sqlstate = sqlstate_text(code);
-        // data exceptions, integrity violations, errors raised by functions: about a row
-        let on_a_row = matches!(&sqlstate[..2], "22" | "23" | "P0");
-        if !on_a_row {
+        if shown_as_is(&sqlstate, report.file()) {
             e.rethrow()
         }
         audit::record(
@@ -319,7 +364,7 @@ pub fn shielded(rel: pg_sys::Oid, run: impl FnOnce()) {
             rel,
             None,
             &sqlstate,
-            "DDL on a protected table failed on a row; its error is not shown (it could carry other tenants' values)",
+            "DDL on a protected table failed while it evaluated rows; its error is not shown (it could carry other tenants' values)",
         );
         pgrx::pg_sys::panic::ErrorReport::new(
             code,
@@ -446,8 +491,21 @@ pub(super) fn expr_leaks(expr: &str) -> bool {
 /// a superuser.
 #[pg_extern(stable, parallel_safe)]
 fn _invoker_is_superuser() -> bool {
+    invoker_is_superuser()
+}
+
+/// See `_invoker_is_superuser`.
+pub(super) fn invoker_is_superuser() -> bool {
     // SAFETY: reads the role's catalog entry.
     unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) }
+}
+
+/// Whether the guard is on (`pg_tenancy.guard`). The guard's event triggers ask this first: the
+/// call loads the library, so that a value someone set before it was loaded (a placeholder) is
+/// judged by the real setting, which only a superuser may change.
+#[pg_extern(stable, parallel_safe)]
+fn _guard_on() -> bool {
+    crate::gucs::guard()
 }
 
 

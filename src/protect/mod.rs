@@ -116,17 +116,19 @@ fn run_steps(rel: pg_sys::Oid, steps: Vec<Step>, out: &mut Vec<String>) {
     }
 }
 
-/// Refuse a table that already carries something a protection could not stand beside.
-fn refuse_defenseless(rel: pg_sys::Oid) {
+/// Refuse a table that already carries something a protection could not stand beside. Judged
+/// for the role that issued the statement (the guard protects new partitions with its owner's
+/// rights, which must not waive anything).
+fn refuse_defenseless(rel: pg_sys::Oid, column: &str) {
     let d = catalog::pg::defenses(rel).or_raise();
+    let superuser = guard::invoker_is_superuser();
     let why = if d.rules > 0 {
         Some("the table has rules: a rule could copy or redirect every tenant's rows")
     } else if d.permissive > 0 {
         Some("the table has another permissive policy: it would widen what each tenant sees")
-    // SAFETY: superuser() reads the current role's catalog entry.
-    } else if !unsafe { pg_sys::superuser() } && d.restrictive_quals.iter().any(|q| guard::expr_leaks(q)) {
+    } else if !superuser && d.restrictive_quals.iter().any(|q| guard::expr_leaks(q)) {
         Some("a restrictive policy calls a function that is not leakproof on the row: it would run before the tenant filter")
-    } else if !unsafe { pg_sys::superuser() } && catalog::protected::cascading_foreign_keys(rel).or_raise() {
+    } else if !superuser && catalog::protected::cascading_foreign_keys(rel, column).or_raise() {
         Some("a foreign key of the table cascades from a table that is not protected: changing that table would change every tenant's rows")
     } else {
         None
@@ -162,7 +164,18 @@ fn protect_oid(rel: pg_sys::Oid, column: &str, create_index: bool, out: &mut Vec
             TenancyError::UnprotectedParent,
         );
     }
-    refuse_defenseless(rel);
+    // A protected parent on another column would re-key this table (its rows would answer to
+    // that column's tenants through the parent).
+    if catalog::protected::parent_columns(rel).or_raise().iter().any(|c| c != column) {
+        audit::deny(
+            Event::PolicyTamper,
+            rel,
+            None,
+            "attempt to protect a table on another tenant column than its protected parent",
+            TenancyError::Rekey,
+        );
+    }
+    refuse_defenseless(rel, column);
     let _exempt = Exempt::new(rel);
     // The DDL runs as the caller: PostgreSQL itself requires that the caller owns the table.
     run_steps(rel, policy::protect(&p.as_table()), out);
@@ -177,7 +190,7 @@ fn protect_oid(rel: pg_sys::Oid, column: &str, create_index: bool, out: &mut Vec
     // Code already there that runs over every tenant's rows: recorded, listed by check().
     if let Some(functions) = registry::unapproved_row_functions(rel).or_raise() {
         let detail = format!("protect() of a table whose rows run unapproved functions: {functions}");
-        audit::record(Event::ProtectedDdl, rel, None, "00000", &detail[..detail.len().min(200)]);
+        audit::record(Event::ProtectedDdl, rel, None, "00000", crate::util::truncate(&detail, 200));
     }
 
     if !catalog::pg::has_leading_index(rel, p.attnum).or_raise() {
