@@ -12,16 +12,8 @@ CLIENTS=${BENCH_CLIENTS:-1}
 DB=pg_tenancy_bench
 PGBENCH=/usr/lib/postgresql/15/bin/pgbench
 
-# Rebuild the data set when it is missing or was made by another build of the extension.
-SQL_MD5=$(cat "$(/usr/lib/postgresql/15/bin/pg_config --sharedir)"/extension/pg_tenancy--*.sql | md5sum | cut -c1-32)
-if [ "$(psql -X -qAt -d $DB -c "SELECT sql_md5 FROM b.meta" 2>/dev/null)" != "$SQL_MD5" ] \
-   || [ "$(psql -X -qAt -d $DB -c "SELECT count(*) FROM b.prot" 2>/dev/null)" != 1000000 ]; then
-    echo "bench: loading 1M rows over 1,000 tenants (once)"
-    psql -X -q -d postgres -c "DROP DATABASE IF EXISTS $DB" -c "DROP ROLE IF EXISTS bench_app" \
-         -c "DROP ROLE IF EXISTS bench_owner" -c "CREATE DATABASE $DB"
-    psql -X -q -d $DB -f setup.sql >/dev/null
-    psql -X -q -d $DB -c "CREATE TABLE b.meta AS SELECT '$SQL_MD5'::text AS sql_md5"
-fi
+load_once "$DB"
+prewarm "$DB"
 
 tps() { # tps SCRIPT [extra env]
     local out
@@ -30,26 +22,43 @@ tps() { # tps SCRIPT [extra env]
     echo "$out" | awk '/^tps = / {print $3; exit}'
 }
 
-pair() { # pair NAME PROTECTED BASELINE [env for protected]: ROUNDS back-to-back rounds
+pair() { # pair NAME PROTECTED BASELINE [env for both]: ROUNDS back-to-back rounds
     local name=$1 p=$2 b=$3; shift 3
     local results=""
     for _ in $(seq "$ROUNDS"); do
-        results+="$(tps "$p" "$@") $(tps "$b")"$'\n'
+        results+="$(tps "$p" "$@") $(tps "$b" "$@")"$'\n'
     done
     echo -n "$results" | summarize "$name"
 }
 
+triple() { # triple NAME PROTECTED POLICY WHERE [env]: ROUNDS rounds of the three, order rotating
+    local name=$1 p=$2 q=$3 b=$4; shift 4
+    local results="" r=0
+    for _ in $(seq "$ROUNDS"); do
+        local tp tq tb
+        case $((r % 3)) in
+            0) tp=$(tps "$p" "$@"); tq=$(tps "$q" "$@"); tb=$(tps "$b" "$@") ;;
+            1) tq=$(tps "$q" "$@"); tb=$(tps "$b" "$@"); tp=$(tps "$p" "$@") ;;
+            2) tb=$(tps "$b" "$@"); tp=$(tps "$p" "$@"); tq=$(tps "$q" "$@") ;;
+        esac
+        results+="$tp $tq $tb"$'\n'
+        r=$((r + 1))
+    done
+    echo -n "$results" | summarize3 "$name"
+}
+
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); PostgreSQL $(psql -X -qAt -d postgres -c 'SHOW server_version')"
-echo "pgbench: $CLIENTS client(s), ${SECS}s per run, prepared protocol, $ROUNDS rounds of (pg_tenancy, baseline)"
-printf "%-34s %11s %11s %8s   %s\n" "benchmark" "tps" "base tps" "median" "[range of round ratios]"
-pair "point lookup, context in txn" point_prot.sql point_plain.sql
-pair "1,000-row range, context in txn" range_prot.sql range_plain.sql
-pair "point lookup, session context" stmt_prot.sql stmt_plain.sql PGOPTIONS="-c pg_tenancy.tenant=t0042"
+echo "pgbench: $CLIENTS client(s), ${SECS}s per run, prepared protocol, $ROUNDS rounds, sides in rotating order"
+printf "%-34s %9s %9s %9s %10s %10s\n" "benchmark (tps)" "protected" "policy" "WHERE" "prot/WHERE" "prot/pol"
+triple "point lookup, context in txn" point_prot.sql point_pol.sql point_plain.sql
+triple "1,000-row range, context in txn" range_prot.sql range_pol.sql range_plain.sql
+triple "point lookup, session context" stmt_prot.sql stmt_pol.sql stmt_plain.sql \
+    PGOPTIONS="-c pg_tenancy.tenant=t0042 -c app.tenant=t0042"
 pair "set_tenant() vs set_config()" set_tenant.sql set_config.sql
 
 echo
-echo "server side only (PL/pgSQL loop, COMMIT per iteration, no network; bench/server_side.sql):"
-psql -X -q -U bench_app -d "$DB" -f server_side.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
+echo "server side only (PL/pgSQL loops, COMMIT per iteration, no network; bench/hotpath.sql):"
+psql -X -q -U bench_app -d "$DB" -f hotpath.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
 
 echo
 echo "encryption (bench/crypto.sh; best of 3 per line):"

@@ -24,3 +24,12 @@ SELECT count(*) AS statements FROM tenancy.protect('b.prot');
 RESET ROLE;
 VACUUM ANALYZE b.plain;
 VACUUM ANALYZE b.prot;
+-- The best hand-written policy a user writes (the form Supabase recommends): the third side.
+CREATE TABLE b.pol (LIKE b.plain INCLUDING ALL);
+INSERT INTO b.pol SELECT * FROM b.plain;
+ALTER TABLE b.pol OWNER TO bench_owner;
+ALTER TABLE b.pol ENABLE ROW LEVEL SECURITY;
+ALTER TABLE b.pol FORCE ROW LEVEL SECURITY;
+CREATE POLICY by_setting ON b.pol USING (tenant_id = (SELECT current_setting('app.tenant')));
+GRANT SELECT ON b.pol TO bench_app;
+VACUUM ANALYZE b.pol;

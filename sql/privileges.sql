@@ -8,6 +8,7 @@ GRANT EXECUTE ON FUNCTION
     tenancy.set_tenant_token(text, boolean),
     tenancy.reset_tenant(),
     tenancy.current_tenant(),
+    tenancy.current_tenant(anyelement),
     tenancy.writable_tenant(),
     tenancy.has_tenant(),
     tenancy.tenant_scope(),

@@ -1,6 +1,19 @@
 -- Protection: the functions table owners call (the work is in src/protect/mod.rs; these give
 -- the arguments their SQL types).
 
+-- The tenant as the type of its argument (text, varchar, uuid, integer or bigint; its value is
+-- ignored). Policies compare the tenant column with it; in the plan of a statement on a
+-- protected table each call becomes a parameter filled once when the statement starts
+-- (src/protect/param.rs). The domains type those parameters' slots, and mark them: no value of
+-- SQL's can have them (NOT NULL and CHECK (false)), so no other slot is ever mistaken for one.
+CREATE FUNCTION tenancy.current_tenant(anyelement) RETURNS anyelement
+LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'tenancy_current_tenant_as';
+CREATE DOMAIN tenancy._param_text AS pg_catalog.text NOT NULL CONSTRAINT no_value CHECK (false);
+CREATE DOMAIN tenancy._param_int4 AS pg_catalog.int4 NOT NULL CONSTRAINT no_value CHECK (false);
+CREATE DOMAIN tenancy._param_int8 AS pg_catalog.int8 NOT NULL CONSTRAINT no_value CHECK (false);
+CREATE DOMAIN tenancy._param_uuid AS pg_catalog.uuid NOT NULL CONSTRAINT no_value CHECK (false);
+REVOKE USAGE ON DOMAIN tenancy._param_text, tenancy._param_int4, tenancy._param_int8, tenancy._param_uuid FROM PUBLIC;
+
 CREATE FUNCTION tenancy.protect(rel regclass, tenant_column name DEFAULT 'tenant_id',
                                 create_index boolean DEFAULT false)
 RETURNS SETOF text LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp

@@ -8,13 +8,15 @@
 //! | held cursors' readability (`context::cursors`) | the same as verified contexts | the same |
 //! | unwrapped and ready keys (`crypto::keystore`) | `tenancy.keys`, the master-key settings | relcache invalidation of `tenancy.keys` (its triggers); the settings' assign hooks; the abort of a (sub)transaction that may have created a key |
 //! | a pending EXPLAIN ANALYZE (`protect::explain`) | the statement | the abort of a (sub)transaction |
+//! | statements being planned (`protect::param`) | the planner hook | the abort of a (sub)transaction |
+//! | tenant parameter slot types (`protect::param`) | plans this backend made | never (only grows) |
 use pgrx::prelude::*;
 use std::ffi::{c_char, c_int, c_void};
 
 use crate::catalog;
 use crate::context;
 use crate::crypto::keystore;
-use crate::protect::explain;
+use crate::protect::{explain, param};
 
 /// Register every callback, once, from `_PG_init`.
 pub fn init() {
@@ -89,6 +91,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
         keystore::forget_keys();
         explain::done();
+        param::reset_planning();
     }
 }
 
@@ -102,6 +105,7 @@ unsafe extern "C-unwind" fn on_subxact(
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         keystore::forget_keys();
         explain::done();
+        param::reset_planning();
     }
 }
 

@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(
             s[3].sql,
             "CREATE POLICY tenancy_isolation ON app.orders AS PERMISSIVE FOR ALL TO PUBLIC USING (tenant_id \
-             OPERATOR(pg_catalog.=) (SELECT tenancy.current_tenant()::pg_catalog.text)) WITH CHECK (tenant_id \
+             OPERATOR(pg_catalog.=) tenancy.current_tenant(NULL::pg_catalog.text)) WITH CHECK (tenant_id \
              OPERATOR(pg_catalog.=) (SELECT tenancy.writable_tenant()::pg_catalog.text) OR \
              tenancy._write_denied(tenant_id::pg_catalog.text))"
         );
@@ -147,7 +147,7 @@ mod tests {
         let hostile = Table { table: r#"public."{column}; DROP TABLE x; --""#, column: r#""{table}""#, cast: "pg_catalog.int8" };
         let s = protect(&hostile);
         assert_eq!(s[0].sql, r#"ALTER TABLE public."{column}; DROP TABLE x; --" ENABLE ROW LEVEL SECURITY"#);
-        assert!(s[6].sql.contains(r#"ALTER COLUMN "{table}" SET DEFAULT tenancy.current_tenant()::pg_catalog.int8"#));
+        assert!(s[6].sql.contains(r#"ALTER COLUMN "{table}" SET DEFAULT tenancy.current_tenant(NULL::pg_catalog.int8)"#));
     }
 
     #[test]

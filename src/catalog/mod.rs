@@ -58,6 +58,10 @@ pub struct CatalogIds {
     pub grants: pg_sys::Oid,
     pub protected: pg_sys::Oid,
     pub keys: pg_sys::Oid,
+    /// `tenancy.current_tenant(anyelement)`, which policies call (InvalidOid if absent).
+    pub tenant_fn: pg_sys::Oid,
+    /// The domains that mark the statement's tenant parameter: text, int4, int8, uuid.
+    pub param_types: [pg_sys::Oid; 4],
 }
 
 thread_local! {
@@ -80,7 +84,12 @@ const EXTENSION: Stmt = Stmt {
                  pg_catalog.to_regclass('tenancy.tenants')::pg_catalog.oid, \
                  pg_catalog.to_regclass('tenancy.grants')::pg_catalog.oid, \
                  pg_catalog.to_regclass('tenancy.protected_tables')::pg_catalog.oid, \
-                 pg_catalog.to_regclass('tenancy.keys')::pg_catalog.oid \
+                 pg_catalog.to_regclass('tenancy.keys')::pg_catalog.oid, \
+                 pg_catalog.to_regprocedure('tenancy.current_tenant(anyelement)')::pg_catalog.oid, \
+                 pg_catalog.to_regtype('tenancy._param_text')::pg_catalog.oid, \
+                 pg_catalog.to_regtype('tenancy._param_int4')::pg_catalog.oid, \
+                 pg_catalog.to_regtype('tenancy._param_int8')::pg_catalog.oid, \
+                 pg_catalog.to_regtype('tenancy._param_uuid')::pg_catalog.oid \
             FROM pg_catalog.pg_extension e \
             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
            WHERE e.extname OPERATOR(pg_catalog.=) 'pg_tenancy'",
@@ -100,13 +109,19 @@ pub fn ids() -> Result<CatalogIds> {
         return Err(TenancyError::NotInstalled);
     }
     let row = run_as(&EXTENSION, &[], pg_sys::InvalidOid, |r| {
-        (r.get::<pg_sys::Oid>(1), r.get::<pg_sys::Oid>(2), r.get::<pg_sys::Oid>(3), r.get::<pg_sys::Oid>(4), r.get::<pg_sys::Oid>(5))
+        let oid = |i: i32| r.get::<pg_sys::Oid>(i);
+        let optional = |i: i32| oid(i).unwrap_or(pg_sys::InvalidOid);
+        (
+            (oid(1), oid(2), oid(3), oid(4), oid(5)),
+            optional(6),
+            [optional(7), optional(8), optional(9), optional(10)],
+        )
     })
     .into_iter()
     .next();
     match row {
-        Some((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys))) => {
-            let ids = CatalogIds { owner, tenants, grants, protected, keys };
+        Some(((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys)), tenant_fn, param_types)) => {
+            let ids = CatalogIds { owner, tenants, grants, protected, keys, tenant_fn, param_types };
             IDS.with(|c| c.set(Some(ids)));
             Ok(ids)
         }

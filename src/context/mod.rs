@@ -76,6 +76,17 @@ thread_local! {
     /// An input of the verifications changed: the caches are emptied at their next use (an
     /// invalidation can arrive while they are being read).
     static STALE: Cell<bool> = const { Cell::new(false) };
+    /// Refusals are not recorded (a look at the context that is not an attempt to use it).
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The verified tenant for the role running the current statement, or None, without recording
+/// a refusal: for the planner's estimates, which are not a use of the context (the statement
+/// itself is verified, and refused and recorded, when it starts).
+pub fn peek_tenant() -> Option<String> {
+    QUIET.with(|q| q.set(true));
+    let _loud = crate::util::OnDrop(|| QUIET.with(|q| q.set(false)));
+    with_context(|v| v.tenant.clone()).ok()
 }
 
 /// Drop every cached verification (called by the invalidate module when an input changed): at
@@ -215,6 +226,9 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
 
 /// A context value was refused: record `forbidden_tenant` (configuration errors are not attempts).
 pub(crate) fn refused(e: &TenancyError, raw: &str) {
+    if QUIET.with(|q| q.get()) {
+        return;
+    }
     let detail = match e {
         TenancyError::NotPermitted => "role has no grant for the tenant",
         TenancyError::UnknownTenant => "tenant does not exist",

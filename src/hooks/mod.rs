@@ -41,7 +41,7 @@ use crate::catalog::protected::{self as registry, nothing_protected, protected, 
 use crate::catalog::{self, list_ptrs};
 use crate::context::{self, cursors};
 use crate::error::TenancyError;
-use crate::protect::{explain, guard, probe};
+use crate::protect::{explain, guard, param, probe};
 
 /// PostgreSQL's standard implementations, declared here without pgrx's error boundary (see the
 /// module documentation): an error they raise must pass through untouched.
@@ -60,6 +60,12 @@ mod standard {
             qc: *mut pg_sys::QueryCompletion,
         );
         pub fn standard_ExecutorStart(query_desc: *mut pg_sys::QueryDesc, eflags: std::ffi::c_int);
+        pub fn standard_planner(
+            parse: *mut pg_sys::Query,
+            query_string: *const std::ffi::c_char,
+            cursor_options: std::ffi::c_int,
+            bound_params: pg_sys::ParamListInfo,
+        ) -> *mut pg_sys::PlannedStmt;
         pub fn standard_ExecutorFinish(query_desc: *mut pg_sys::QueryDesc);
     }
 }
@@ -69,6 +75,7 @@ static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+static mut PREV_PLANNER: pg_sys::planner_hook_type = None;
 
 pub fn install() {
     // SAFETY: called once from _PG_init, before any query runs in this backend; the previous
@@ -84,6 +91,8 @@ pub fn install() {
         pg_sys::ProcessUtility_hook = Some(process_utility);
         PREV_EMIT_LOG = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log);
+        PREV_PLANNER = pg_sys::planner_hook;
+        pg_sys::planner_hook = Some(planner);
     }
 }
 
@@ -218,6 +227,37 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// planner_hook
+// ---------------------------------------------------------------------------------------------
+
+/// (No `#[pg_guard]`: see the module documentation.)
+unsafe extern "C-unwind" fn planner(
+    parse: *mut pg_sys::Query,
+    query_string: *const c_char,
+    cursor_options: c_int,
+    bound_params: pg_sys::ParamListInfo,
+) -> *mut pg_sys::PlannedStmt {
+    // SAFETY: the previous hook or the standard function, with PostgreSQL's arguments; an error
+    // either raises passes through. Only Copy values live in this frame.
+    unsafe {
+        param::planning_started();
+        let stmt = match PREV_PLANNER {
+            Some(prev) => prev(parse, query_string, cursor_options, bound_params),
+            None => standard::standard_planner(parse, query_string, cursor_options, bound_params),
+        };
+        param::planning_ended();
+        after_planning(stmt);
+        stmt
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn after_planning(stmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: the PlannedStmt the planner just returned.
+    unsafe { param::after_planning(stmt) }
+}
+
+// ---------------------------------------------------------------------------------------------
 // ExecutorStart_hook, ExecutorFinish_hook
 // ---------------------------------------------------------------------------------------------
 
@@ -244,9 +284,17 @@ unsafe extern "C-unwind" fn before_executor_start(query_desc: *mut pg_sys::Query
 
 #[pg_guard]
 unsafe extern "C-unwind" fn after_executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: c_int, explain: bool) {
-    let touched = TOUCHED.with(|t| t.get());
+    if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0 {
+        return;
+    }
+    // SAFETY: the QueryDesc PostgreSQL just started.
+    unsafe { param::fill(query_desc) };
     // SAFETY: reads a backend-global.
-    if !touched.protected || eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int != 0 || unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+    if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+        return;
+    }
+    let touched = TOUCHED.with(|t| t.get());
+    if !touched.protected {
         return;
     }
     if explain && touched.rls {

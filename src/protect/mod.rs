@@ -26,6 +26,7 @@ use crate::error::{OrRaise, TenancyError};
 
 pub mod explain;
 pub mod guard;
+pub mod param;
 pub mod probe;
 
 use guard::Exempt;

@@ -1,0 +1,2 @@
+\set id random(1, 1000)
+SELECT payload FROM b.pol WHERE id = :id;
