@@ -2,7 +2,7 @@
 
 CREATE FUNCTION tenancy.check()
 RETURNS TABLE (severity text, object text, problem text, fix text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 WITH prot AS (
     SELECT p.rel, p.tenant_column,
            (SELECT a.attnum FROM pg_attribute a
@@ -168,12 +168,14 @@ WITH prot AS (
                      WHERE lower(o) IN ('security_invoker=true', 'security_invoker=on',
                                         'security_invoker=1', 'security_invoker=yes'))))
     UNION ALL
-    -- foreign keys to protected tables that do not carry the tenant column on both sides
-    SELECT 'WARNING', format('constraint %I on %s', k.conname, k.conrelid::regclass),
+    -- foreign keys into protected tables that do not pair a protected tenant column with theirs
+    SELECT 'ERROR', format('constraint %I on %s', k.conname, k.conrelid::regclass),
            'foreign key to protected table ' || k.confrelid::regclass::text
-               || ' does not include the tenant column: a row can point at another tenant''s row, '
-               || 'and the error tells whether it exists',
-           'Make the key (tenant column, ...) on both sides, with a matching unique constraint.'
+               || CASE WHEN a.rel IS NULL THEN ' from a table that is not protected'
+                       ELSE ' does not pair the two tenant columns' END
+               || ': its check runs without row security, so a row that references another '
+               || 'tenant''s key tells whether that row exists',
+           'Protect the referencing table and make the key (tenant column, ...) on both sides, with a matching unique constraint.'
       FROM pg_constraint k
       JOIN prot b ON b.rel = k.confrelid
       LEFT JOIN prot a ON a.rel = k.conrelid
@@ -181,6 +183,38 @@ WITH prot AS (
        AND NOT (a.attnum IS NOT NULL AND b.attnum IS NOT NULL
                 AND array_position(k.conkey, a.attnum) IS NOT NULL
                 AND array_position(k.conkey, a.attnum) = array_position(k.confkey, b.attnum))
+    UNION ALL
+    -- views over protected tables that run unapproved functions on each tenant's reads or writes
+    SELECT DISTINCT 'WARNING', 'function ' || vf.fn::text,
+           'runs on every tenant''s reads or writes through ' || vf.via
+               || ', which reads a protected table, and no superuser approved it',
+           format('SELECT tenancy.approve_function(%L, ''<why it is safe>''); -- after reviewing it',
+                  vf.fn::text)
+      FROM pg_class v
+     CROSS JOIN LATERAL tenancy._view_functions(v.oid) vf
+     WHERE v.relkind IN ('v', 'm') AND NOT vf.approved
+       AND v.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+    UNION ALL
+    -- roles other than the owner that may add triggers to, or point foreign keys at, a protected table
+    SELECT 'WARNING', format('privilege %s on %s', x.privilege_type, p.rel),
+           'role ' || quote_ident(x.grantee) || ' holds ' || x.privilege_type || ' on protected table '
+               || p.rel::text || CASE x.privilege_type
+                   WHEN 'TRIGGER' THEN ': pg_tenancy refuses its triggers, but it should not hold it'
+                   ELSE ': a foreign key of its onto the table would tell whether other tenants'' rows exist' END,
+           format('REVOKE %s ON %s FROM %s;', x.privilege_type, p.rel, quote_ident(x.grantee))
+      FROM prot p
+      JOIN pg_class c ON c.oid = p.rel
+     CROSS JOIN LATERAL (SELECT CASE WHEN a.grantee = 0 THEN 'public' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type
+                           FROM aclexplode(c.relacl) a
+                          WHERE a.privilege_type IN ('TRIGGER', 'REFERENCES') AND a.grantee <> c.relowner) x(grantee, privilege_type)
+    UNION ALL
+    -- statistics of expression indexes (pg_stats) readable by PUBLIC: their samples are every tenant's values
+    SELECT 'ERROR', 'view pg_catalog.pg_stats',
+           'PUBLIC may read pg_stats: the statistics of an expression index on a protected table '
+               || '(most common values, histograms) sample every tenant''s rows, and its owner sees them',
+           'REVOKE SELECT ON pg_catalog.pg_stats FROM PUBLIC; GRANT SELECT ON pg_catalog.pg_stats TO pg_read_all_stats;'
+     WHERE has_table_privilege('public', 'pg_catalog.pg_stats', 'SELECT')
+       AND EXISTS (SELECT 1 FROM prot)
     UNION ALL
     -- unique constraints without the tenant column
     SELECT 'WARNING', i.indexrelid::regclass::text,

@@ -4,7 +4,7 @@
 
 -- The generated policies of a table, as text, for the guard to compare with what protect() made.
 CREATE FUNCTION tenancy._policy_fingerprint(rel regclass) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT string_agg(concat_ws('|', p.polname, p.polcmd, p.polpermissive, p.polroles::text,
                                 pg_get_expr(p.polqual, p.polrelid),
                                 pg_get_expr(p.polwithcheck, p.polrelid)), E'\n' ORDER BY p.polname)
@@ -14,7 +14,7 @@ $$;
 
 -- What, if anything, weakens the protection of a protected table; NULL when intact.
 CREATE FUNCTION tenancy._protection_problem(rel regclass) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT CASE
         WHEN c.oid IS NULL THEN NULL
         WHEN NOT c.relrowsecurity THEN 'row level security was disabled'
@@ -48,7 +48,7 @@ $$;
 
 -- Supported tenant column types for auto-protection.
 CREATE FUNCTION tenancy._has_tenant_column(rel regclass, col name) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT EXISTS (SELECT 1 FROM pg_attribute a
                     WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped
                       AND a.atttypid IN ('text'::regtype, 'varchar'::regtype, 'uuid'::regtype,
@@ -60,7 +60,7 @@ $$;
 -- Redefining the function, changing its owner (whose rights a SECURITY DEFINER function runs
 -- with), its volatility, leakproofness or settings lapses the approval.
 CREATE FUNCTION tenancy._function_fingerprint(fn oid) RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT encode(sha256(convert_to(concat_ws(E'\n', p.proowner::regrole::text, p.prosecdef::text,
                   p.proleakproof::text, p.provolatile::text, p.proconfig::text, p.prolang::regproc::text,
                   l.lanname::text, pg_get_function_identity_arguments(p.oid), p.probin, p.prosrc), 'UTF8')), 'hex')
@@ -68,56 +68,201 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
      WHERE p.oid = $1
 $$;
 
--- Functions (not PostgreSQL's own, not pg_tenancy's) that run over a protected table's rows:
--- called by its index expressions and predicates, CHECK and exclusion constraints, triggers
--- (function and WHEN clause), extended statistics, generated columns and policies other than
--- pg_tenancy's. Index builds, constraint validation, ANALYZE and table rewrites run them with
--- the owner's rights over every tenant's rows; triggers run them on every tenant's writes; a
--- restrictive policy runs them before the tenant filter. Each is listed by tenancy.check() until a
--- superuser approves it (tenancy.approve_function).
+-- Whether a function needs a superuser's approval before it may run over protected rows: every
+-- function except pg_tenancy's and PostgreSQL's own that are immutable (no side effect, nothing
+-- read but their arguments) or among a few harmless volatile ones (sequences, clocks, random
+-- values, the built-in trigger functions). set_config, pg_notify, query_to_xml, setval,
+-- lo_from_bytea and the like can carry what they see elsewhere: they need approval too.
+CREATE FUNCTION tenancy._needs_approval(f oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT NOT (p.pronamespace = 'tenancy'::regnamespace
+                OR (p.oid < 16384
+                    AND (p.provolatile = 'i'
+                         OR p.oid = ANY (ARRAY['pg_catalog.nextval(regclass)'::regprocedure,
+                                               'pg_catalog.now()'::regprocedure,
+                                               'pg_catalog.clock_timestamp()'::regprocedure,
+                                               'pg_catalog.statement_timestamp()'::regprocedure,
+                                               'pg_catalog.transaction_timestamp()'::regprocedure,
+                                               'pg_catalog.random()'::regprocedure,
+                                               'pg_catalog.gen_random_uuid()'::regprocedure,
+                                               'pg_catalog.suppress_redundant_updates_trigger()'::regprocedure,
+                                               'pg_catalog.tsvector_update_trigger()'::regprocedure,
+                                               'pg_catalog.tsvector_update_trigger_column()'::regprocedure]::oid[]))))
+      FROM pg_proc p WHERE p.oid = $1
+$$;
+
+-- The functions an expression (a pg_node_tree, as text) calls: by function, operator,
+-- aggregate or window function. (PostgreSQL records no dependency on its own functions, so the
+-- expression itself is read.)
+CREATE FUNCTION tenancy._functions_in(expr text) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT m[1]::oid
+      FROM regexp_matches(coalesce($1, ''), ':(?:funcid|opfuncid|aggfnoid|winfnoid) ([0-9]+)', 'g') m
+    UNION
+    SELECT op.oprcode::oid
+      FROM regexp_matches(coalesce($1, ''), ':opno ([0-9]+)', 'g') m
+      JOIN pg_operator op ON op.oid = m[1]::oid
+    UNION
+    SELECT op.oprcode::oid
+      FROM regexp_matches(coalesce($1, ''), ':opnos \(o([ 0-9]+)\)', 'g') m
+     CROSS JOIN LATERAL regexp_split_to_table(btrim(m[1]), ' +') x
+      JOIN pg_operator op ON op.oid = x::oid
+$$;
+
+-- The functions an object calls, as (fn, via): those its expression names, and those it depends
+-- on in pg_depend (directly or through an operator).
+CREATE FUNCTION tenancy._functions_of(classid oid, objid oid, via text, expr text)
+RETURNS TABLE (fn oid, via text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT f, $3 FROM tenancy._functions_in($4) f
+    UNION
+    SELECT d.refobjid, $3
+      FROM pg_depend d
+     WHERE d.classid = $1 AND d.objid = $2 AND d.refclassid = 'pg_proc'::regclass
+    UNION
+    SELECT op.oprcode::oid, $3
+      FROM pg_depend d JOIN pg_operator op ON op.oid = d.refobjid
+     WHERE d.classid = $1 AND d.objid = $2 AND d.refclassid = 'pg_operator'::regclass
+$$;
+
+-- Functions that run over a protected table's rows and need a superuser's approval
+-- (_needs_approval): called by its index expressions and predicates, CHECK and exclusion
+-- constraints, triggers (function and WHEN clause), extended statistics, column defaults and
+-- generated columns, the partition key, the constraints of its columns' domains (at any depth,
+-- arrays and composite types included) and policies other than pg_tenancy's. Index builds,
+-- constraint validation, ANALYZE and table rewrites run them with the owner's rights over every
+-- tenant's rows; triggers and defaults run them in every tenant's writes, with that tenant's
+-- context; a restrictive policy runs them before the tenant filter. Roles other than superusers
+-- cannot add them unapproved (the guard refuses the DDL); tenancy.check() lists any there are.
 CREATE FUNCTION tenancy._row_functions(rel regclass)
 RETURNS TABLE (fn regprocedure, via text, approved boolean)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-WITH objs(classid, objid, via) AS (
-    SELECT 'pg_class'::regclass, i.indexrelid, 'index ' || i.indexrelid::regclass::text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+WITH RECURSIVE coltypes(t, col, depth) AS (
+    SELECT a.atttypid, a.attname, 0 FROM pg_attribute a
+     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+    UNION
+    SELECT x.next, c.col, c.depth + 1
+      FROM coltypes c JOIN pg_type ty ON ty.oid = c.t
+     CROSS JOIN LATERAL (SELECT nullif(ty.typbasetype, 0)
+                         UNION ALL SELECT nullif(ty.typelem, 0)
+                         UNION ALL SELECT ca.atttypid FROM pg_attribute ca
+                                    WHERE ca.attrelid = ty.typrelid AND ty.typrelid <> 0
+                                      AND ca.attnum > 0 AND NOT ca.attisdropped) x(next)
+     WHERE x.next IS NOT NULL AND c.depth < 16
+ ), objs(classid, objid, via, expr) AS (
+    SELECT 'pg_class'::regclass::oid, i.indexrelid, 'index ' || i.indexrelid::regclass::text,
+           concat(i.indexprs::text, i.indpred::text)
       FROM pg_index i WHERE i.indrelid = $1
     UNION ALL
-    SELECT 'pg_constraint'::regclass, c.oid, 'constraint ' || quote_ident(c.conname)
+    SELECT 'pg_class'::regclass::oid, $1::oid, 'partition key',
+           (SELECT pt.partexprs::text FROM pg_partitioned_table pt WHERE pt.partrelid = $1)
+    UNION ALL
+    SELECT 'pg_constraint'::regclass::oid, c.oid, 'constraint ' || quote_ident(c.conname),
+           concat(c.conbin::text, ' ', (SELECT string_agg(':opno ' || x::text, ' ') FROM unnest(c.conexclop) x))
       FROM pg_constraint c WHERE c.conrelid = $1
     UNION ALL
-    SELECT 'pg_trigger'::regclass, t.oid, 'trigger ' || quote_ident(t.tgname)
+    SELECT 'pg_trigger'::regclass::oid, t.oid, 'trigger ' || quote_ident(t.tgname),
+           concat(':funcid ', t.tgfoid::text, ' ', t.tgqual::text)
       FROM pg_trigger t WHERE t.tgrelid = $1 AND NOT t.tgisinternal
     UNION ALL
-    SELECT 'pg_policy'::regclass, p.oid, 'policy ' || quote_ident(p.polname)
+    SELECT 'pg_policy'::regclass::oid, p.oid, 'policy ' || quote_ident(p.polname),
+           concat(p.polqual::text, p.polwithcheck::text)
       FROM pg_policy p WHERE p.polrelid = $1
     UNION ALL
-    SELECT 'pg_statistic_ext'::regclass, s.oid, 'statistics ' || quote_ident(s.stxname)
+    SELECT 'pg_statistic_ext'::regclass::oid, s.oid, 'statistics ' || quote_ident(s.stxname), s.stxexprs::text
       FROM pg_statistic_ext s WHERE s.stxrelid = $1
     UNION ALL
-    SELECT 'pg_constraint'::regclass, k.oid, 'domain ' || k.contypid::regtype::text || ' of column ' || quote_ident(a.attname)
-      FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
-     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+    SELECT DISTINCT 'pg_constraint'::regclass::oid, k.oid,
+           'domain ' || k.contypid::regtype::text || ' of column ' || quote_ident(c.col), k.conbin::text
+      FROM coltypes c JOIN pg_constraint k ON k.contypid = c.t
     UNION ALL
-    SELECT 'pg_attrdef'::regclass, d.oid, 'generated column ' || quote_ident(a.attname)
+    SELECT 'pg_attrdef'::regclass::oid, d.oid,
+           CASE WHEN a.attgenerated <> '' THEN 'generated column ' ELSE 'default of column ' END || quote_ident(a.attname),
+           d.adbin::text
       FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-     WHERE d.adrelid = $1 AND a.attgenerated <> ''
-), deps(fn, via) AS (
-    SELECT d.refobjid, o.via
-      FROM objs o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
-     WHERE d.refclassid = 'pg_proc'::regclass
-    UNION
-    SELECT op.oprcode::oid, o.via
-      FROM objs o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
-      JOIN pg_operator op ON op.oid = d.refobjid
-     WHERE d.refclassid = 'pg_operator'::regclass
+     WHERE d.adrelid = $1
+), fns AS (
+    SELECT f.* FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
 )
-SELECT DISTINCT f.oid::regprocedure, deps.via,
+SELECT DISTINCT p.oid::regprocedure, fns.via,
        EXISTS (SELECT 1 FROM tenancy.approved_functions a
-                WHERE a.fn = f.oid AND a.fingerprint = tenancy._function_fingerprint(f.oid))
-  FROM deps
-  JOIN pg_proc f ON f.oid = deps.fn
-  JOIN pg_namespace n ON n.oid = f.pronamespace
- WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+                WHERE a.fn = p.oid AND a.fingerprint = tenancy._function_fingerprint(p.oid))
+  FROM fns JOIN pg_proc p ON p.oid = fns.fn
+ WHERE tenancy._needs_approval(p.oid)
+$$;
+
+-- Tables with a column of type t, or of a type built on it (a domain over it, an array of it, a
+-- composite type with an attribute of it), at any depth.
+CREATE FUNCTION tenancy._tables_using_type(t oid) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+WITH RECURSIVE users(t, depth) AS (
+    SELECT $1, 0
+    UNION
+    SELECT x.t, u.depth + 1
+      FROM users u
+     CROSS JOIN LATERAL (SELECT ty.oid FROM pg_type ty WHERE ty.typbasetype = u.t OR ty.typelem = u.t
+                         UNION ALL
+                         SELECT c.reltype FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                          WHERE a.atttypid = u.t AND c.relkind = 'c' AND a.attnum > 0 AND NOT a.attisdropped) x(t)
+     WHERE u.depth < 16
+)
+SELECT DISTINCT a.attrelid
+  FROM users u JOIN pg_attribute a ON a.atttypid = u.t AND a.attnum > 0 AND NOT a.attisdropped
+  JOIN pg_class c ON c.oid = a.attrelid AND c.relkind IN ('r', 'p')
+$$;
+
+-- Views (and the rules and triggers on them) that read a protected table, directly or through
+-- other views, and call functions that need approval: put in an application's path (or in the
+-- place of a table renamed away), they would run those functions on every tenant's reads and
+-- writes, with that tenant's context.
+CREATE FUNCTION tenancy._view_functions(view regclass)
+RETURNS TABLE (fn regprocedure, via text, approved boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+WITH RECURSIVE reads(rel, depth) AS (
+    SELECT d.refobjid, 0
+      FROM pg_rewrite w JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
+     WHERE w.ev_class = $1 AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> $1
+    UNION
+    SELECT d.refobjid, r.depth + 1
+      FROM reads r JOIN pg_rewrite w ON w.ev_class = r.rel
+      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
+     WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.rel AND r.depth < 32
+ ), objs(classid, objid, via, expr) AS (
+    SELECT 'pg_rewrite'::regclass::oid, w.oid, 'view ' || $1::text, concat(w.ev_qual::text, w.ev_action::text)
+      FROM pg_rewrite w WHERE w.ev_class = $1
+    UNION ALL
+    SELECT 'pg_trigger'::regclass::oid, t.oid, 'trigger ' || quote_ident(t.tgname) || ' on view ' || $1::text,
+           concat(':funcid ', t.tgfoid::text, ' ', t.tgqual::text)
+      FROM pg_trigger t WHERE t.tgrelid = $1 AND NOT t.tgisinternal
+), fns AS (
+    SELECT f.* FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
+)
+SELECT DISTINCT p.oid::regprocedure, fns.via,
+       EXISTS (SELECT 1 FROM tenancy.approved_functions a
+                WHERE a.fn = p.oid AND a.fingerprint = tenancy._function_fingerprint(p.oid))
+  FROM fns JOIN pg_proc p ON p.oid = fns.fn
+ WHERE tenancy._needs_approval(p.oid)
+   AND EXISTS (SELECT 1 FROM reads r JOIN tenancy.protected_tables q ON q.rel = r.rel)
+$$;
+
+-- Foreign keys into a protected table from a table that is not protected, or whose key does not
+-- pair its own tenant column with the referenced one: the key's check runs as the referenced
+-- table's owner without row security, so inserting a row that references another tenant's key
+-- tells whether that row exists.
+CREATE FUNCTION tenancy._keys_into_protected(rel regclass)
+RETURNS TABLE (constraint_name name, referenced regclass)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT k.conname, k.confrelid::regclass
+      FROM pg_constraint k
+      JOIN tenancy.protected_tables q ON q.rel = k.confrelid
+      JOIN pg_attribute qa ON qa.attrelid = q.rel AND qa.attname = q.tenant_column
+     WHERE k.conrelid = $1 AND k.contype = 'f'
+       AND NOT EXISTS (
+           SELECT 1 FROM tenancy.protected_tables p
+             JOIN pg_attribute pa ON pa.attrelid = p.rel AND pa.attname = p.tenant_column
+            WHERE p.rel = k.conrelid
+              AND array_position(k.conkey, pa.attnum) IS NOT NULL
+              AND array_position(k.conkey, pa.attnum) = array_position(k.confkey, qa.attnum))
 $$;
 
 -- Foreign keys of a protected table whose actions change its rows (CASCADE, SET NULL, SET DEFAULT)
@@ -126,7 +271,7 @@ $$;
 -- whoever may change the referenced table changes every tenant's rows.
 CREATE FUNCTION tenancy._cascading_keys(rel regclass, tenant_column name)
 RETURNS TABLE (constraint_name name, referenced regclass)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT k.conname, k.confrelid::regclass
       FROM pg_constraint k
       JOIN pg_attribute aa ON aa.attrelid = k.conrelid AND aa.attname = $2
@@ -145,7 +290,7 @@ $$;
 -- non-leakproof functions before the tenant filter; record DDL that puts unapproved functions
 -- over a protected table's rows; protect new tables when pg_tenancy.auto_protect.
 CREATE FUNCTION tenancy._guard_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     r record;
     ch record;
@@ -283,7 +428,44 @@ BEGIN
                        'the tenant filter, on every tenant''s rows', r.polname));
         END IF;
     END LOOP;
-    -- code put over a protected table's rows that no superuser approved: recorded
+    -- foreign keys into a protected table, from a table that is not protected on a tenant column
+    -- paired with the referenced one: the key check would tell whether another tenant's row exists
+    -- (a table created with such a key on a column paired with the referenced tenant column is
+    -- protected on that column, as a new partition is)
+    FOR r IN
+        SELECT d.objid AS relid, bool_or(d.command_tag = 'CREATE TABLE') AS created
+          FROM pg_event_trigger_ddl_commands() d
+         WHERE d.classid = 'pg_class'::regclass
+           AND EXISTS (SELECT 1 FROM tenancy._keys_into_protected(d.objid))
+         GROUP BY d.objid
+    LOOP
+        CONTINUE WHEN tenancy._guard_exempt(r.relid);
+        IF r.created AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = r.relid) THEN
+            SELECT a.attname INTO parent_col
+              FROM pg_constraint k
+              JOIN tenancy.protected_tables q ON q.rel = k.confrelid
+              JOIN pg_attribute qa ON qa.attrelid = q.rel AND qa.attname = q.tenant_column
+              JOIN pg_attribute a ON a.attrelid = k.conrelid
+                                 AND a.attnum = k.conkey[array_position(k.confkey, qa.attnum)]
+             WHERE k.conrelid = r.relid AND k.contype = 'f'
+             ORDER BY k.conname
+             LIMIT 1;
+            IF parent_col IS NOT NULL THEN
+                PERFORM tenancy.protect(r.relid::regclass, parent_col);
+            END IF;
+        END IF;
+        IF NOT tenancy._invoker_is_superuser() AND EXISTS (SELECT 1 FROM tenancy._keys_into_protected(r.relid)) THEN
+            PERFORM tenancy._refuse_weakening(
+                (SELECT k.referenced FROM tenancy._keys_into_protected(r.relid) k LIMIT 1)::oid,
+                format('foreign key %s of %s references a protected table from a table that is not protected on a '
+                       'tenant column paired with the referenced one: its check would tell whether another '
+                       'tenant''s row exists (protect the referencing table and include its tenant column in the key)',
+                       (SELECT string_agg(quote_ident(k.constraint_name), ', ') FROM tenancy._keys_into_protected(r.relid) k),
+                       r.relid::regclass));
+        END IF;
+    END LOOP;
+    -- code put over a protected table's rows (or over the rows a view of one reads) that no
+    -- superuser approved: refused to other roles, recorded for superusers
     FOR r IN
         SELECT x.relid, string_agg(DISTINCT x.tag, ', ') AS tags
           FROM (SELECT CASE d.classid
@@ -291,22 +473,36 @@ BEGIN
                              THEN coalesce((SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = d.objid), d.objid)
                          WHEN 'pg_trigger'::regclass THEN (SELECT tgrelid FROM pg_trigger WHERE oid = d.objid)
                          WHEN 'pg_policy'::regclass THEN (SELECT polrelid FROM pg_policy WHERE oid = d.objid)
+                         WHEN 'pg_rewrite'::regclass THEN (SELECT ev_class FROM pg_rewrite WHERE oid = d.objid)
                          WHEN 'pg_statistic_ext'::regclass
                              THEN (SELECT stxrelid FROM pg_statistic_ext WHERE oid = d.objid)
                        END AS relid,
                        d.command_tag AS tag
                   FROM pg_event_trigger_ddl_commands() d
-                 WHERE d.command_tag IN ('CREATE INDEX', 'ALTER TABLE', 'CREATE TRIGGER', 'CREATE STATISTICS',
-                                         'ALTER STATISTICS', 'CREATE POLICY', 'ALTER POLICY')) x
-          JOIN tenancy.protected_tables p ON p.rel = x.relid
+                UNION ALL
+                -- a domain's constraints run on every column of that type, at any depth
+                SELECT u.rel, d.command_tag
+                  FROM pg_event_trigger_ddl_commands() d
+                 CROSS JOIN LATERAL tenancy._tables_using_type(d.objid) u(rel)
+                 WHERE d.classid = 'pg_type'::regclass) x
+         WHERE x.relid IS NOT NULL
          GROUP BY x.relid
     LOOP
         CONTINUE WHEN tenancy._guard_exempt(r.relid);
-        SELECT string_agg(DISTINCT f.fn::text, ', ') INTO fns
-          FROM tenancy._row_functions(r.relid) f WHERE NOT f.approved;
-        IF fns IS NOT NULL THEN
+        fns := NULL;
+        IF EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = r.relid) THEN
+            SELECT string_agg(DISTINCT f.fn::text, ', ') INTO fns
+              FROM tenancy._row_functions(r.relid) f WHERE NOT f.approved;
+        ELSIF EXISTS (SELECT 1 FROM pg_class WHERE oid = r.relid AND relkind IN ('v', 'm')) THEN
+            SELECT string_agg(DISTINCT f.fn::text, ', ') INTO fns
+              FROM tenancy._view_functions(r.relid) f WHERE NOT f.approved;
+        END IF;
+        CONTINUE WHEN fns IS NULL;
+        IF tenancy._invoker_is_superuser() THEN
             PERFORM tenancy._record_protected_ddl(r.relid::oid,
                 left(r.tags || ' puts unapproved functions over every tenant''s rows: ' || fns, 200));
+        ELSE
+            PERFORM tenancy._refuse_unapproved(r.relid::oid, fns);
         END IF;
     END LOOP;
 END
@@ -315,7 +511,7 @@ $$;
 -- sql_drop: forget dropped tables; refuse dropping a generated policy, the TRUNCATE guard or
 -- the tenant column of a protected table that stays.
 CREATE FUNCTION tenancy._guard_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
     r record;
     problem text;
@@ -354,7 +550,7 @@ CREATE EVENT TRIGGER tenancy_guard_drop ON sql_drop
 ------------------------------------------------------------------------------------------------
 CREATE FUNCTION tenancy.approve_function(fn regprocedure, reason text)
 RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 BEGIN
     IF fn IS NULL OR reason IS NULL OR btrim(reason) = '' THEN
         RAISE EXCEPTION 'a function and the reason it is safe are required' USING ERRCODE = '22023',
@@ -370,7 +566,7 @@ $$;
 
 CREATE FUNCTION tenancy.revoke_approval(fn regprocedure)
 RETURNS boolean
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     WITH d AS (DELETE FROM tenancy.approved_functions a WHERE a.fn = $1 RETURNING 1)
     SELECT count(*) > 0 FROM d
 $$;

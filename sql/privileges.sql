@@ -60,6 +60,11 @@ BEGIN
     END LOOP;
 END
 $$;
+-- The statistics of an expression index sample every tenant's values of a protected table, and
+-- pg_stats shows them to the index's owner (row security is the table's, not the index's): in
+-- this database pg_stats is not for PUBLIC either.
+REVOKE SELECT ON pg_catalog.pg_stats FROM PUBLIC;
+GRANT SELECT ON pg_catalog.pg_stats TO pg_read_all_stats;
 -- The auditor reads the log and the reports; pruning stays with superusers.
 GRANT SELECT ON tenancy.audit_log TO tenancy_auditor;
 GRANT EXECUTE ON FUNCTION tenancy.unexpected_denials(interval), tenancy.audit_status() TO tenancy_auditor;

@@ -72,6 +72,8 @@ pub enum TenancyError {
     LoadedChild,
     #[error("the table cannot be protected as it is")]
     Unprotectable(&'static str),
+    #[error("not allowed on a protected table")]
+    Guarded(&'static str),
 }
 
 impl TenancyError {
@@ -107,7 +109,7 @@ impl TenancyError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE // 42501
             }
             TenancyError::TemporaryTable => ERRCODE_WRONG_OBJECT_TYPE, // 42809
-            TenancyError::Unprotectable(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
+            TenancyError::Unprotectable(_) | TenancyError::Guarded(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
         }
     }
 
@@ -126,7 +128,7 @@ impl TenancyError {
 integer or a UUID is written in that type's canonical form (no leading zeros; a lowercase UUID with hyphens)."
                     .into(),
             ),
-            TenancyError::BadSecret(why) | TenancyError::MasterKeyUnusable(why) | TenancyError::Unprotectable(why) => {
+            TenancyError::BadSecret(why) | TenancyError::MasterKeyUnusable(why) | TenancyError::Unprotectable(why) | TenancyError::Guarded(why) => {
                 Some((*why).to_string())
             }
             TenancyError::CiphertextInvalid => Some(
@@ -199,6 +201,9 @@ pg_tenancy.explain_analyze = 'hide'."
             }
             TenancyError::Unprotectable(_) => {
                 "Remove what the detail names (a superuser may approve functions with tenancy.approve_function()), then protect the table."
+            }
+            TenancyError::Guarded(_) => {
+                "A superuser may do it (pg_tenancy records it); see the README, \"Table owners\"."
             }
             TenancyError::LoadedChild => {
                 "Its rows were written outside the tenant policies, for any tenant. Attach it empty and load it through the parent, or have a superuser attach it."

@@ -54,6 +54,7 @@ extension_sql_file!(
         "protect",
         protect::guard::_guard_exempt,
         protect::guard::_refuse_weakening,
+        protect::guard::_refuse_unapproved,
         protect::guard::truncate_guard,
         protect::guard::_record_protected_ddl,
         protect::guard::_invoker_is_superuser,

@@ -107,40 +107,52 @@ def test_rules_are_refused(su, owned):
     assert len(audit_events(su, since, "policy_tamper")) >= 1
 
 
-def test_code_over_every_tenants_rows_is_recorded_and_listed_until_approved(su, owned):
+def test_code_over_every_tenants_rows_needs_a_superusers_approval(su, owned):
     run(owned, "CREATE TABLE app.od_loot (v text)")
     run(owned, """CREATE OR REPLACE FUNCTION app.od_peek(text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
                   BEGIN RAISE NOTICE 'saw %', $1; RETURN $1; END $$""")
     run(owned, """CREATE OR REPLACE FUNCTION app.od_copy() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
                   BEGIN INSERT INTO app.od_loot VALUES (NEW.email); RETURN NEW; END $$""")
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_next() RETURNS int LANGUAGE plpgsql AS $$
+                  BEGIN PERFORM pg_notify('spy', (SELECT string_agg(email, ',') FROM app.od_items)); RETURN 1; END $$""")
+    run(owned, "CREATE DOMAIN app.od_inner AS text CHECK (VALUE IS NULL OR app.od_peek(VALUE) IS NOT NULL)")
+    run(owned, "CREATE DOMAIN app.od_outer AS app.od_inner")
     since = last_audit_id(su)
-    owned.notices.clear()
-    run(owned, "CREATE INDEX od_peek_idx ON app.od_items (app.od_peek(email))")   # runs over every row
-    run(owned, "CREATE TRIGGER od_copy AFTER INSERT ON app.od_items FOR EACH ROW EXECUTE FUNCTION app.od_copy()")
+    refused = [
+        # the owner's own functions: an index expression, a trigger, a default, a domain two levels down
+        "CREATE INDEX od_peek_idx ON app.od_items (app.od_peek(email))",
+        "CREATE TRIGGER od_copy AFTER INSERT ON app.od_items FOR EACH ROW EXECUTE FUNCTION app.od_copy()",
+        "ALTER TABLE app.od_items ALTER COLUMN id SET DEFAULT app.od_next()",
+        "ALTER TABLE app.od_items ALTER COLUMN other TYPE app.od_outer",
+        # PostgreSQL's own functions that carry what they see elsewhere
+        "ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (set_config('od.x', email, false) IS NOT NULL)",
+        "CREATE TRIGGER od_tap AFTER INSERT ON app.od_items FOR EACH ROW "
+        "WHEN (pg_notify('tap', NEW.email) IS NULL) EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        "ALTER TABLE app.od_items ADD CONSTRAINT y CHECK (query_to_xml('SELECT 1', false, false, '') IS NOT NULL) NOT VALID",
+    ]
+    for sql in refused:
+        assert sqlstate_of(owned, sql) == "42501", sql
+    assert run(su, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.od_items'::regclass AND NOT tgisinternal") == [(1,)]
+    tampers = " | ".join(d for _, d in audit_events(su, since, "policy_tamper"))
+    assert "app.od_peek(text)" in tampers and "app.od_copy()" in tampers and "pg_notify" in tampers, tampers
+    # harmless built-ins and immutable expressions need nothing
+    run(owned, "ALTER TABLE app.od_items ADD COLUMN seen timestamptz DEFAULT now()")
+    run(owned, "CREATE INDEX od_lower_idx ON app.od_items (lower(email))")
     run(owned, "ALTER TABLE app.od_items ALTER COLUMN amount TYPE bigint USING amount::bigint")
-    events = audit_events(su, since, "protected_ddl")
-    deadline = time.time() + 5
-    while len(events) < 3 and time.time() < deadline:
-        time.sleep(0.1)
-        events = audit_events(su, since, "protected_ddl")
-    details = " | ".join(d for _, d in events)
-    assert "app.od_peek(text)" in details and "app.od_copy()" in details, details
-    assert "USING" in details, details
-    assert {r for r, _ in events} == {"app.od_items"}
-    listed = {r[0] for r in run(su, "SELECT object FROM tenancy.check() WHERE problem LIKE 'runs over every tenant%%'")}
-    assert {"function app.od_peek(text)", "function app.od_copy()"} <= listed
-    # approval by a superuser takes it off the list; a role that is not one cannot approve
+    assert "USING" in " | ".join(d for _, d in audit_events(su, since, "protected_ddl"))
+    # a superuser reviews and approves; a role that is not one cannot approve
     assert sqlstate_of(owned, "SELECT tenancy.approve_function('app.od_peek(text)', 'mine')") == "42501"
     run(su, "SELECT tenancy.approve_function('app.od_peek(text)', 'reviewed: logs only')")
-    listed = {r[0] for r in run(su, "SELECT object FROM tenancy.check() WHERE problem LIKE 'runs over every tenant%%'")}
-    assert "function app.od_peek(text)" not in listed and "function app.od_copy()" in listed
-    # redefining the approved function lapses the approval
+    run(owned, "CREATE INDEX od_peek_idx ON app.od_items (app.od_peek(email))")
+    # redefining the approved function lapses the approval: listed, and the table's DDL refused
     run(owned, """CREATE OR REPLACE FUNCTION app.od_peek(text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
                   BEGIN INSERT INTO app.od_loot VALUES ($1); RETURN $1; END $$""")
     listed = {r[0] for r in run(su, "SELECT object FROM tenancy.check() WHERE problem LIKE 'runs over every tenant%%'")}
     assert "function app.od_peek(text)" in listed
-    run(owned, "DROP TRIGGER od_copy ON app.od_items")
-    run(owned, "DROP INDEX app.od_peek_idx")
+    assert sqlstate_of(owned, "ALTER TABLE app.od_items ADD COLUMN z int") == "42501"
+    run(owned, "DROP INDEX app.od_peek_idx, app.od_lower_idx")
+    run(owned, "ALTER TABLE app.od_items DROP COLUMN seen")
+    run(owned, "DROP DOMAIN app.od_outer, app.od_inner")
 
 
 def test_restrictive_policies_must_not_leak_before_the_tenant_filter(su, owned):
@@ -262,6 +274,7 @@ def test_ddl_errors_on_rows_do_not_show_their_values(su, owned):
     # notices of a function run over every row are not sent
     run(owned, """CREATE OR REPLACE FUNCTION app.od_peek2(text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
                   BEGIN RAISE NOTICE 'saw %', $1; RETURN $1; END $$""")
+    run(su, "SELECT tenancy.approve_function('app.od_peek2(text)', 'test: the shield')")
     owned.notices.clear()
     run(owned, "CREATE INDEX od_peek2_idx ON app.od_items (app.od_peek2(email))")
     assert not any("@x" in n for n in owned.notices), owned.notices
@@ -330,6 +343,10 @@ def test_the_shield_hides_every_error_a_row_can_raise(su, owned):
                   BEGIN RAISE SQLSTATE 'XX000' USING MESSAGE = 'saw ' || $1; END $$""")
     run(owned, """CREATE OR REPLACE FUNCTION app.od_lookup(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
                   BEGIN EXECUTE format('SELECT 1 FROM app.%I', $1); RETURN true; END $$""")
+    # (approved: a role that is not a superuser may not even try unapproved code; the shield
+    # covers approved code that fails, and PostgreSQL's own functions)
+    for fn in ("app.od_shout(text)", "app.od_internal(text)", "app.od_lookup(text)"):
+        run(su, "SELECT tenancy.approve_function(%s, 'test: the shield')", fn)
     cases = {
         # lookups quote what they did not find
         "ALTER TABLE app.od_items ADD CONSTRAINT x CHECK (email::regclass IS NOT NULL)": "42P01",
@@ -354,6 +371,7 @@ def test_the_shield_keeps_notices_a_function_turns_back_on(su, owned):
     run(owned, """CREATE OR REPLACE FUNCTION app.od_loud(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
                   BEGIN PERFORM set_config('client_min_messages', 'notice', true);
                         RAISE WARNING 'saw %', $1; RETURN true; END $$""")
+    run(su, "SELECT tenancy.approve_function('app.od_loud(text)', 'test: the shield')")
     owned.notices.clear()
     run(owned, "CREATE INDEX od_loud_idx ON app.od_items (app.od_loud(email))")
     run(owned, "CLUSTER app.od_items USING od_loud_idx")
@@ -372,9 +390,10 @@ def test_domain_constraints_are_shielded_and_listed(su, owned):
     assert shielded_error(owned, "ALTER DOMAIN app.od_mail ADD CONSTRAINT c CHECK (VALUE::regclass IS NOT NULL)") == "42P01"
     run(owned, """CREATE OR REPLACE FUNCTION app.od_fine(text) RETURNS boolean LANGUAGE sql IMMUTABLE
                   AS $$ SELECT $1 IS NOT NULL $$""")
+    # a domain constraint is code over the rows of every column of that type
+    assert sqlstate_of(owned, "ALTER DOMAIN app.od_mail ADD CONSTRAINT c CHECK (app.od_fine(VALUE))") == "42501"
+    run(su, "SELECT tenancy.approve_function('app.od_fine(text)', 'test: a domain')")
     run(owned, "ALTER DOMAIN app.od_mail ADD CONSTRAINT c CHECK (app.od_fine(VALUE))")
-    listed = run(su, "SELECT object FROM tenancy.check() WHERE object LIKE '%od_fine%'")
-    assert listed, "a domain constraint's function over protected rows is listed"
     run(owned, "ALTER TABLE app.od_items DROP COLUMN mail")
     run(owned, "DROP DOMAIN app.od_mail")
 
@@ -429,6 +448,77 @@ def test_long_function_names_in_protect_do_not_break_it(su, owned):
     run(owned, f"""CREATE OR REPLACE FUNCTION app."{name}"(text) RETURNS boolean LANGUAGE sql IMMUTABLE
                    AS $$ SELECT true $$""")
     run(owned, f"""CREATE TABLE app.od_docs (tenant_id text NOT NULL, body text CHECK (app."{name}"(body)))""")
+    # refused (the function is not approved), with its long name in the record: no panic
+    assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") == "42501"
+    run(su, f"""SELECT tenancy.approve_function('app."{name}"(text)', 'test')""")
     assert sqlstate_of(owned, "SELECT * FROM tenancy.protect('app.od_docs')") is None
     run(owned, "DROP TABLE app.od_docs")
     run(owned, f'DROP FUNCTION app."{name}"(text)')
+
+
+def test_a_role_granted_trigger_cannot_add_one(su, owned):
+    # (GRANT ALL hands TRIGGER to the application role)
+    run(owned, f"GRANT ALL ON app.od_items TO {APP}")
+    app = connect(user=APP)
+    try:
+        since = last_audit_id(su)
+        assert sqlstate_of(app, "CREATE TRIGGER zz_tap AFTER INSERT ON app.od_items FOR EACH ROW "
+                                "WHEN (pg_notify('tap', NEW.email) IS NULL) EXECUTE FUNCTION suppress_redundant_updates_trigger()") == "42501"
+        run(app, """CREATE FUNCTION pg_temp.grab() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN NEW.amount := -1; RETURN NEW; END $$""")
+        assert sqlstate_of(app, "CREATE TRIGGER zz_grab BEFORE INSERT ON app.od_items FOR EACH ROW "
+                                "EXECUTE FUNCTION pg_temp.grab()") == "42501"
+        assert audit_events(su, since, "policy_tamper")
+    finally:
+        app.close()
+        run(owned, f"REVOKE ALL ON app.od_items FROM {APP}")
+        run(owned, f"GRANT SELECT, INSERT ON app.od_items TO {APP}")
+    assert run(su, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'app.od_items'::regclass AND NOT tgisinternal") == [(1,)]
+    # check() names such privileges
+    run(owned, f"GRANT TRIGGER, REFERENCES ON app.od_items TO {APP}")
+    listed = {r[0] for r in run(su, "SELECT object FROM tenancy.check()")}
+    assert "privilege TRIGGER on app.od_items" in listed and "privilege REFERENCES on app.od_items" in listed
+    run(owned, f"REVOKE TRIGGER, REFERENCES ON app.od_items FROM {APP}")
+
+
+def test_expression_index_statistics_are_not_the_owners_to_read(su, owned):
+    run(owned, "CREATE INDEX od_email_lower ON app.od_items (lower(email))")
+    run(su, "ANALYZE app.od_items")
+    assert sqlstate_of(owned, "SELECT most_common_vals FROM pg_stats WHERE schemaname = 'app'") == "42501"
+    assert run(su, "SELECT count(*) > 0 FROM pg_stats WHERE schemaname = 'app' AND tablename = 'od_email_lower'") == [(True,)]
+    run(owned, "DROP INDEX app.od_email_lower")
+
+
+def test_a_view_cannot_take_a_protected_tables_place(su, owned):
+    since = last_audit_id(su)
+    assert sqlstate_of(owned, "ALTER TABLE app.od_items RENAME TO od_items_data") == "42501"
+    assert sqlstate_of(owned, "ALTER TABLE app.od_items SET SCHEMA public") == "42501"
+    assert sqlstate_of(owned, "ALTER SCHEMA app RENAME TO app_old") == "42501"
+    assert audit_events(su, since, "policy_tamper")
+    # a view over a protected table that runs code on each tenant's reads needs approval too
+    run(owned, "DROP VIEW IF EXISTS app.od_tap")
+    assert sqlstate_of(owned, "CREATE VIEW app.od_tap WITH (security_invoker = true) AS SELECT o.* FROM app.od_items o "
+                              "WHERE pg_notify('tap', o.email) IS NOT NULL") == "42501"
+    run(owned, "CREATE VIEW app.od_tap WITH (security_invoker = true) AS SELECT o.* FROM app.od_items o")
+    run(owned, """CREATE OR REPLACE FUNCTION app.od_ins() RETURNS trigger LANGUAGE plpgsql AS $$
+                  BEGIN PERFORM pg_notify('tap', NEW.email); RETURN NEW; END $$""")
+    assert sqlstate_of(owned, "CREATE TRIGGER od_ins INSTEAD OF INSERT ON app.od_tap FOR EACH ROW "
+                              "EXECUTE FUNCTION app.od_ins()") == "42501"
+    run(owned, "DROP VIEW app.od_tap")
+
+
+def test_foreign_keys_into_a_protected_table_are_no_oracle(su, owned):
+    run(owned, "DROP TABLE IF EXISTS app.od_guess, app.od_refs")
+    run(owned, "ALTER TABLE app.od_items ADD CONSTRAINT od_items_key UNIQUE (tenant_id, id)")
+    run(owned, "ALTER TABLE app.od_items ADD CONSTRAINT od_items_id UNIQUE (email)")
+    # from a table that is not protected, on a key without the tenant column: refused
+    assert sqlstate_of(owned, "CREATE TABLE app.od_guess (e text REFERENCES app.od_items (email))") == "42501"
+    # a table created with its tenant column in the key is protected on it, and its rows answer to it
+    run(owned, "CREATE TABLE app.od_refs (tenant_id text NOT NULL, i int, FOREIGN KEY (tenant_id, i) REFERENCES app.od_items (tenant_id, id))")
+    assert run(su, "SELECT tenant_column FROM tenancy.protected_tables WHERE rel = 'app.od_refs'::regclass") == [("tenant_id",)]
+    # a key that pairs another column with the tenant column: refused
+    run(owned, "CREATE TABLE app.od_guess (tenant_id text NOT NULL, t text, i int)")
+    run(owned, "SELECT count(*) FROM tenancy.protect('app.od_guess')")
+    assert sqlstate_of(owned, "ALTER TABLE app.od_guess ADD FOREIGN KEY (t, i) REFERENCES app.od_items (tenant_id, id) NOT VALID") == "42501"
+    run(owned, "DROP TABLE app.od_guess, app.od_refs")
+    run(owned, "ALTER TABLE app.od_items DROP CONSTRAINT od_items_key, DROP CONSTRAINT od_items_id")

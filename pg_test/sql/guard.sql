@@ -28,8 +28,9 @@ CREATE POLICY no_drafts ON app.orders AS RESTRICTIVE FOR SELECT USING (item <> '
 DROP POLICY no_drafts ON app.orders;
 ALTER TABLE app.orders ADD COLUMN note text;
 ALTER TABLE app.orders DROP COLUMN note;
+-- ... but it keeps its name and schema (another relation could take its place)
 ALTER TABLE app.orders RENAME TO orders_renamed;
-ALTER TABLE app.orders_renamed RENAME TO orders;
+ALTER TABLE app.orders SET SCHEMA public;
 CREATE INDEX ON app.orders (item);
 -- switching the guard off is a superuser's act (for restoring dumps)
 SET pg_tenancy.guard = off;

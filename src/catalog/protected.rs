@@ -49,6 +49,19 @@ pub fn protected(rel: pg_sys::Oid) -> Option<i16> {
     }
 }
 
+/// Whether a protected table lives in the schema `nsp`.
+pub fn any_in_schema(nsp: pg_sys::Oid) -> bool {
+    if PROTECTED.with(|p| p.borrow().is_none()) {
+        load();
+    }
+    PROTECTED.with(|p| {
+        p.borrow().as_ref().is_some_and(|m| {
+            // SAFETY: a syscache lookup of each protected table's schema.
+            m.keys().any(|&rel| unsafe { pg_sys::get_rel_namespace(rel) } == nsp)
+        })
+    })
+}
+
 /// Whether nothing is protected in this database (known without a lookup).
 pub fn nothing_protected() -> bool {
     PROTECTED.with(|p| p.borrow().as_ref().is_some_and(|m| m.is_empty()))
@@ -176,6 +189,20 @@ const UNAPPROVED_ROW_FUNCTIONS: Stmt = Stmt {
 /// The functions that run over `rel`'s rows and that no superuser approved, listed.
 pub fn unapproved_row_functions(rel: pg_sys::Oid) -> Result<Option<String>> {
     Ok(one(&UNAPPROVED_ROW_FUNCTIONS, &[arg(rel)], |r| r.get::<String>(1))?.flatten())
+}
+
+const KEYS_INTO_PROTECTED: Stmt = Stmt {
+    sql: "SELECT pg_catalog.string_agg(k.constraint_name::pg_catalog.text, ', ') \
+            FROM tenancy._keys_into_protected($1::pg_catalog.regclass) k",
+    args: &[pg_sys::OIDOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// Foreign keys of `rel` into protected tables that do not pair its tenant column with theirs
+/// (sql/guard.sql, `_keys_into_protected`), listed.
+pub fn keys_into_protected(rel: pg_sys::Oid) -> Result<Option<String>> {
+    Ok(one(&KEYS_INTO_PROTECTED, &[arg(rel)], |r| r.get::<String>(1))?.flatten())
 }
 
 const CASCADING_FOREIGN_KEYS: Stmt = Stmt {

@@ -80,6 +80,33 @@ Restoring a dump? Run it with PGOPTIONS='-c pg_tenancy.guard=off' as a superuser
     .report(PgLogLevel::ERROR);
 }
 
+/// Refuse DDL that would leave functions no superuser approved running over a protected table's
+/// rows, or over the rows a view of one reads (see `_row_functions` and `_view_functions` in
+/// sql/guard.sql). Recorded as `policy_tamper`.
+#[pg_extern]
+fn _refuse_unapproved(rel: pg_sys::Oid, functions: &str) {
+    refuse_unapproved(rel, functions)
+}
+
+/// See `_refuse_unapproved`.
+pub(super) fn refuse_unapproved(rel: pg_sys::Oid, functions: &str) -> ! {
+    let detail = format!("functions no superuser approved over protected rows: {functions}");
+    audit::record(Event::PolicyTamper, rel, None, "42501", crate::util::truncate(&detail, 200));
+    let name = catalog::relation_name(rel);
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("{name} would run functions no superuser approved over protected tenants' rows"),
+        "pg_tenancy",
+    )
+    .set_detail(format!("Functions: {functions}."))
+    .set_hint(
+        "A superuser reviews each function and approves its definition with \
+tenancy.approve_function('name(argument types)', 'reason'); then run the statement again.",
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
+}
+
 /// BEFORE TRUNCATE trigger of protected tables: TRUNCATE ignores row level security and would
 /// remove every tenant's rows. Recorded as `cross_tenant_write`.
 #[pg_trigger]
@@ -169,7 +196,62 @@ pub unsafe fn before_ddl(node: *mut pg_sys::Node) {
                 audit::record(Event::PolicyTamper, rel, None, "42501", what);
             }
         }
+        let superuser = pg_sys::superuser();
         match (*node).type_ {
+            // A protected table keeps its name and schema (another relation put in its place,
+            // say a view that calls the owner's code, would serve its applications); renaming
+            // the schema that holds one is the same move.
+            pg_sys::NodeTag::T_RenameStmt if !superuser => {
+                let stmt = node as *mut pg_sys::RenameStmt;
+                let target = match (*stmt).renameType {
+                    pg_sys::ObjectType::OBJECT_TABLE | pg_sys::ObjectType::OBJECT_FOREIGN_TABLE => {
+                        protected_rangevar((*stmt).relation).map(|r| r.0)
+                    }
+                    pg_sys::ObjectType::OBJECT_SCHEMA if !(*stmt).subname.is_null() => {
+                        let nsp = pg_sys::get_namespace_oid((*stmt).subname, true);
+                        (nsp != pg_sys::InvalidOid && crate::catalog::protected::any_in_schema(nsp))
+                            .then_some(pg_sys::InvalidOid)
+                    }
+                    _ => None,
+                };
+                if let Some(rel) = target {
+                    audit::deny(
+                        Event::PolicyTamper,
+                        rel,
+                        None,
+                        "attempt to rename a protected table or its schema",
+                        TenancyError::Guarded("a protected table keeps its name and schema: another relation could take its place in the applications' statements"),
+                    );
+                }
+            }
+            pg_sys::NodeTag::T_AlterObjectSchemaStmt if !superuser => {
+                let stmt = node as *mut pg_sys::AlterObjectSchemaStmt;
+                if let Some((rel, _)) = protected_rangevar((*stmt).relation) {
+                    audit::deny(
+                        Event::PolicyTamper,
+                        rel,
+                        None,
+                        "attempt to move a protected table to another schema",
+                        TenancyError::Guarded("a protected table keeps its name and schema: another relation could take its place in the applications' statements"),
+                    );
+                }
+            }
+            // Triggers run on every tenant's writes: only the owner (whose code needs a
+            // superuser's approval) may add them, not a role that was granted TRIGGER.
+            pg_sys::NodeTag::T_CreateTrigStmt if !superuser => {
+                let stmt = node as *mut pg_sys::CreateTrigStmt;
+                if let Some((rel, _)) = protected_rangevar((*stmt).relation) {
+                    if !pg_sys::pg_class_ownercheck(rel, pg_sys::GetUserId()) {
+                        audit::deny(
+                            Event::PolicyTamper,
+                            rel,
+                            None,
+                            "attempt to create a trigger on a protected table by a role that does not own it",
+                            TenancyError::Guarded("only the owner of a protected table may add triggers to it: a trigger runs on every tenant's writes"),
+                        );
+                    }
+                }
+            }
             pg_sys::NodeTag::T_RuleStmt => {
                 if let Some((rel, _)) = protected_rangevar((*(node as *mut pg_sys::RuleStmt)).relation) {
                     audit::deny(Event::PolicyTamper, rel, None, "attempt to add a rule to a protected table", TenancyError::Rule);

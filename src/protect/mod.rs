@@ -188,10 +188,19 @@ fn protect_oid(rel: pg_sys::Oid, column: &str, create_index: bool, out: &mut Vec
         let why = "the protection is not complete after protect() (tenancy.check() says what weakens it)";
         audit::deny(Event::PolicyTamper, rel, None, why, TenancyError::Unprotectable(why));
     }
-    // Code already there that runs over every tenant's rows: recorded, listed by check().
+    // Code already there that would run over every tenant's rows: refused unless a superuser
+    // approved it (or is the one protecting the table: then recorded, and listed by check()).
     if let Some(functions) = registry::unapproved_row_functions(rel).or_raise() {
+        if !guard::invoker_is_superuser() {
+            guard::refuse_unapproved(rel, &functions);
+        }
         let detail = format!("protect() of a table whose rows run unapproved functions: {functions}");
         audit::record(Event::ProtectedDdl, rel, None, "00000", crate::util::truncate(&detail, 200));
+    }
+    // Its foreign keys into other protected tables must pair the tenant columns.
+    if !guard::invoker_is_superuser() && registry::keys_into_protected(rel).or_raise().is_some() {
+        let why = "a foreign key of the table references a protected table without pairing the tenant columns: its check would tell whether another tenant's row exists";
+        audit::deny(Event::PolicyTamper, rel, None, why, TenancyError::Unprotectable(why));
     }
 
     if !catalog::pg::has_leading_index(rel, p.attnum).or_raise() {
