@@ -91,6 +91,13 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
       FROM pg_proc p WHERE p.oid = $1
 $$;
 
+-- Whether a superuser approved the function as it is now defined and owned.
+CREATE FUNCTION tenancy._approved(f oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT EXISTS (SELECT 1 FROM tenancy.approved_functions a
+                    WHERE a.fn = $1 AND a.fingerprint = tenancy._function_fingerprint($1))
+$$;
+
 -- The functions an expression (a pg_node_tree, as text) calls: by function, operator,
 -- aggregate or window function. (PostgreSQL records no dependency on its own functions, so the
 -- expression itself is read.)
@@ -184,11 +191,8 @@ WITH RECURSIVE coltypes(t, col, depth) AS (
 ), fns AS (
     SELECT f.* FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
 )
-SELECT DISTINCT p.oid::regprocedure, fns.via,
-       EXISTS (SELECT 1 FROM tenancy.approved_functions a
-                WHERE a.fn = p.oid AND a.fingerprint = tenancy._function_fingerprint(p.oid))
-  FROM fns JOIN pg_proc p ON p.oid = fns.fn
- WHERE tenancy._needs_approval(p.oid)
+SELECT DISTINCT fns.fn::regprocedure, fns.via, tenancy._approved(fns.fn)
+  FROM fns WHERE tenancy._needs_approval(fns.fn)
 $$;
 
 -- Tables with a column of type t, or of a type built on it (a domain over it, an array of it, a
@@ -237,11 +241,8 @@ WITH RECURSIVE reads(rel, depth) AS (
 ), fns AS (
     SELECT f.* FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
 )
-SELECT DISTINCT p.oid::regprocedure, fns.via,
-       EXISTS (SELECT 1 FROM tenancy.approved_functions a
-                WHERE a.fn = p.oid AND a.fingerprint = tenancy._function_fingerprint(p.oid))
-  FROM fns JOIN pg_proc p ON p.oid = fns.fn
- WHERE tenancy._needs_approval(p.oid)
+SELECT DISTINCT fns.fn::regprocedure, fns.via, tenancy._approved(fns.fn)
+  FROM fns WHERE tenancy._needs_approval(fns.fn)
    AND EXISTS (SELECT 1 FROM reads r JOIN tenancy.protected_tables q ON q.rel = r.rel)
 $$;
 

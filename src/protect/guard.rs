@@ -201,37 +201,13 @@ pub unsafe fn before_ddl(node: *mut pg_sys::Node) {
             // A protected table keeps its name and schema (another relation put in its place,
             // say a view that calls the owner's code, would serve its applications); renaming
             // the schema that holds one is the same move.
-            pg_sys::NodeTag::T_RenameStmt if !superuser => {
-                let stmt = node as *mut pg_sys::RenameStmt;
-                let target = match (*stmt).renameType {
-                    pg_sys::ObjectType::OBJECT_TABLE | pg_sys::ObjectType::OBJECT_FOREIGN_TABLE => {
-                        protected_rangevar((*stmt).relation).map(|r| r.0)
-                    }
-                    pg_sys::ObjectType::OBJECT_SCHEMA if !(*stmt).subname.is_null() => {
-                        let nsp = pg_sys::get_namespace_oid((*stmt).subname, true);
-                        (nsp != pg_sys::InvalidOid && crate::catalog::protected::any_in_schema(nsp))
-                            .then_some(pg_sys::InvalidOid)
-                    }
-                    _ => None,
-                };
-                if let Some(rel) = target {
+            pg_sys::NodeTag::T_RenameStmt | pg_sys::NodeTag::T_AlterObjectSchemaStmt if !superuser => {
+                if let Some(rel) = moved_protected(node) {
                     audit::deny(
                         Event::PolicyTamper,
                         rel,
                         None,
-                        "attempt to rename a protected table or its schema",
-                        TenancyError::Guarded("a protected table keeps its name and schema: another relation could take its place in the applications' statements"),
-                    );
-                }
-            }
-            pg_sys::NodeTag::T_AlterObjectSchemaStmt if !superuser => {
-                let stmt = node as *mut pg_sys::AlterObjectSchemaStmt;
-                if let Some((rel, _)) = protected_rangevar((*stmt).relation) {
-                    audit::deny(
-                        Event::PolicyTamper,
-                        rel,
-                        None,
-                        "attempt to move a protected table to another schema",
+                        "attempt to rename or move a protected table, or rename its schema",
                         TenancyError::Guarded("a protected table keeps its name and schema: another relation could take its place in the applications' statements"),
                     );
                 }
@@ -279,6 +255,29 @@ pub unsafe fn before_ddl(node: *mut pg_sys::Node) {
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// The protected table a RENAME or SET SCHEMA would move (InvalidOid for a schema holding one).
+///
+/// # Safety
+/// `node` is a RenameStmt or AlterObjectSchemaStmt PostgreSQL is about to run.
+unsafe fn moved_protected(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
+    use pg_sys::ObjectType::*;
+    // SAFETY: see above; the casts follow the node tag.
+    unsafe {
+        if (*node).type_ == pg_sys::NodeTag::T_AlterObjectSchemaStmt {
+            return protected_rangevar((*(node as *mut pg_sys::AlterObjectSchemaStmt)).relation).map(|r| r.0);
+        }
+        let stmt = node as *mut pg_sys::RenameStmt;
+        match (*stmt).renameType {
+            OBJECT_TABLE | OBJECT_FOREIGN_TABLE => protected_rangevar((*stmt).relation).map(|r| r.0),
+            OBJECT_SCHEMA if !(*stmt).subname.is_null() => {
+                let nsp = pg_sys::get_namespace_oid((*stmt).subname, true);
+                (nsp != pg_sys::InvalidOid && crate::catalog::protected::any_in_schema(nsp)).then_some(pg_sys::InvalidOid)
+            }
+            _ => None,
         }
     }
 }
