@@ -12,7 +12,11 @@ CREATE DOMAIN tenancy._param_text AS pg_catalog.text NOT NULL CONSTRAINT no_valu
 CREATE DOMAIN tenancy._param_int4 AS pg_catalog.int4 NOT NULL CONSTRAINT no_value CHECK (false);
 CREATE DOMAIN tenancy._param_int8 AS pg_catalog.int8 NOT NULL CONSTRAINT no_value CHECK (false);
 CREATE DOMAIN tenancy._param_uuid AS pg_catalog.uuid NOT NULL CONSTRAINT no_value CHECK (false);
-REVOKE USAGE ON DOMAIN tenancy._param_text, tenancy._param_int4, tenancy._param_int8, tenancy._param_uuid FROM PUBLIC;
+-- An unused slot of this type marks a plan that compares a tenant column with a constant or a
+-- bound parameter: the probe check looks at those plans only when they start.
+CREATE DOMAIN tenancy._probe_mark AS pg_catalog.int4 NOT NULL CONSTRAINT no_value CHECK (false);
+REVOKE USAGE ON DOMAIN tenancy._param_text, tenancy._param_int4, tenancy._param_int8, tenancy._param_uuid,
+    tenancy._probe_mark FROM PUBLIC;
 
 CREATE FUNCTION tenancy.protect(rel regclass, tenant_column name DEFAULT 'tenant_id',
                                 create_index boolean DEFAULT false)

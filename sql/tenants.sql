@@ -135,3 +135,7 @@ CREATE FUNCTION tenancy.revoke_tenant(role regrole, tenant text)
 RETURNS boolean LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT tenancy._revoke_tenant($1::pg_catalog.oid, $2) $$;
 
+-- Enter a tenant for the rest of the transaction (or the session, when asked); returns it
+-- (src/context/sql.rs).
+CREATE FUNCTION tenancy.set_tenant(tenant text, session boolean DEFAULT false) RETURNS text
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'tenancy_set_tenant';

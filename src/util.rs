@@ -44,3 +44,61 @@ pub fn truncate(s: &str, max: usize) -> &str {
     }
     &s[..n]
 }
+
+/// PostgreSQL functions that only read backend-local state and never raise, declared without
+/// pgrx's error boundary (which costs a `sigsetjmp` per call) for the per-statement paths.
+/// Anything that can raise goes through `pgrx::pg_sys` as usual.
+pub mod pg {
+    use pgrx::pg_sys::Oid;
+
+    unsafe extern "C" {
+        #[link_name = "GetUserId"]
+        fn get_user_id() -> Oid;
+        #[link_name = "GetSessionUserId"]
+        fn get_session_user_id() -> Oid;
+        #[link_name = "GetOuterUserId"]
+        fn get_outer_user_id() -> Oid;
+        #[link_name = "IsTransactionState"]
+        fn is_transaction_state() -> bool;
+        #[link_name = "IsTransactionBlock"]
+        fn is_transaction_block() -> bool;
+        #[link_name = "ActiveSnapshotSet"]
+        fn active_snapshot_set() -> bool;
+    }
+
+    /// The role running the current statement (`GetUserId`).
+    pub fn user() -> Oid {
+        // SAFETY: reads a backend-local variable; cannot raise.
+        unsafe { get_user_id() }
+    }
+
+    /// The session user (`GetSessionUserId`).
+    pub fn session_user() -> Oid {
+        // SAFETY: reads a backend-local variable; cannot raise.
+        unsafe { get_session_user_id() }
+    }
+
+    /// The role the session acts as (`GetOuterUserId`: SET ROLE's, outside SECURITY DEFINER).
+    pub fn outer_user() -> Oid {
+        // SAFETY: reads a backend-local variable; cannot raise.
+        unsafe { get_outer_user_id() }
+    }
+
+    /// `IsTransactionState()`.
+    pub fn in_transaction() -> bool {
+        // SAFETY: reads backend-local state; cannot raise.
+        unsafe { is_transaction_state() }
+    }
+
+    /// `IsTransactionBlock()`.
+    pub fn in_transaction_block() -> bool {
+        // SAFETY: reads backend-local state; cannot raise.
+        unsafe { is_transaction_block() }
+    }
+
+    /// `ActiveSnapshotSet()`.
+    pub fn snapshot_set() -> bool {
+        // SAFETY: reads backend-local state; cannot raise.
+        unsafe { active_snapshot_set() }
+    }
+}

@@ -43,6 +43,10 @@ pub struct Claims {
 /// Cheap structural test: three base64url segments whose first decodes to a JSON object.
 /// Tenant ids may contain dots, so a dot alone does not make a token.
 pub fn looks_like_token(raw: &str) -> bool {
+    // (most values are plain tenant ids: two dots at most, rarely exactly two)
+    if raw.bytes().filter(|&b| b == b'.').count() != 2 {
+        return false;
+    }
     let mut parts = raw.split('.');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(h), Some(_), Some(_), None) => decode_object(h).is_ok(),

@@ -62,6 +62,8 @@ pub struct CatalogIds {
     pub tenant_fn: pg_sys::Oid,
     /// The domains that mark the statement's tenant parameter: text, int4, int8, uuid.
     pub param_types: [pg_sys::Oid; 4],
+    /// The domain of the slot that marks a plan with comparisons a probe check looks at.
+    pub probe_mark: pg_sys::Oid,
 }
 
 thread_local! {
@@ -89,7 +91,8 @@ const EXTENSION: Stmt = Stmt {
                  pg_catalog.to_regtype('tenancy._param_text')::pg_catalog.oid, \
                  pg_catalog.to_regtype('tenancy._param_int4')::pg_catalog.oid, \
                  pg_catalog.to_regtype('tenancy._param_int8')::pg_catalog.oid, \
-                 pg_catalog.to_regtype('tenancy._param_uuid')::pg_catalog.oid \
+                 pg_catalog.to_regtype('tenancy._param_uuid')::pg_catalog.oid, \
+                 pg_catalog.to_regtype('tenancy._probe_mark')::pg_catalog.oid \
             FROM pg_catalog.pg_extension e \
             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
            WHERE e.extname OPERATOR(pg_catalog.=) 'pg_tenancy'",
@@ -115,13 +118,14 @@ pub fn ids() -> Result<CatalogIds> {
             (oid(1), oid(2), oid(3), oid(4), oid(5)),
             optional(6),
             [optional(7), optional(8), optional(9), optional(10)],
+            optional(11),
         )
     })
     .into_iter()
     .next();
     match row {
-        Some(((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys)), tenant_fn, param_types)) => {
-            let ids = CatalogIds { owner, tenants, grants, protected, keys, tenant_fn, param_types };
+        Some(((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys)), tenant_fn, param_types, probe_mark)) => {
+            let ids = CatalogIds { owner, tenants, grants, protected, keys, tenant_fn, param_types, probe_mark };
             IDS.with(|c| c.set(Some(ids)));
             Ok(ids)
         }

@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::rc::Rc;
+pub use std::rc::Rc;
 
 use pg_tenancy_core::model::{Scope, Status};
 use pg_tenancy_core::token::{self, TokenError};
@@ -68,7 +68,7 @@ const CACHE_CAPACITY: usize = 4096;
 
 thread_local! {
     /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
-    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>>> = RefCell::new(HashMap::new());
+    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>, Fnv>> = RefCell::new(HashMap::default());
     static CACHE_LEN: Cell<usize> = const { Cell::new(0) };
     /// The last verification used: most statements of a session use the one the statement before
     /// used, so a byte comparison finds it without hashing.
@@ -88,6 +88,26 @@ pub fn peek_tenant() -> Option<String> {
     let _loud = crate::util::OnDrop(|| QUIET.with(|q| q.set(false)));
     with_context(|v| v.tenant.clone()).ok()
 }
+
+/// FNV-1a: the cache's keys are short context values this backend was given (no need for a
+/// keyed hash against collision attacks: a colliding value only costs its own lookups).
+#[derive(Default)]
+struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
 
 /// Drop every cached verification (called by the invalidate module when an input changed): at
 /// the next use, never while one is being read.
@@ -287,8 +307,7 @@ pub(crate) fn raw_value<'a>() -> Option<&'a [u8]> {
 fn verify_setter(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
     let setter = match setting::setter() {
         setting::Setter::Role(s) => s,
-        // SAFETY: reads a backend-local variable.
-        setting::Setter::Worker => unsafe { pg_sys::GetOuterUserId() },
+        setting::Setter::Worker => crate::util::pg::outer_user(),
         setting::Setter::Unknown => {
             refused(&TenancyError::NotPermitted, std::str::from_utf8(raw).unwrap_or(""));
             return Err(TenancyError::NotPermitted);
@@ -314,10 +333,15 @@ pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
     // SAFETY: processes pending invalidation messages, as any lock acquisition does.
     unsafe { pg_sys::AcceptInvalidationMessages() };
     let raw = raw_value().ok_or(TenancyError::NoContext)?;
-    // SAFETY: GetUserId only reads a backend-local variable.
-    let user = unsafe { pg_sys::GetUserId() };
+    let user = crate::util::pg::user();
     verify_setter(raw, user)?;
     with_verified(raw, user, f)
+}
+
+/// The verified context for the role running the current statement, shared (no copy).
+pub fn verified() -> Result<Rc<Verified>> {
+    with_context(|_| ())?;
+    Ok(LAST.with(|l| l.borrow().clone()).expect("a verification just made is the last one"))
 }
 
 /// The verified context for the role running the current statement.

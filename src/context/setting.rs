@@ -44,6 +44,9 @@ thread_local! {
     static WARNED: Cell<bool> = const { Cell::new(false) };
     /// Who set the current value (see [`Setter`]); kept by the assign hook.
     static SETTER: Cell<Setter> = const { Cell::new(Setter::Unknown) };
+    /// While set_tenant() sets a value it just verified for the role calling it: that value and
+    /// role (the check hook does not verify them a second time).
+    static PREVERIFIED: std::cell::RefCell<Option<(Vec<u8>, pg_sys::Oid)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Who set the value in force.
@@ -62,13 +65,14 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
     source: pg_sys::GucSource::Type,
 ) -> bool {
     use pg_sys::GucSource::*;
-    // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
-    let value = unsafe {
+    // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string, which lives
+    // until this hook returns.
+    let value: &[u8] = unsafe {
         let p = *newval;
         if p.is_null() {
             return true;
         }
-        CStr::from_ptr(p).to_string_lossy().into_owned()
+        CStr::from_ptr(p).to_bytes()
     };
     if value.is_empty() {
         return true;
@@ -77,9 +81,9 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
         TenancyError::PreloadRequired.to_guc_check();
         return false;
     }
-    // SAFETY: plain reads of backend state.
-    let (worker, current, session) =
-        unsafe { (pg_sys::ParallelWorkerNumber >= 0, pg_sys::GetUserId(), pg_sys::GetSessionUserId()) };
+    // SAFETY: a plain read of a backend-global.
+    let worker = unsafe { pg_sys::ParallelWorkerNumber >= 0 };
+    let (current, session) = (crate::util::pg::user(), crate::util::pg::session_user());
     let setter = if worker {
         Setter::Worker
     } else if crate::util::loading() {
@@ -96,21 +100,25 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
             _ => Setter::Unknown,
         }
     };
-    // SAFETY: plain reads of backend state.
     // (SPI needs a transaction and a snapshot or portal: SET and set_config() have them;
     // connection start-up options do not.)
-    let in_xact = unsafe {
-        pg_sys::IsTransactionState()
-            && !worker
-            && (pg_sys::ActiveSnapshotSet() || !pg_sys::ActivePortal.is_null())
-    };
+    let in_xact = crate::util::pg::in_transaction()
+        && !worker
+        // SAFETY: a plain read of a backend-global.
+        && (crate::util::pg::snapshot_set() || unsafe { !pg_sys::ActivePortal.is_null() });
+    let preverified = PREVERIFIED.with(|p| {
+        p.borrow().as_ref().is_some_and(|(v, r)| v.as_slice() == value && setter == Setter::Role(*r))
+    });
     let outcome = match setter {
-        Setter::Role(role) if in_xact && source == PGC_S_SESSION => with_verified(value.as_bytes(), role, |_| ()),
+        Setter::Role(_) if preverified && source == PGC_S_SESSION => Ok(()),
+        Setter::Role(role) if in_xact && source == PGC_S_SESSION => with_verified(value, role, |_| ()),
         // ALTER ROLE/DATABASE ... SET validates the value for the role running it: an early
         // refusal (it is verified again for the session user at login, and at every use).
-        _ if in_xact && source == PGC_S_TEST && !worker => with_verified(value.as_bytes(), current, |_| ()),
-        _ if token::looks_like_token(&value) || valid_tenant_id(&value) => Ok(()),
-        _ => Err(TenancyError::InvalidTenantId),
+        _ if in_xact && source == PGC_S_TEST && !worker => with_verified(value, current, |_| ()),
+        _ => match std::str::from_utf8(value) {
+            Ok(v) if token::looks_like_token(v) || valid_tenant_id(v) => Ok(()),
+            _ => Err(TenancyError::InvalidTenantId),
+        },
     };
     if let Err(e) = outcome {
         e.to_guc_check();
@@ -155,6 +163,13 @@ pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, extra: *
 }
 
 
+/// `set_context` for a value the caller just verified for the current role.
+pub(super) fn set_context_verified(value: &str, session: bool) {
+    PREVERIFIED.with(|p| *p.borrow_mut() = Some((value.as_bytes().to_vec(), crate::util::pg::user())));
+    let _done = crate::util::OnDrop(|| PREVERIFIED.with(|p| *p.borrow_mut() = None));
+    set_context(value, session);
+}
+
 pub(super) fn set_context(value: &str, session: bool) {
     let name = c"pg_tenancy.tenant";
     let value = CString::new(value).unwrap_or_default();
@@ -179,7 +194,7 @@ pub(super) fn set_context(value: &str, session: bool) {
         );
         // Once per session: the mistake it points at is a pattern, and procedures that COMMIT
         // in a loop (where the context rightly lasts until the COMMIT) would repeat it forever.
-        if !session && !pg_sys::IsTransactionBlock() && !value.is_empty() && !WARNED.with(|w| w.replace(true)) {
+        if !session && !crate::util::pg::in_transaction_block() && !value.is_empty() && !WARNED.with(|w| w.replace(true)) {
             pgrx::ereport!(
                 PgLogLevel::WARNING,
                 PgSqlErrorCode::ERRCODE_NO_ACTIVE_SQL_TRANSACTION,

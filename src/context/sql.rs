@@ -4,22 +4,55 @@ use pgrx::JsonB;
 
 use pg_tenancy_core::token::{self, TokenError};
 
-use super::setting::set_context;
-use super::{load_secret, valid_tenant_id, with_context};
+use super::setting::{set_context, set_context_verified};
+use super::{load_secret, valid_tenant_id, with_context, with_verified};
 use crate::error::{OrRaise, TenancyError};
 
-/// Enter a tenant for the rest of the transaction (or the session, when asked).
-#[pg_extern(volatile, parallel_unsafe)]
-fn set_tenant(tenant: Option<&str>, session: default!(bool, false)) -> String {
-    let tenant = tenant.ok_or(TenancyError::InvalidArgument("tenant")).or_raise();
+#[no_mangle]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_tenancy_set_tenant() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `tenancy.set_tenant(tenant text, session boolean DEFAULT false) RETURNS text` (declared in
+/// sql/tenants.sql): enter a tenant for the rest of the transaction (or the session, when
+/// asked), and return it. Written against the function-call interface directly: it runs at the
+/// start of every pooled transaction.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo` of two arguments.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn tenancy_set_tenant(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: two arguments, as declared; a non-null text argument is a valid varlena, detoasted
+    // (copied into the call's memory context when it was toasted or compressed).
+    let (arg, tenant, session) = unsafe {
+        let args = (*fcinfo).args.as_slice(2);
+        if args[0].isnull {
+            TenancyError::InvalidArgument("tenant").raise();
+        }
+        let text = pg_sys::pg_detoast_datum_packed(args[0].value.cast_mut_ptr());
+        let tenant = std::str::from_utf8(std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(text).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(text),
+        ))
+        .unwrap_or_else(|_| TenancyError::InvalidTenantId.raise());
+        (pg_sys::Datum::from(text), tenant, !args[1].isnull && args[1].value.value() != 0)
+    };
     if tenant.is_empty() || token::looks_like_token(tenant) {
         // A token is not a tenant id: refuse rather than guess what the caller meant. (A
-        // malformed id, or an alias such as `007` for `7`, is refused and recorded by the
-        // setting's check hook.)
+        // malformed id, or an alias such as `007` for `7`, is refused and recorded below.)
         TenancyError::InvalidTenantId.raise();
     }
-    set_context(tenant, session);
-    with_context(|v| v.tenant.clone()).or_raise()
+    if !crate::util::preloaded() {
+        TenancyError::PreloadRequired.raise();
+    }
+    // Verified once, here, for the role calling (the setter); the setting's check hook is told
+    // it was (see setting::set_context_verified). A plain id is its own tenant: returned as given.
+    with_verified(tenant.as_bytes(), crate::util::pg::user(), |_| ()).or_raise();
+    set_context_verified(tenant, session);
+    arg
 }
 
 /// Enter the tenant named by a signed token (HS256 JWT) for the transaction or the session.

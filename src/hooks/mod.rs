@@ -177,7 +177,7 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
             write_target = rte.relid;
         }
         // SAFETY: GetUserId reads a backend-local variable.
-        let user = if rte.checkAsUser != pg_sys::InvalidOid { rte.checkAsUser } else { unsafe { pg_sys::GetUserId() } };
+        let user = if rte.checkAsUser != pg_sys::InvalidOid { rte.checkAsUser } else { crate::util::pg::user() };
         // SAFETY: catalog reads of the role (syscache).
         let bypass = unsafe { pg_sys::has_bypassrls_privilege(user) };
         if bypass {
@@ -212,8 +212,9 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
     if touched.rls {
         // Authorization as of now, for this statement: refused (and recorded) if the grant, the
         // membership that carried it or the tenant's status changed since the context was set.
-        if let Err(e) = context::with_context(|_| ()) {
-            e.raise();
+        match context::verified() {
+            Ok(v) => param::verified_for_statement(Some(v)),
+            Err(e) => e.raise(),
         }
         if explain::active() {
             // SAFETY: as above.
@@ -278,6 +279,7 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
 #[pg_guard]
 unsafe extern "C-unwind" fn before_executor_start(query_desc: *mut pg_sys::QueryDesc) -> bool {
     TOUCHED.with(|t| t.set(Touched::NONE));
+    param::verified_for_statement(None);
     // SAFETY: the QueryDesc about to be started.
     unsafe { explain::take_pending(query_desc) }
 }
@@ -301,9 +303,12 @@ unsafe extern "C-unwind" fn after_executor_start(query_desc: *mut pg_sys::QueryD
         // SAFETY: the QueryDesc PostgreSQL just started.
         unsafe { explain::analyze_of_protected(query_desc) };
     }
-    if let Ok(tenant) = context::with_context(|v| v.tenant.clone()) {
-        // SAFETY: the QueryDesc PostgreSQL just started.
-        unsafe { probe::examine(query_desc, &tenant) };
+    // SAFETY: the QueryDesc PostgreSQL just started.
+    if unsafe { param::probe_marked(query_desc) } {
+        if let Ok(tenant) = context::with_context(|v| v.tenant.clone()) {
+            // SAFETY: the QueryDesc PostgreSQL just started.
+            unsafe { probe::examine(query_desc, &tenant) };
+        }
     }
 }
 

@@ -38,6 +38,20 @@ thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
     /// Statements being planned (the planner calls the function for its estimates).
     static PLANNING: Cell<u32> = const { Cell::new(0) };
+    /// The probe mark's type, once this backend marked a plan with it.
+    static PROBE_MARK: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// The context the permission check just verified for the statement being started.
+    static STATEMENT: RefCell<Option<context::Rc<context::Verified>>> = const { RefCell::new(None) };
+}
+
+/// From the permission check (Some) and the start of each statement (None): the verified
+/// context the statement's parameters are filled from, without verifying it twice.
+pub fn verified_for_statement(v: Option<context::Rc<context::Verified>>) {
+    STATEMENT.with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            *s = v;
+        }
+    });
 }
 
 /// The planner hook brackets planning with these (no destructor in its frame: an error while
@@ -69,13 +83,34 @@ fn kind_of(ty: pg_sys::Oid) -> Option<usize> {
     }
 }
 
-/// `tenant` as a value of `ty`, read by the type's input function (as a cast from text would),
-/// in the current memory context.
+/// `tenant` as a value of `ty`, in the current memory context: as a cast from text would read
+/// it (the type's input function, whose error a tenant id that does not read as the type gets),
+/// built directly for the common forms.
 fn tenant_datum(ty: pg_sys::Oid, tenant: &str) -> pg_sys::Datum {
     let Some(kind) = kind_of(ty) else {
         TenancyError::InvalidArgument("the type of tenancy.current_tenant's argument (text, varchar, uuid, integer or bigint)")
             .raise()
     };
+    match kind {
+        0 => {
+            // SAFETY: copies the bytes into a new text value in the current memory context.
+            return unsafe {
+                pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(tenant.as_ptr().cast(), tenant.len() as c_int))
+            };
+        }
+        // (canonical integer ids: no sign, no leading zeros; anything else takes the input function)
+        1 if tenant.bytes().all(|b| b.is_ascii_digit()) => {
+            if let Ok(n) = tenant.parse::<i32>() {
+                return pg_sys::Datum::from(n);
+            }
+        }
+        2 if tenant.bytes().all(|b| b.is_ascii_digit()) => {
+            if let Ok(n) = tenant.parse::<i64>() {
+                return pg_sys::Datum::from(n);
+            }
+        }
+        _ => {}
+    }
     let Ok(text) = CString::new(tenant) else { TenancyError::InvalidTenantId.raise() };
     let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
     // SAFETY: catalog lookups of a built-in type, and a call of its input function on a C
@@ -151,6 +186,10 @@ pub unsafe fn after_planning(stmt: *mut pg_sys::PlannedStmt) {
             pass.plan(sub.cast());
         }
         pass.finish();
+        if ids.probe_mark != pg_sys::InvalidOid && crate::protect::probe::candidates(stmt) {
+            (*stmt).paramExecTypes = pg_sys::lappend_oid((*stmt).paramExecTypes, ids.probe_mark);
+            PROBE_MARK.with(|m| m.set(ids.probe_mark));
+        }
     }
 }
 
@@ -302,7 +341,7 @@ impl Pass {
             let id = match self.slots[kind] {
                 Some(id) => id,
                 None => {
-                    let id = pg_sys::list_length((*self.stmt).paramExecTypes);
+                    let id = list_oids((*self.stmt).paramExecTypes).count() as c_int;
                     (*self.stmt).paramExecTypes = pg_sys::lappend_oid((*self.stmt).paramExecTypes, self.domains[kind]);
                     self.slots[kind] = Some(id);
                     id
@@ -396,6 +435,35 @@ unsafe extern "C-unwind" fn replace_calls(node: *mut pg_sys::Node, context: *mut
 // When the statement starts: the parameters are filled
 // ---------------------------------------------------------------------------------------------
 
+/// Whether the plan of a started statement is marked as comparing a tenant column with a
+/// constant or a bound parameter (see `probe::candidates`).
+///
+/// # Safety
+/// `query_desc` is a started QueryDesc.
+pub unsafe fn probe_marked(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    let mark = PROBE_MARK.with(|m| m.get());
+    if mark == pg_sys::InvalidOid {
+        return false;
+    }
+    // SAFETY: see above.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        !stmt.is_null() && list_oids((*stmt).paramExecTypes).any(|t| t == mark)
+    }
+}
+
+/// The OIDs of an OID List (empty for NIL).
+///
+/// # Safety
+/// `list` is NIL or a valid OID List.
+unsafe fn list_oids(list: *mut pg_sys::List) -> impl Iterator<Item = pg_sys::Oid> {
+    // SAFETY: an OID List's cells hold OIDs, `length` of them.
+    let cells: &[pg_sys::ListCell] =
+        unsafe { if list.is_null() { &[] } else { std::slice::from_raw_parts((*list).elements, (*list).length as usize) } };
+    // SAFETY: reading the oid member of a cell of an OID List.
+    cells.iter().map(|c| unsafe { c.oid_value })
+}
+
 /// Fill the statement's tenant parameters from the verified context (raising as a policy would
 /// when there is none, or it does not verify). Not for EXPLAIN without ANALYZE (nothing runs),
 /// nor for the part of a parallel plan a worker runs for its leader (the leader sends the
@@ -419,19 +487,22 @@ pub unsafe fn fill(query_desc: *mut pg_sys::QueryDesc) {
         if stmt.is_null() || estate.is_null() || (*stmt).paramExecTypes.is_null() || (*estate).es_param_exec_vals.is_null() {
             return;
         }
-        let types = (*stmt).paramExecTypes;
-        let n = pg_sys::list_length(types);
-        let mut tenant: Option<String> = None;
-        for i in 0..n {
-            let ty = pg_sys::list_nth_oid(types, i);
+        let mut tenant: Option<context::Rc<context::Verified>> = None;
+        for (i, ty) in list_oids((*stmt).paramExecTypes).enumerate() {
             let Some(base) = OURS.with(|o| o.borrow().iter().find(|&&(d, _)| d == ty).map(|&(_, b)| b)) else {
                 continue;
             };
             if tenant.is_none() {
-                tenant = Some(context::with_context(|v| v.tenant.clone()).or_raise());
+                tenant = Some(match STATEMENT.with(|s| s.borrow().clone()) {
+                    Some(v) => v,
+                    None => context::verified().or_raise(),
+                });
             }
-            let value = pgrx::PgMemoryContexts::For((*estate).es_query_cxt)
-                .switch_to(|_| tenant_datum(base, tenant.as_deref().unwrap_or_default()));
+            let t = tenant.as_deref().map(|v| v.tenant.as_str()).unwrap_or_default();
+            let old = pg_sys::CurrentMemoryContext;
+            pg_sys::CurrentMemoryContext = (*estate).es_query_cxt;
+            let _back = crate::util::OnDrop(|| pg_sys::CurrentMemoryContext = old);
+            let value = tenant_datum(base, t);
             let slot = (*estate).es_param_exec_vals.add(i as usize);
             (*slot).execPlan = std::ptr::null_mut();
             (*slot).value = value;

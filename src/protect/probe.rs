@@ -20,7 +20,7 @@ pub unsafe fn examine(query_desc: *mut pg_sys::QueryDesc, tenant: &str) {
         if stmt.is_null() || (*stmt).commandType == pg_sys::CmdType::CMD_UTILITY {
             return;
         }
-        let mut probe = Probe { rtable: (*stmt).rtable, params: (*query_desc).params, tenant, seen: Vec::new() };
+        let mut probe = Probe { rtable: (*stmt).rtable, params: (*query_desc).params, tenant, seen: Vec::new(), candidates: None };
         probe.plan((*stmt).planTree);
         for sub in list_ptrs((*stmt).subplans) {
             probe.plan(sub.cast());
@@ -33,6 +33,49 @@ struct Probe<'a> {
     params: pg_sys::ParamListInfo,
     tenant: &'a str,
     seen: Vec<pg_sys::Oid>,
+    /// At planning time: whether a comparison could name a tenant (no value is looked at).
+    candidates: Option<bool>,
+}
+
+/// Whether a plan compares a protected table's tenant column with a constant or a bound
+/// parameter, which `examine` has to look at when the statement starts (asked once, when the
+/// plan is made: most plans have no such comparison and are not walked at every execution).
+///
+/// # Safety
+/// `stmt` is a PlannedStmt the planner just returned.
+pub unsafe fn candidates(stmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        let mut probe =
+            Probe { rtable: (*stmt).rtable, params: std::ptr::null_mut(), tenant: "", seen: Vec::new(), candidates: Some(false) };
+        probe.plan((*stmt).planTree);
+        for sub in list_ptrs((*stmt).subplans) {
+            probe.plan(sub.cast());
+        }
+        probe.candidates == Some(true)
+    }
+}
+
+/// Whether `node` is a constant or an external parameter (or an array of them), as a probe
+/// compares (see `scalar` and `array`).
+///
+/// # Safety
+/// `node` is an expression node of a plan.
+unsafe fn constant_or_parameter(node: *mut pg_sys::Node) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: casts follow the node tag.
+    unsafe {
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Const => true,
+            pg_sys::NodeTag::T_Param => (*(node as *mut pg_sys::Param)).paramkind == pg_sys::ParamKind::PARAM_EXTERN,
+            pg_sys::NodeTag::T_ArrayExpr => list_ptrs((*(node as *mut pg_sys::ArrayExpr)).elements)
+                .into_iter()
+                .any(|e| constant_or_parameter(strip(e.cast()))),
+            _ => false,
+        }
+    }
 }
 
 /// The scan being examined: its range-table index, relation and tenant column.
@@ -155,6 +198,10 @@ impl Probe<'_> {
                     if !is_equality((*op).opno) {
                         return;
                     }
+                    if let Some(found) = self.candidates.as_mut() {
+                        *found |= constant_or_parameter(other);
+                        return;
+                    }
                     if let Some(v) = self.scalar(other) {
                         self.compare(&v, t);
                     }
@@ -166,6 +213,10 @@ impl Probe<'_> {
                         return;
                     }
                     if !is_equality((*op).opno) {
+                        return;
+                    }
+                    if let Some(found) = self.candidates.as_mut() {
+                        *found |= constant_or_parameter(strip(args[1].cast()));
                         return;
                     }
                     for v in self.array(strip(args[1].cast())) {
