@@ -49,12 +49,12 @@ WITH prot AS (
      WHERE NOT x.polpermissive AND x.polname NOT IN ('tenancy_isolation', 'tenancy_write_guard')
        AND tenancy._expr_leaks(x.polqual::text)
     UNION ALL
-    -- foreign keys whose actions change every tenant's rows from an unprotected table
+    -- foreign keys into tables that are not protected on a paired tenant column
     SELECT 'ERROR', format('constraint %I on %s', ck.constraint_name, p.rel),
-           'foreign key cascades from ' || ck.referenced::text
-               || ', which is not protected (or not on the tenant column): changing it changes every '
-               || 'tenant''s rows, as the table''s owner, without row security',
-           'Make the key (tenant column, ...) on both sides with a protected referenced table, or ON UPDATE/DELETE NO ACTION.'
+           'foreign key references ' || ck.referenced::text
+               || ' without pairing two protected tenant columns: its actions change every tenant''s '
+               || 'rows as the table''s owner, and its checks tell whoever deletes from it which keys other tenants hold',
+           'Make the key (tenant column, ...) on both sides with a protected referenced table.'
       FROM prot p CROSS JOIN LATERAL tenancy._cascading_keys(p.rel, p.tenant_column) ck
     UNION ALL
     -- statistics functions that count other tenants' rows for whoever calls them
@@ -180,6 +180,7 @@ WITH prot AS (
       JOIN prot b ON b.rel = k.confrelid
       LEFT JOIN prot a ON a.rel = k.conrelid
      WHERE k.contype = 'f' AND k.conparentid = 0
+       AND a.rel IS NULL  -- (from a protected table: listed with its other foreign keys)
        AND NOT (a.attnum IS NOT NULL AND b.attnum IS NOT NULL
                 AND array_position(k.conkey, a.attnum) IS NOT NULL
                 AND array_position(k.conkey, a.attnum) = array_position(k.confkey, b.attnum))

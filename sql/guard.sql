@@ -63,31 +63,36 @@ CREATE FUNCTION tenancy._function_fingerprint(fn oid) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT encode(sha256(convert_to(concat_ws(E'\n', p.proowner::regrole::text, p.prosecdef::text,
                   p.proleakproof::text, p.provolatile::text, p.proconfig::text, p.prolang::regproc::text,
-                  l.lanname::text, pg_get_function_identity_arguments(p.oid), p.probin, p.prosrc), 'UTF8')), 'hex')
+                  l.lanname::text, pg_get_function_identity_arguments(p.oid), p.probin, p.prosrc,
+                  p.prosqlbody::text, p.prorettype::regtype::text, p.proretset::text, p.proparallel::text,
+                  p.prosupport::text, p.prokind::text), 'UTF8')), 'hex')
       FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
      WHERE p.oid = $1
 $$;
 
 -- Whether a function needs a superuser's approval before it may run over protected rows: every
--- function except pg_tenancy's and PostgreSQL's own that are immutable (no side effect, nothing
--- read but their arguments) or among a few harmless volatile ones (sequences, clocks, random
--- values, the built-in trigger functions). set_config, pg_notify, query_to_xml, setval,
--- lo_from_bytea and the like can carry what they see elsewhere: they need approval too.
-CREATE FUNCTION tenancy._needs_approval(f oid) RETURNS boolean
+-- function except pg_tenancy's and PostgreSQL's own that are immutable or stable (they change
+-- nothing: what they see goes nowhere but into the statement) or among a few volatile ones whose
+-- effects no one else can observe (clocks, gen_random_uuid, the built-in trigger functions). In a column's or a domain's default (which
+-- sees no row), nextval and random are harmless too; anywhere a row is seen they are a channel
+-- (a shared sequence, or the random state of the session validating a constraint).
+-- set_config, pg_notify, query_to_xml, setval, lo_from_bytea and the like can carry what they
+-- see elsewhere: they need approval everywhere.
+CREATE FUNCTION tenancy._needs_approval(f oid, in_default boolean DEFAULT false) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     SELECT NOT (p.pronamespace = 'tenancy'::regnamespace
                 OR (p.oid < 16384
-                    AND (p.provolatile = 'i'
-                         OR p.oid = ANY (ARRAY['pg_catalog.nextval(regclass)'::regprocedure,
-                                               'pg_catalog.now()'::regprocedure,
+                    AND (p.provolatile IN ('i', 's')
+                         OR p.oid = ANY (ARRAY['pg_catalog.now()'::regprocedure,
                                                'pg_catalog.clock_timestamp()'::regprocedure,
                                                'pg_catalog.statement_timestamp()'::regprocedure,
                                                'pg_catalog.transaction_timestamp()'::regprocedure,
-                                               'pg_catalog.random()'::regprocedure,
                                                'pg_catalog.gen_random_uuid()'::regprocedure,
                                                'pg_catalog.suppress_redundant_updates_trigger()'::regprocedure,
                                                'pg_catalog.tsvector_update_trigger()'::regprocedure,
-                                               'pg_catalog.tsvector_update_trigger_column()'::regprocedure]::oid[]))))
+                                               'pg_catalog.tsvector_update_trigger_column()'::regprocedure]::oid[])
+                         OR ($2 AND p.oid = ANY (ARRAY['pg_catalog.nextval(regclass)'::regprocedure,
+                                                      'pg_catalog.random()'::regprocedure]::oid[])))))
       FROM pg_proc p WHERE p.oid = $1
 $$;
 
@@ -132,6 +137,51 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
      WHERE d.classid = $1 AND d.objid = $2 AND d.refclassid = 'pg_operator'::regclass
 $$;
 
+-- The types an expression (a pg_node_tree, as text) names that are not PostgreSQL's own.
+CREATE FUNCTION tenancy._types_in(expr text) RETURNS SETOF oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+    SELECT DISTINCT m[1]::oid
+      FROM regexp_matches(coalesce($1, ''), ':[a-z_]*type[a-z_]* ([0-9]+)', 'g') m
+     WHERE m[1]::oid >= 16384
+$$;
+
+-- The code types run, for the types given and every type they are built on (a domain's base, an
+-- array's element, a composite type's attributes, a range's subtype, the types their
+-- constraints and defaults name), as (fn, via, in_default): domain constraints, domain defaults,
+-- a range's canonical and subtype_diff functions.
+CREATE FUNCTION tenancy._type_functions(types oid[])
+RETURNS TABLE (fn oid, via text, in_default boolean)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+WITH RECURSIVE ts(t, depth) AS (
+    SELECT DISTINCT x, 0 FROM unnest($1) x WHERE x >= 16384
+    UNION
+    SELECT n.next, ts.depth + 1
+      FROM ts JOIN pg_type ty ON ty.oid = ts.t
+     CROSS JOIN LATERAL (SELECT nullif(ty.typbasetype, 0)
+                         UNION ALL SELECT nullif(ty.typelem, 0)
+                         UNION ALL SELECT ca.atttypid FROM pg_attribute ca
+                                    WHERE ca.attrelid = ty.typrelid AND ty.typrelid <> 0
+                                      AND ca.attnum > 0 AND NOT ca.attisdropped
+                         UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
+                         UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid
+                         UNION ALL SELECT x FROM pg_constraint k, tenancy._types_in(k.conbin::text) x
+                                    WHERE k.contypid = ty.oid
+                         UNION ALL SELECT x FROM tenancy._types_in(ty.typdefaultbin::text) x) n(next)
+     WHERE n.next IS NOT NULL AND n.next >= 16384 AND ts.depth < 16
+)
+SELECT f, 'constraint of type ' || ts.t::regtype::text, false
+  FROM ts JOIN pg_constraint k ON k.contypid = ts.t CROSS JOIN LATERAL tenancy._functions_in(k.conbin::text) f
+UNION
+SELECT f, 'default of type ' || ts.t::regtype::text, true
+  FROM ts JOIN pg_type ty ON ty.oid = ts.t CROSS JOIN LATERAL tenancy._functions_in(ty.typdefaultbin::text) f
+UNION
+SELECT r.rngcanonical::oid, 'range type ' || ts.t::regtype::text, false
+  FROM ts JOIN pg_range r ON r.rngtypid = ts.t WHERE r.rngcanonical <> 0
+UNION
+SELECT r.rngsubdiff::oid, 'range type ' || ts.t::regtype::text, false
+  FROM ts JOIN pg_range r ON r.rngtypid = ts.t WHERE r.rngsubdiff <> 0
+$$;
+
 -- Functions that run over a protected table's rows and need a superuser's approval
 -- (_needs_approval): called by its index expressions and predicates, CHECK and exclusion
 -- constraints, triggers (function and WHEN clause), extended statistics, column defaults and
@@ -144,55 +194,48 @@ $$;
 CREATE FUNCTION tenancy._row_functions(rel regclass)
 RETURNS TABLE (fn regprocedure, via text, approved boolean)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
-WITH RECURSIVE coltypes(t, col, depth) AS (
-    SELECT a.atttypid, a.attname, 0 FROM pg_attribute a
-     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-    UNION
-    SELECT x.next, c.col, c.depth + 1
-      FROM coltypes c JOIN pg_type ty ON ty.oid = c.t
-     CROSS JOIN LATERAL (SELECT nullif(ty.typbasetype, 0)
-                         UNION ALL SELECT nullif(ty.typelem, 0)
-                         UNION ALL SELECT ca.atttypid FROM pg_attribute ca
-                                    WHERE ca.attrelid = ty.typrelid AND ty.typrelid <> 0
-                                      AND ca.attnum > 0 AND NOT ca.attisdropped) x(next)
-     WHERE x.next IS NOT NULL AND c.depth < 16
- ), objs(classid, objid, via, expr) AS (
+WITH objs(classid, objid, via, expr, in_default) AS (
     SELECT 'pg_class'::regclass::oid, i.indexrelid, 'index ' || i.indexrelid::regclass::text,
-           concat(i.indexprs::text, i.indpred::text)
+           concat(i.indexprs::text, i.indpred::text), false
       FROM pg_index i WHERE i.indrelid = $1
     UNION ALL
     SELECT 'pg_class'::regclass::oid, $1::oid, 'partition key',
-           (SELECT pt.partexprs::text FROM pg_partitioned_table pt WHERE pt.partrelid = $1)
+           (SELECT pt.partexprs::text FROM pg_partitioned_table pt WHERE pt.partrelid = $1), false
     UNION ALL
     SELECT 'pg_constraint'::regclass::oid, c.oid, 'constraint ' || quote_ident(c.conname),
-           concat(c.conbin::text, ' ', (SELECT string_agg(':opno ' || x::text, ' ') FROM unnest(c.conexclop) x))
+           concat(c.conbin::text, ' ', (SELECT string_agg(':opno ' || x::text, ' ') FROM unnest(c.conexclop) x)), false
       FROM pg_constraint c WHERE c.conrelid = $1
     UNION ALL
     SELECT 'pg_trigger'::regclass::oid, t.oid, 'trigger ' || quote_ident(t.tgname),
-           concat(':funcid ', t.tgfoid::text, ' ', t.tgqual::text)
+           concat(':funcid ', t.tgfoid::text, ' ', t.tgqual::text), false
       FROM pg_trigger t WHERE t.tgrelid = $1 AND NOT t.tgisinternal
     UNION ALL
     SELECT 'pg_policy'::regclass::oid, p.oid, 'policy ' || quote_ident(p.polname),
-           concat(p.polqual::text, p.polwithcheck::text)
+           concat(p.polqual::text, p.polwithcheck::text), false
       FROM pg_policy p WHERE p.polrelid = $1
     UNION ALL
-    SELECT 'pg_statistic_ext'::regclass::oid, s.oid, 'statistics ' || quote_ident(s.stxname), s.stxexprs::text
+    SELECT 'pg_statistic_ext'::regclass::oid, s.oid, 'statistics ' || quote_ident(s.stxname), s.stxexprs::text, false
       FROM pg_statistic_ext s WHERE s.stxrelid = $1
-    UNION ALL
-    SELECT DISTINCT 'pg_constraint'::regclass::oid, k.oid,
-           'domain ' || k.contypid::regtype::text || ' of column ' || quote_ident(c.col), k.conbin::text
-      FROM coltypes c JOIN pg_constraint k ON k.contypid = c.t
     UNION ALL
     SELECT 'pg_attrdef'::regclass::oid, d.oid,
            CASE WHEN a.attgenerated <> '' THEN 'generated column ' ELSE 'default of column ' END || quote_ident(a.attname),
-           d.adbin::text
+           d.adbin::text, a.attgenerated = ''
       FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
      WHERE d.adrelid = $1
+), types AS (
+    -- the columns' types, and the types the expressions above name
+    SELECT array_agg(DISTINCT t) AS ts FROM (
+        SELECT a.atttypid AS t FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT x FROM objs o CROSS JOIN LATERAL tenancy._types_in(o.expr) x) u
 ), fns AS (
-    SELECT f.* FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
+    SELECT f.fn, f.via, o.in_default
+      FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
+    UNION ALL
+    SELECT tf.fn, tf.via, tf.in_default FROM types CROSS JOIN LATERAL tenancy._type_functions(types.ts) tf
 )
 SELECT DISTINCT fns.fn::regprocedure, fns.via, tenancy._approved(fns.fn)
-  FROM fns WHERE tenancy._needs_approval(fns.fn)
+  FROM fns WHERE tenancy._needs_approval(fns.fn, fns.in_default)
 $$;
 
 -- Tables with a column of type t, or of a type built on it (a domain over it, an array of it, a
@@ -215,35 +258,30 @@ SELECT DISTINCT a.attrelid
   JOIN pg_class c ON c.oid = a.attrelid AND c.relkind IN ('r', 'p')
 $$;
 
--- Views (and the rules and triggers on them) that read a protected table, directly or through
--- other views, and call functions that need approval: put in an application's path (or in the
--- place of a table renamed away), they would run those functions on every tenant's reads and
--- writes, with that tenant's context.
+-- Views (and the triggers on them) that call functions needing approval: in a database with
+-- protected tables, a view reads them (directly, through other views, or through the functions
+-- it calls), and put in an application's path it would run its functions on every tenant's
+-- reads and writes, with that tenant's context.
 CREATE FUNCTION tenancy._view_functions(view regclass)
 RETURNS TABLE (fn regprocedure, via text, approved boolean)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
-WITH RECURSIVE reads(rel, depth) AS (
-    SELECT d.refobjid, 0
-      FROM pg_rewrite w JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
-     WHERE w.ev_class = $1 AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> $1
-    UNION
-    SELECT d.refobjid, r.depth + 1
-      FROM reads r JOIN pg_rewrite w ON w.ev_class = r.rel
-      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
-     WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.rel AND r.depth < 32
- ), objs(classid, objid, via, expr) AS (
+WITH objs(classid, objid, via, expr) AS (
     SELECT 'pg_rewrite'::regclass::oid, w.oid, 'view ' || $1::text, concat(w.ev_qual::text, w.ev_action::text)
       FROM pg_rewrite w WHERE w.ev_class = $1
     UNION ALL
     SELECT 'pg_trigger'::regclass::oid, t.oid, 'trigger ' || quote_ident(t.tgname) || ' on view ' || $1::text,
            concat(':funcid ', t.tgfoid::text, ' ', t.tgqual::text)
       FROM pg_trigger t WHERE t.tgrelid = $1 AND NOT t.tgisinternal
+), types AS (
+    SELECT array_agg(DISTINCT x) AS ts FROM objs o CROSS JOIN LATERAL tenancy._types_in(o.expr) x
 ), fns AS (
-    SELECT f.* FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
+    SELECT f.fn, f.via, false AS in_default
+      FROM objs o CROSS JOIN LATERAL tenancy._functions_of(o.classid, o.objid, o.via, o.expr) f
+    UNION ALL
+    SELECT tf.fn, tf.via, tf.in_default FROM types CROSS JOIN LATERAL tenancy._type_functions(types.ts) tf
 )
 SELECT DISTINCT fns.fn::regprocedure, fns.via, tenancy._approved(fns.fn)
-  FROM fns WHERE tenancy._needs_approval(fns.fn)
-   AND EXISTS (SELECT 1 FROM reads r JOIN tenancy.protected_tables q ON q.rel = r.rel)
+  FROM fns WHERE tenancy._needs_approval(fns.fn, fns.in_default)
 $$;
 
 -- Foreign keys into a protected table from a table that is not protected, or whose key does not
@@ -266,10 +304,11 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
               AND array_position(k.conkey, pa.attnum) = array_position(k.confkey, qa.attnum))
 $$;
 
--- Foreign keys of a protected table whose actions change its rows (CASCADE, SET NULL, SET DEFAULT)
--- from a table that is not protected, or that does not carry the tenant column at the same place
--- on both sides: PostgreSQL runs those actions as the table's owner without row security, so
--- whoever may change the referenced table changes every tenant's rows.
+-- Foreign keys of a protected table into a table that is not protected, or that does not carry
+-- the tenant column at the same place on both sides. Their CASCADE/SET NULL/SET DEFAULT actions
+-- run as the table's owner without row security: whoever may change the referenced table
+-- changes every tenant's rows. Their NO ACTION/RESTRICT checks too: deleting a referenced row
+-- tells whether any tenant still references it. (The name is historical.)
 CREATE FUNCTION tenancy._cascading_keys(rel regclass, tenant_column name)
 RETURNS TABLE (constraint_name name, referenced regclass)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
@@ -279,7 +318,6 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
       LEFT JOIN tenancy.protected_tables b ON b.rel = k.confrelid
       LEFT JOIN pg_attribute ba ON ba.attrelid = b.rel AND ba.attname = b.tenant_column
      WHERE k.conrelid = $1 AND k.contype = 'f'
-       AND (k.confupdtype NOT IN ('a', 'r') OR k.confdeltype NOT IN ('a', 'r'))
        AND NOT (b.rel IS NOT NULL
                 AND array_position(k.conkey, aa.attnum) IS NOT NULL
                 AND array_position(k.conkey, aa.attnum) = array_position(k.confkey, ba.attnum))
@@ -335,8 +373,9 @@ BEGIN
                AND EXISTS (SELECT 1 FROM tenancy.protected_tables q, tenancy._cascading_keys(q.rel, q.tenant_column)
                             WHERE q.rel = r.relid) THEN
                 PERFORM tenancy._refuse_weakening(r.relid::oid,
-                    'a foreign key of a protected table cascades from a table that is not protected (or not '
-                    'on the tenant column): changing that table would change every tenant''s rows');
+                    'a foreign key of a protected table references a table that is not protected on a paired '
+                    'tenant column: its actions would change every tenant''s rows, and its checks tell which keys '
+                    'other tenants hold');
             END IF;
         ELSE
             SELECT p.tenant_column INTO parent_col

@@ -10,6 +10,7 @@
 //! | a pending EXPLAIN ANALYZE (`protect::explain`) | the statement | the abort of a (sub)transaction |
 //! | statements being planned (`protect::param`) | the planner hook | the abort of a (sub)transaction |
 //! | tenant parameter slot types (`protect::param`) | plans this backend made | never (only grows) |
+//! | statements whose parameters were filled (`protect::param`) | the executor hooks | ExecutorEnd; the end of the transaction |
 use pgrx::prelude::*;
 use std::ffi::{c_char, c_int, c_void};
 
@@ -88,6 +89,10 @@ unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT) {
+        param::forget_runs();
+    }
     if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
         keystore::forget_keys();
         explain::done();

@@ -36,6 +36,27 @@ pub fn loading() -> bool {
     LOADING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// FNV-1a, for the per-backend maps the hooks consult on every statement: their keys are OIDs
+/// and context values this backend was given (no keyed hash needed against collision attacks: a
+/// colliding key only slows its own lookups).
+#[derive(Default)]
+pub struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+pub type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     let mut n = s.len().min(max);

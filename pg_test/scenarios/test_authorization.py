@@ -278,7 +278,17 @@ def test_cursors_follow_revocations_and_suspensions(table):
         assert sqlstate_of(conn, "DO $$ DECLARE c refcursor := 'hc'; r record; BEGIN FETCH c INTO r; END $$") == "55000"
         run(su, "SELECT tenancy.set_status(%s, 'active')", T)
         assert run(conn, "FETCH 1 FROM hc") == [("mine",)]
-        # a cursor without HOLD, inside its transaction
+        # a cursor without HOLD, inside its transaction: by SQL FETCH and by PL/pgSQL's
+        run(conn, "BEGIN")
+        run(conn, "DECLARE c CURSOR FOR SELECT v FROM app.az")
+        run(conn, "DECLARE c2 CURSOR FOR SELECT v FROM app.az")
+        run(su, "SELECT tenancy.revoke_tenant('az_cursor', %s)", T)
+        with conn.cursor() as cur:
+            with pytest.raises(psycopg2.Error) as e:
+                cur.execute("DO $$ DECLARE k refcursor := 'c2'; r record; BEGIN FETCH k INTO r; END $$")
+        assert e.value.pgcode == "42501"  # verified again before the cursor's statement runs again
+        run(conn, "ROLLBACK")
+        run(su, "SELECT tenancy.grant_tenant('az_cursor', %s, 'read')", T)
         run(conn, "BEGIN")
         run(conn, "DECLARE c CURSOR FOR SELECT v FROM app.az")
         run(su, "SELECT tenancy.revoke_tenant('az_cursor', %s)", T)

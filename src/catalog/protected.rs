@@ -10,7 +10,7 @@ use crate::error::Result;
 thread_local! {
     /// Protected tables of this database and the attribute number of their tenant column;
     /// `None` until loaded or after an invalidation. Empty where pg_tenancy is not installed.
-    static PROTECTED: RefCell<Option<HashMap<pg_sys::Oid, i16>>> = const { RefCell::new(None) };
+    static PROTECTED: RefCell<Option<HashMap<pg_sys::Oid, i16, crate::util::Fnv>>> = const { RefCell::new(None) };
     /// Set while the set is being loaded (the loading query itself passes through the hooks).
     static LOADING: Cell<bool> = const { Cell::new(false) };
 }
@@ -29,12 +29,12 @@ pub fn loading() -> bool {
     LOADING.with(|l| l.get())
 }
 
-fn load() -> HashMap<pg_sys::Oid, i16> {
+fn load() -> HashMap<pg_sys::Oid, i16, crate::util::Fnv> {
     LOADING.with(|l| l.set(true));
     let _reset = crate::util::OnDrop(|| LOADING.with(|l| l.set(false)));
-    let map: HashMap<pg_sys::Oid, i16> = match super::ids() {
+    let map: HashMap<pg_sys::Oid, i16, crate::util::Fnv> = match super::ids() {
         Ok(_) => protected_set().map(|v| v.into_iter().collect()).unwrap_or_default(),
-        Err(_) => HashMap::new(),
+        Err(_) => HashMap::default(),
     };
     PROTECTED.with(|p| *p.borrow_mut() = Some(map.clone()));
     map
@@ -59,6 +59,20 @@ pub fn any_in_schema(nsp: pg_sys::Oid) -> bool {
             // SAFETY: a syscache lookup of each protected table's schema.
             m.keys().any(|&rel| unsafe { pg_sys::get_rel_namespace(rel) } == nsp)
         })
+    })
+}
+
+/// Whether a range table names a protected table, when the set is loaded (None: it is not;
+/// ask `protected`, which loads it). No lookup, no error: for the hooks' fast paths.
+///
+/// # Safety
+/// `range_table` is a valid range table (List of RangeTblEntry) or NULL.
+pub unsafe fn cached_any(range_table: *mut pg_sys::List) -> Option<bool> {
+    PROTECTED.with(|p| {
+        let p = p.try_borrow().ok()?;
+        let set = p.as_ref()?;
+        // SAFETY: see above.
+        Some(unsafe { relations(range_table) }.any(|rte| set.contains_key(&rte.relid)))
     })
 }
 

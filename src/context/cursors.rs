@@ -199,11 +199,13 @@ pub unsafe fn before_fetch(stmt: *mut pg_sys::FetchStmt) {
 pub fn verification_changed() {
     HELD.with(|h| {
         let Ok(mut held) = h.try_borrow_mut() else { return };
-        for c in held.iter_mut().filter(|c| c.hold && c.context.is_some()) {
+        for c in held.iter_mut().filter(|c| c.context.is_some()) {
             // SAFETY: portal lookup; the flip is what PostgreSQL does to a portal it will not run.
             unsafe {
                 if let Some(p) = portal_of(c) {
-                    if (*p).createSubid == 0 {
+                    // (a held cursor of the current transaction is left alone: failing it would
+                    // drop it at COMMIT; a SQL FETCH of it is verified)
+                    if (*p).createSubid == 0 || !c.hold {
                         c.stale = true;
                         c.settle(p);
                     }

@@ -68,7 +68,7 @@ const CACHE_CAPACITY: usize = 4096;
 
 thread_local! {
     /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
-    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>, Fnv>> = RefCell::new(HashMap::default());
+    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>, crate::util::Fnv>> = RefCell::new(HashMap::default());
     static CACHE_LEN: Cell<usize> = const { Cell::new(0) };
     /// The last verification used: most statements of a session use the one the statement before
     /// used, so a byte comparison finds it without hashing.
@@ -76,6 +76,8 @@ thread_local! {
     /// An input of the verifications changed: the caches are emptied at their next use (an
     /// invalidation can arrive while they are being read).
     static STALE: Cell<bool> = const { Cell::new(false) };
+    /// See `generation`.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Refusals are not recorded (a look at the context that is not an attempt to use it).
     static QUIET: Cell<bool> = const { Cell::new(false) };
 }
@@ -89,30 +91,18 @@ pub fn peek_tenant() -> Option<String> {
     with_context(|v| v.tenant.clone()).ok()
 }
 
-/// FNV-1a: the cache's keys are short context values this backend was given (no need for a
-/// keyed hash against collision attacks: a colliding value only costs its own lookups).
-#[derive(Default)]
-struct FnvHasher(u64);
-
-impl std::hash::Hasher for FnvHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
-type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
 
 /// Drop every cached verification (called by the invalidate module when an input changed): at
 /// the next use, never while one is being read.
 pub fn clear_cache() {
     STALE.with(|s| s.set(true));
+    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
+}
+
+/// Changes with every change of what verifications read (grants, memberships, roles, tenants,
+/// the settings that govern them): a verification made at another generation may be stale.
+pub fn generation() -> u64 {
+    GENERATION.with(|g| g.get())
 }
 
 fn empty_if_stale() {

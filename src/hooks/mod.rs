@@ -67,6 +67,14 @@ mod standard {
             bound_params: pg_sys::ParamListInfo,
         ) -> *mut pg_sys::PlannedStmt;
         pub fn standard_ExecutorFinish(query_desc: *mut pg_sys::QueryDesc);
+        pub fn standard_ExecutorRun(
+            query_desc: *mut pg_sys::QueryDesc,
+            direction: pg_sys::ScanDirection::Type,
+            count: u64,
+            execute_once: bool,
+        );
+        pub fn standard_ExecutorEnd(query_desc: *mut pg_sys::QueryDesc);
+        pub fn AcceptInvalidationMessages();
     }
 }
 
@@ -76,6 +84,8 @@ static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
 static mut PREV_PLANNER: pg_sys::planner_hook_type = None;
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 
 pub fn install() {
     // SAFETY: called once from _PG_init, before any query runs in this backend; the previous
@@ -93,6 +103,10 @@ pub fn install() {
         pg_sys::emit_log_hook = Some(emit_log);
         PREV_PLANNER = pg_sys::planner_hook;
         pg_sys::planner_hook = Some(planner);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_EXECUTOR_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
     }
 }
 
@@ -145,6 +159,13 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport:
             if !prev(range_table, ereport) {
                 return false;
             }
+        }
+        // Fast path (no error boundary needed: cell reads and a hash lookup): a statement that
+        // names no protected table, with the protected set already loaded.
+        if !registry::loading() && pg_sys::ParallelWorkerNumber < 0 && registry::cached_any(range_table) == Some(false) {
+            TOUCHED.with(|t| t.set(Touched::NONE));
+            audit::set_write_target(pg_sys::InvalidOid);
+            return true;
         }
         check_perms_ours(range_table)
     }
@@ -212,9 +233,8 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
     if touched.rls {
         // Authorization as of now, for this statement: refused (and recorded) if the grant, the
         // membership that carried it or the tenant's status changed since the context was set.
-        match context::verified() {
-            Ok(v) => param::verified_for_statement(Some(v)),
-            Err(e) => e.raise(),
+        if let Err(e) = context::with_context(|_| ()) {
+            e.raise();
         }
         if explain::active() {
             // SAFETY: as above.
@@ -247,7 +267,9 @@ unsafe extern "C-unwind" fn planner(
             None => standard::standard_planner(parse, query_string, cursor_options, bound_params),
         };
         param::planning_ended();
-        after_planning(stmt);
+        if param::worth_converting(stmt) {
+            after_planning(stmt);
+        }
         stmt
     }
 }
@@ -267,19 +289,26 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
     // SAFETY: the previous hook or the standard function, with PostgreSQL's arguments; an error
     // either raises passes through. Only Copy values live in this frame.
     unsafe {
-        let explain = before_executor_start(query_desc);
+        // (the fast paths only set cells: no error boundary needed)
+        let explain = if explain::pending() {
+            before_executor_start(query_desc)
+        } else {
+            TOUCHED.with(|t| t.set(Touched::NONE));
+            false
+        };
         match PREV_EXECUTOR_START {
             Some(prev) => prev(query_desc, eflags),
             None => standard::standard_ExecutorStart(query_desc, eflags),
         }
-        after_executor_start(query_desc, eflags, explain);
+        if explain || TOUCHED.with(|t| t.get().protected) || param::may_need_filling(query_desc) {
+            after_executor_start(query_desc, eflags, explain);
+        }
     }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn before_executor_start(query_desc: *mut pg_sys::QueryDesc) -> bool {
     TOUCHED.with(|t| t.set(Touched::NONE));
-    param::verified_for_statement(None);
     // SAFETY: the QueryDesc about to be started.
     unsafe { explain::take_pending(query_desc) }
 }
@@ -308,6 +337,46 @@ unsafe extern "C-unwind" fn after_executor_start(query_desc: *mut pg_sys::QueryD
         if let Ok(tenant) = context::with_context(|v| v.tenant.clone()) {
             // SAFETY: the QueryDesc PostgreSQL just started.
             unsafe { probe::examine(query_desc, &tenant) };
+        }
+    }
+}
+
+/// (No `#[pg_guard]`: see the module documentation.) A statement whose tenant parameters were
+/// filled is verified again before it runs again, if grants or tenants changed since: a cursor
+/// runs at every fetch.
+unsafe extern "C-unwind" fn executor_run(
+    query_desc: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    // SAFETY: as in executor_start; AcceptInvalidationMessages is what any lock acquisition
+    // does, and an error it raises passes through as from PostgreSQL itself.
+    unsafe {
+        if param::filled(query_desc) {
+            standard::AcceptInvalidationMessages();
+            before_executor_run(query_desc);
+        }
+        match PREV_EXECUTOR_RUN {
+            Some(prev) => prev(query_desc, direction, count, execute_once),
+            None => standard::standard_ExecutorRun(query_desc, direction, count, execute_once),
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn before_executor_run(query_desc: *mut pg_sys::QueryDesc) {
+    param::verify_again(query_desc);
+}
+
+/// (No `#[pg_guard]`: see the module documentation.)
+unsafe extern "C-unwind" fn executor_end(query_desc: *mut pg_sys::QueryDesc) {
+    // SAFETY: as in executor_start (forgetting a statement only touches a cell).
+    unsafe {
+        param::ended(query_desc);
+        match PREV_EXECUTOR_END {
+            Some(prev) => prev(query_desc),
+            None => standard::standard_ExecutorEnd(query_desc),
         }
     }
 }
@@ -352,6 +421,21 @@ unsafe extern "C-unwind" fn process_utility(
     // either raises passes through. Only Copy values live in this frame.
     unsafe {
         let node = (*pstmt).utilityStmt;
+        // Transaction control, settings and calls are none of the guard's business (and COMMIT
+        // ends every pooled transaction): straight through.
+        if !node.is_null()
+            && matches!(
+                (*node).type_,
+                pg_sys::NodeTag::T_TransactionStmt
+                    | pg_sys::NodeTag::T_VariableSetStmt
+                    | pg_sys::NodeTag::T_VariableShowStmt
+                    | pg_sys::NodeTag::T_CallStmt
+                    | pg_sys::NodeTag::T_DoStmt
+            )
+        {
+            next_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+            return;
+        }
         let noted = before_utility(node);
         let shield = shield_for(node);
         if shield.on {

@@ -92,6 +92,11 @@ pub unsafe fn take_pending(query_desc: *mut pg_sys::QueryDesc) -> bool {
 /// Whether an `EXPLAIN ANALYZE`'s statement is running: a statement it runs in turn (a function
 /// reading a protected table) is refused as the statement itself would be (its buffers and
 /// timing count in the plan EXPLAIN prints).
+/// Whether an EXPLAIN ANALYZE was noted and its statement not started yet.
+pub fn pending() -> bool {
+    PENDING.with(|p| p.get())
+}
+
 pub fn active() -> bool {
     ACTIVE.with(|a| a.get())
 }

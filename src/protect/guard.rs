@@ -237,6 +237,9 @@ pub unsafe fn before_ddl(node: *mut pg_sys::Node) {
                 let stmt = node as *mut pg_sys::AlterTableStmt;
                 refuse_loaded_children(stmt);
                 let Some((rel, _)) = protected_rangevar((*stmt).relation) else { return };
+                if !superuser {
+                    refuse_unsafe_retype(rel, stmt);
+                }
                 let rewrites = list_ptrs((*stmt).cmds).into_iter().any(|c| {
                     let cmd = c as *mut pg_sys::AlterTableCmd;
                     (*cmd).subtype == pg_sys::AlterTableType::AT_AlterColumnType
@@ -279,6 +282,95 @@ unsafe fn moved_protected(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
             }
             _ => None,
         }
+    }
+}
+
+/// `ALTER COLUMN ... TYPE` of a protected table rewrites every tenant's rows with the owner's
+/// rights, and the code it runs is gone once it ran (no catalog keeps a `USING` expression or
+/// the cast it took): from a role other than a superuser, only to a built-in type, and with a
+/// `USING` expression that reads nothing but the column itself (constants and casts to built-in
+/// types). Anything else is refused before it runs.
+///
+/// # Safety
+/// `stmt` is the AlterTableStmt PostgreSQL is about to run, on protected table `rel`.
+unsafe fn refuse_unsafe_retype(rel: pg_sys::Oid, stmt: *mut pg_sys::AlterTableStmt) {
+    // SAFETY: the AlterTableStmt about to run; the casts follow the node tags.
+    unsafe {
+        for c in list_ptrs((*stmt).cmds) {
+            let cmd = c as *mut pg_sys::AlterTableCmd;
+            if (*cmd).subtype != pg_sys::AlterTableType::AT_AlterColumnType
+                || (*cmd).def.is_null()
+                || (*(*cmd).def).type_ != pg_sys::NodeTag::T_ColumnDef
+                || (*cmd).name.is_null()
+            {
+                continue;
+            }
+            let def = (*cmd).def as *mut pg_sys::ColumnDef;
+            let target = if (*def).typeName.is_null() {
+                pg_sys::InvalidOid
+            } else {
+                pg_sys::LookupTypeNameOid(std::ptr::null_mut(), (*def).typeName, true)
+            };
+            let mut walk = RetypeWalk { column: CStr::from_ptr((*cmd).name), ok: true };
+            if !(*def).raw_default.is_null() {
+                retype_walker((*def).raw_default, (&mut walk as *mut RetypeWalk).cast());
+            }
+            if u32::from(target) >= pg_sys::FirstNormalObjectId || !walk.ok {
+                audit::deny(
+                    Event::PolicyTamper,
+                    rel,
+                    None,
+                    "attempt to retype a column of a protected table with code over every tenant's rows",
+                    TenancyError::Guarded(
+                        "ALTER COLUMN ... TYPE rewrites every tenant's rows: from a role other than a superuser, only to a \
+built-in type, with a USING expression of the column itself, constants and casts to built-in types",
+                    ),
+                );
+            }
+        }
+    }
+}
+
+struct RetypeWalk<'a> {
+    column: &'a CStr,
+    ok: bool,
+}
+
+/// raw_expression_tree_walker callback for `refuse_unsafe_retype`.
+#[pg_guard]
+unsafe extern "C-unwind" fn retype_walker(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
+    use pg_sys::NodeTag::*;
+    if node.is_null() {
+        return false;
+    }
+    // SAFETY: a node of the raw expression being walked; the context is the RetypeWalk.
+    unsafe {
+        let walk = &mut *context.cast::<RetypeWalk>();
+        match (*node).type_ {
+            T_A_Const | T_TypeName | T_List => {}
+            T_TypeCast => {
+                let cast = node as *mut pg_sys::TypeCast;
+                let ty = pg_sys::LookupTypeNameOid(std::ptr::null_mut(), (*cast).typeName, true);
+                if ty == pg_sys::InvalidOid || u32::from(ty) >= pg_sys::FirstNormalObjectId {
+                    walk.ok = false;
+                }
+            }
+            T_ColumnRef => {
+                let fields = list_ptrs((*(node as *mut pg_sys::ColumnRef)).fields);
+                let last = fields.last().copied().unwrap_or(std::ptr::null_mut()) as *mut pg_sys::Node;
+                let same = !last.is_null()
+                    && (*last).type_ == T_String
+                    && CStr::from_ptr((*(last as *mut pg_sys::String)).sval) == walk.column;
+                if !same || fields.len() > 1 {
+                    walk.ok = false;
+                }
+            }
+            _ => walk.ok = false,
+        }
+        if !walk.ok {
+            return true;
+        }
+        pg_sys::raw_expression_tree_walker(node, Some(retype_walker), context)
     }
 }
 

@@ -130,7 +130,7 @@ fn refuse_defenseless(rel: pg_sys::Oid, column: &str) {
     } else if !superuser && d.restrictive_quals.iter().any(|q| guard::expr_leaks(q)) {
         Some("a restrictive policy calls a function that is not leakproof on the row: it would run before the tenant filter")
     } else if !superuser && catalog::protected::cascading_foreign_keys(rel, column).or_raise() {
-        Some("a foreign key of the table cascades from a table that is not protected: changing that table would change every tenant's rows")
+        Some("a foreign key of the table references a table that is not protected on a paired tenant column: its actions would change every tenant's rows, and its checks tell which keys other tenants hold")
     } else {
         None
     };

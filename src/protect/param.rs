@@ -38,20 +38,11 @@ thread_local! {
     static BUSY: Cell<bool> = const { Cell::new(false) };
     /// Statements being planned (the planner calls the function for its estimates).
     static PLANNING: Cell<u32> = const { Cell::new(0) };
+    /// Started statements whose parameters were filled, with the verification generation they
+    /// were filled at (see `verify_again`); removed when they end.
+    static RUNS: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
     /// The probe mark's type, once this backend marked a plan with it.
     static PROBE_MARK: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-    /// The context the permission check just verified for the statement being started.
-    static STATEMENT: RefCell<Option<context::Rc<context::Verified>>> = const { RefCell::new(None) };
-}
-
-/// From the permission check (Some) and the start of each statement (None): the verified
-/// context the statement's parameters are filled from, without verifying it twice.
-pub fn verified_for_statement(v: Option<context::Rc<context::Verified>>) {
-    STATEMENT.with(|s| {
-        if let Ok(mut s) = s.try_borrow_mut() {
-            *s = v;
-        }
-    });
 }
 
 /// The planner hook brackets planning with these (no destructor in its frame: an error while
@@ -159,6 +150,38 @@ pub unsafe extern "C-unwind" fn tenancy_current_tenant_as(fcinfo: pg_sys::Functi
 // ---------------------------------------------------------------------------------------------
 // After planning: calls become parameters
 // ---------------------------------------------------------------------------------------------
+
+/// Whether a plan just made may hold calls to convert (a protected table in its range table, or
+/// a protected set not loaded yet). Cell reads and hash lookups only: the planner hook asks it
+/// without an error boundary.
+///
+/// # Safety
+/// `stmt` is NULL or the PlannedStmt the planner just returned.
+pub unsafe fn worth_converting(stmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        !stmt.is_null()
+            && (*stmt).commandType != pg_sys::CmdType::CMD_UTILITY
+            && !nothing_protected()
+            && !BUSY.with(|b| b.get())
+            && crate::catalog::protected::cached_any((*stmt).rtable) != Some(false)
+    }
+}
+
+/// Whether a started statement may have tenant parameters to fill (its plan has parameter
+/// slots, and this backend made plans with ours, or it is a parallel worker). Cell reads only.
+///
+/// # Safety
+/// `query_desc` is a started QueryDesc.
+pub unsafe fn may_need_filling(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        !stmt.is_null()
+            && !(*stmt).paramExecTypes.is_null()
+            && (pg_sys::ParallelWorkerNumber >= 0 || OURS.with(|o| o.try_borrow().map(|o| !o.is_empty()).unwrap_or(true)))
+    }
+}
 
 /// Turn the calls of `tenancy.current_tenant(anyelement)` in the plan of a statement on a
 /// protected table into the statement's tenant parameters.
@@ -435,6 +458,69 @@ unsafe extern "C-unwind" fn replace_calls(node: *mut pg_sys::Node, context: *mut
 // When the statement starts: the parameters are filled
 // ---------------------------------------------------------------------------------------------
 
+/// Whether a statement about to run (again) had its parameters filled: a cursor's statement runs
+/// at every fetch, long after it started. Cell reads only.
+///
+/// # Safety
+/// `query_desc` is a started QueryDesc.
+pub unsafe fn filled(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    RUNS.with(|r| r.try_borrow().map(|r| r.iter().any(|&(q, _)| q == query_desc as usize)).unwrap_or(false))
+        // (an entry left by a statement that failed is harmless: its address must also hold a
+        // plan with tenant parameters)
+        // SAFETY: see above.
+        && unsafe { has_tenant_params(query_desc) }
+}
+
+/// Whether a started statement's plan has tenant parameter slots.
+///
+/// # Safety
+/// `query_desc` is a started QueryDesc.
+unsafe fn has_tenant_params(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        !stmt.is_null()
+            && OURS.with(|o| {
+                o.try_borrow().is_ok_and(|o| list_oids((*stmt).paramExecTypes).any(|t| o.iter().any(|&(d, _)| d == t)))
+            })
+    }
+}
+
+/// The transaction ended: no statement of it runs again.
+pub fn forget_runs() {
+    RUNS.with(|r| {
+        if let Ok(mut r) = r.try_borrow_mut() {
+            r.clear();
+        }
+    });
+}
+
+/// Before a filled statement runs (again): if what verifications read changed since it was
+/// filled (a grant revoked, a tenant suspended), verify the context again, raising as a policy
+/// would. (PL/pgSQL's FETCH and a protocol-level Execute reach a cursor's portal without a SQL
+/// FETCH, whose own check would catch it.)
+pub fn verify_again(query_desc: *mut pg_sys::QueryDesc) {
+    let now = context::generation();
+    let stale = RUNS.with(|r| r.borrow().iter().any(|&(q, g)| q == query_desc as usize && g != now));
+    if stale {
+        context::verified().or_raise();
+        RUNS.with(|r| {
+            for e in r.borrow_mut().iter_mut().filter(|e| e.0 == query_desc as usize) {
+                e.1 = now;
+            }
+        });
+    }
+}
+
+/// A statement ended: forget it.
+pub fn ended(query_desc: *mut pg_sys::QueryDesc) {
+    RUNS.with(|r| {
+        if let Ok(mut r) = r.try_borrow_mut() {
+            r.retain(|&(q, _)| q != query_desc as usize);
+        }
+    });
+}
+
 /// Whether the plan of a started statement is marked as comparing a tenant column with a
 /// constant or a bound parameter (see `probe::candidates`).
 ///
@@ -493,10 +579,16 @@ pub unsafe fn fill(query_desc: *mut pg_sys::QueryDesc) {
                 continue;
             };
             if tenant.is_none() {
-                tenant = Some(match STATEMENT.with(|s| s.borrow().clone()) {
-                    Some(v) => v,
-                    None => context::verified().or_raise(),
+                let generation = context::generation();
+                RUNS.with(|r| {
+                    let mut r = r.borrow_mut();
+                    r.retain(|&(q, _)| q != query_desc as usize);
+                    r.push((query_desc as usize, generation));
                 });
+                // Verified now, for this statement (a statement run while this one was being set
+                // up, by a function its partition pruning called, say, may have verified another
+                // context since the permission check: nothing is carried over).
+                tenant = Some(context::verified().or_raise());
             }
             let t = tenant.as_deref().map(|v| v.tenant.as_str()).unwrap_or_default();
             let old = pg_sys::CurrentMemoryContext;
