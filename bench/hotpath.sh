@@ -9,4 +9,4 @@ DB=pg_tenancy_bench
 load_once "$DB"
 prewarm "$DB"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); PostgreSQL $(psql -X -qAt -d postgres -c 'SHOW server_version')"
-psql -X -q -U bench_app -d "$DB" -v rounds="${1:-31}" -f hotpath.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
+psql -X -q -U bench_app -d "$DB" -v rounds="${1:-15}" -f hotpath.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'

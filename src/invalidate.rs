@@ -87,17 +87,24 @@ unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c
     forget_everything();
 }
 
-#[pg_guard]
+/// (Called at every transaction event: the common ones return after two comparisons, without
+/// an error boundary; what does work runs in `on_abort`.)
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
-    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT) {
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
         param::forget_runs();
+    } else if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+        param::forget_runs();
+        // SAFETY: a #[pg_guard] function of ours.
+        unsafe { on_abort() };
     }
-    if event == pg_sys::XactEvent::XACT_EVENT_ABORT || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT {
-        keystore::forget_keys();
-        explain::done();
-        param::reset_planning();
-    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_abort() {
+    keystore::forget_keys();
+    explain::done();
+    param::reset_planning();
 }
 
 #[pg_guard]

@@ -123,3 +123,33 @@ pub mod pg {
         unsafe { active_snapshot_set() }
     }
 }
+
+/// Backend state in a plain `static`. PostgreSQL runs each backend as a single-threaded process
+/// and pg_tenancy starts no thread that touches this state (the master key command's reader
+/// threads touch only their pipe), so no second thread ever sees it; and unlike `thread_local!`
+/// in a shared library, whose every access calls `__tls_get_addr`, a plain static costs nothing
+/// on the per-statement paths. Same shape as `LocalKey::with`.
+pub struct Backend<T>(T);
+
+// SAFETY: see above: one thread per backend process uses it.
+unsafe impl<T> Sync for Backend<T> {}
+
+impl<T> Backend<T> {
+    pub const fn new(value: T) -> Self {
+        Backend(value)
+    }
+
+    pub fn with<R>(&'static self, f: impl FnOnce(&T) -> R) -> R {
+        f(&self.0)
+    }
+}
+
+impl<T: Copy> Backend<std::cell::Cell<T>> {
+    pub fn get(&'static self) -> T {
+        self.0.get()
+    }
+
+    pub fn set(&'static self, value: T) {
+        self.0.set(value)
+    }
+}

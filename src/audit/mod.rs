@@ -71,23 +71,19 @@ impl Event {
 }
 
 
-thread_local! {
-    /// Set in the drain worker and in prune_audit: the audit log's guard trigger lets their
-    /// writes through and nothing else.
-    pub(crate) static WRITER: Cell<bool> = const { Cell::new(false) };
-    pub(crate) static PRUNING: Cell<bool> = const { Cell::new(false) };
-    /// Depth of recording: an event raised while one is being recorded is not recorded again.
-    static RECORDING: Cell<bool> = const { Cell::new(false) };
-}
+/// Set in the drain worker and in prune_audit: the audit log's guard trigger lets their
+/// writes through and nothing else.
+pub(crate) static WRITER: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+pub(crate) static PRUNING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// Depth of recording: an event raised while one is being recorded is not recorded again.
+static RECORDING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 
-thread_local! {
-    /// The protected table the statement running now writes (InvalidOid when none), for events
-    /// raised while it runs (set once per statement by the permission hook).
-    static WRITE_TARGET: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-    /// How the session's tenant is named in events (set by the context feature at start-up, so
-    /// that this floor imports nothing above it).
-    static SESSION_TENANT: Cell<fn() -> String> = const { Cell::new(String::new) };
-}
+/// The protected table the statement running now writes (InvalidOid when none), for events
+/// raised while it runs (set once per statement by the permission hook).
+static WRITE_TARGET: crate::util::Backend<Cell<pg_sys::Oid>> = crate::util::Backend::new(Cell::new(pg_sys::InvalidOid));
+/// How the session's tenant is named in events (set by the context feature at start-up, so
+/// that this floor imports nothing above it).
+static SESSION_TENANT: crate::util::Backend<Cell<fn() -> String>> = crate::util::Backend::new(Cell::new(String::new));
 
 /// The protected table the statement running now writes.
 pub fn write_target() -> pg_sys::Oid {

@@ -67,10 +67,11 @@ pub struct CatalogIds {
 }
 
 thread_local! {
-    static IDS: Cell<Option<CatalogIds>> = const { Cell::new(None) };
     /// Prepared, kept plans by statement (the address of its text).
     static PLANS: RefCell<HashMap<usize, pg_sys::SPIPlanPtr>> = RefCell::new(HashMap::new());
 }
+
+static IDS: crate::util::Backend<Cell<Option<CatalogIds>>> = crate::util::Backend::new(Cell::new(None));
 
 /// Forget the cached OIDs (called on invalidation).
 pub fn forget() {

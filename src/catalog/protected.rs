@@ -7,13 +7,11 @@ use std::collections::HashMap;
 use super::{arg, one, run, Stmt, Who};
 use crate::error::Result;
 
-thread_local! {
-    /// Protected tables of this database and the attribute number of their tenant column;
-    /// `None` until loaded or after an invalidation. Empty where pg_tenancy is not installed.
-    static PROTECTED: RefCell<Option<HashMap<pg_sys::Oid, i16, crate::util::Fnv>>> = const { RefCell::new(None) };
-    /// Set while the set is being loaded (the loading query itself passes through the hooks).
-    static LOADING: Cell<bool> = const { Cell::new(false) };
-}
+/// Protected tables of this database and the attribute number of their tenant column;
+/// `None` until loaded or after an invalidation. Empty where pg_tenancy is not installed.
+static PROTECTED: crate::util::Backend<RefCell<Option<HashMap<pg_sys::Oid, i16, crate::util::Fnv>>>> = crate::util::Backend::new(RefCell::new(None));
+/// Set while the set is being loaded (the loading query itself passes through the hooks).
+static LOADING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 
 /// Forget the set (`tenancy.protected_tables` changed, or the extension came or went).
 pub fn forget() {
@@ -86,8 +84,16 @@ pub fn nothing_protected() -> bool {
 /// # Safety
 /// `range_table` is a valid range table (List of RangeTblEntry) or NULL.
 pub unsafe fn relations(range_table: *mut pg_sys::List) -> impl Iterator<Item = &'static pg_sys::RangeTblEntry> {
-    // SAFETY: a pointer List of RangeTblEntry (or NIL).
-    unsafe { super::list_ptrs(range_table) }.into_iter().filter_map(|p| {
+    // SAFETY: a pointer List of RangeTblEntry (or NIL): `length` cells (read in place, no copy).
+    let cells: &'static [pg_sys::ListCell] = unsafe {
+        if range_table.is_null() {
+            &[]
+        } else {
+            std::slice::from_raw_parts((*range_table).elements, (*range_table).length as usize)
+        }
+    };
+    // SAFETY: reading the pointer member of a cell of a pointer List.
+    cells.iter().map(|c| unsafe { c.ptr_value }).filter_map(|p| {
         // SAFETY: every element of a range table is a RangeTblEntry.
         let rte = unsafe { &*(p as *const pg_sys::RangeTblEntry) };
         (rte.rtekind == pg_sys::RTEKind::RTE_RELATION).then_some(rte)

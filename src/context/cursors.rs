@@ -74,9 +74,7 @@ impl Held {
 
 }
 
-thread_local! {
-    static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
-}
+static HELD: crate::util::Backend<RefCell<Vec<Held>>> = crate::util::Backend::new(RefCell::new(Vec::new()));
 
 /// The live portal of a tracked cursor, or None when it was closed or replaced.
 ///

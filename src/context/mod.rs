@@ -69,18 +69,19 @@ const CACHE_CAPACITY: usize = 4096;
 thread_local! {
     /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
     static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>, crate::util::Fnv>> = RefCell::new(HashMap::default());
-    static CACHE_LEN: Cell<usize> = const { Cell::new(0) };
-    /// The last verification used: most statements of a session use the one the statement before
-    /// used, so a byte comparison finds it without hashing.
-    static LAST: RefCell<Option<Rc<Verified>>> = const { RefCell::new(None) };
-    /// An input of the verifications changed: the caches are emptied at their next use (an
-    /// invalidation can arrive while they are being read).
-    static STALE: Cell<bool> = const { Cell::new(false) };
-    /// See `generation`.
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
-    /// Refusals are not recorded (a look at the context that is not an attempt to use it).
-    static QUIET: Cell<bool> = const { Cell::new(false) };
 }
+
+static CACHE_LEN: crate::util::Backend<Cell<usize>> = crate::util::Backend::new(Cell::new(0));
+/// The last verification used: most statements of a session use the one the statement before
+/// used, so a byte comparison finds it without hashing.
+static LAST: crate::util::Backend<RefCell<Option<Rc<Verified>>>> = crate::util::Backend::new(RefCell::new(None));
+/// An input of the verifications changed: the caches are emptied at their next use (an
+/// invalidation can arrive while they are being read).
+static STALE: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// See `generation`.
+static GENERATION: crate::util::Backend<Cell<u64>> = crate::util::Backend::new(Cell::new(0));
+/// Refusals are not recorded (a look at the context that is not an attempt to use it).
+static QUIET: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 
 /// The verified tenant for the role running the current statement, or None, without recording
 /// a refusal: for the planner's estimates, which are not a use of the context (the statement

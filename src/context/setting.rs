@@ -38,16 +38,14 @@ unsafe extern "C" {
 }
 
 
-thread_local! {
-    /// Whether this session was already told that a transaction-scoped context outside a
-    /// transaction block lasts one statement.
-    static WARNED: Cell<bool> = const { Cell::new(false) };
-    /// Who set the current value (see [`Setter`]); kept by the assign hook.
-    static SETTER: Cell<Setter> = const { Cell::new(Setter::Unknown) };
-    /// While set_tenant() sets a value it just verified for the role calling it: that value and
-    /// role (the check hook does not verify them a second time).
-    static PREVERIFIED: std::cell::RefCell<Option<(Vec<u8>, pg_sys::Oid)>> = const { std::cell::RefCell::new(None) };
-}
+/// Whether this session was already told that a transaction-scoped context outside a
+/// transaction block lasts one statement.
+static WARNED: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// Who set the current value (see [`Setter`]); kept by the assign hook.
+static SETTER: crate::util::Backend<Cell<Setter>> = crate::util::Backend::new(Cell::new(Setter::Unknown));
+/// While set_tenant() sets a value it just verified for the role calling it: that value and
+/// role (the check hook does not verify them a second time).
+static PREVERIFIED: crate::util::Backend<std::cell::RefCell<Option<(Vec<u8>, pg_sys::Oid)>>> = crate::util::Backend::new(std::cell::RefCell::new(None));
 
 /// Who set the value in force.
 pub fn setter() -> Setter {

@@ -129,10 +129,8 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
     }
 }
 
-thread_local! {
-    /// What the permission check saw of the statement being started.
-    static TOUCHED: Cell<Touched> = const { Cell::new(Touched::NONE) };
-}
+/// What the permission check saw of the statement being started.
+static TOUCHED: crate::util::Backend<Cell<Touched>> = crate::util::Backend::new(Cell::new(Touched::NONE));
 
 /// What the permission check of the statement being started saw.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -517,10 +515,8 @@ unsafe fn next_process_utility(
     }
 }
 
-thread_local! {
-    /// Roles a DROP ROLE is removing (their grants go with them once it succeeds).
-    static DROPPING: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
-}
+/// Roles a DROP ROLE is removing (their grants go with them once it succeeds).
+static DROPPING: crate::util::Backend<RefCell<Vec<pg_sys::Oid>>> = crate::util::Backend::new(RefCell::new(Vec::new()));
 
 /// Before a utility statement runs. Returns whether `after_utility` has something to do.
 #[pg_guard]

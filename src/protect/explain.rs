@@ -21,14 +21,12 @@ use crate::audit::{self, Event};
 use crate::error::TenancyError;
 use crate::gucs::{self, ExplainAnalyze};
 
-thread_local! {
-    /// An `EXPLAIN (ANALYZE)` is about to start its statement.
-    static PENDING: Cell<bool> = const { Cell::new(false) };
-    /// An `EXPLAIN (ANALYZE)`'s statement is running (with whatever it runs in turn).
-    static ACTIVE: Cell<bool> = const { Cell::new(false) };
-    /// The statement whose counters are to be hidden when it finishes (hide mode).
-    static HIDE: Cell<*mut pg_sys::QueryDesc> = const { Cell::new(std::ptr::null_mut()) };
-}
+/// An `EXPLAIN (ANALYZE)` is about to start its statement.
+static PENDING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// An `EXPLAIN (ANALYZE)`'s statement is running (with whatever it runs in turn).
+static ACTIVE: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// The statement whose counters are to be hidden when it finishes (hide mode).
+static HIDE: crate::util::Backend<Cell<*mut pg_sys::QueryDesc>> = crate::util::Backend::new(Cell::new(std::ptr::null_mut()));
 
 /// Before an `ExplainStmt` runs: note it when it has ANALYZE.
 ///

@@ -30,10 +30,8 @@ use crate::catalog::protected::protected;
 use crate::catalog::{self, list_ptrs};
 use crate::error::TenancyError;
 
-thread_local! {
-    /// Relations whose protection this backend is changing right now, through protect/unprotect.
-    static EXEMPT: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
-}
+/// Relations whose protection this backend is changing right now, through protect/unprotect.
+static EXEMPT: crate::util::Backend<RefCell<Vec<pg_sys::Oid>>> = crate::util::Backend::new(RefCell::new(Vec::new()));
 
 /// Marks a relation exempt from the guard while alive (also while unwinding from an error).
 pub(super) struct Exempt(pg_sys::Oid);
@@ -482,10 +480,8 @@ pub unsafe fn needs_shield(node: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
     subject_to_row_security().then_some(rel)
 }
 
-thread_local! {
-    /// How many shielded statements are running (they nest: a function may run one).
-    static SHIELD_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
+/// How many shielded statements are running (they nest: a function may run one).
+static SHIELD_DEPTH: crate::util::Backend<std::cell::Cell<u32>> = crate::util::Backend::new(std::cell::Cell::new(0));
 
 /// Whether a shielded statement is running: the emit_log hook then keeps every message below ERROR
 /// from the client and the server log (a function the statement runs may have changed

@@ -29,21 +29,19 @@ use crate::catalog::protected::{nothing_protected, protected, relations};
 use crate::context;
 use crate::error::{OrRaise, TenancyError};
 
-thread_local! {
-    /// Every (domain, base type) pair this backend ever gave a parameter slot: the slots of its
-    /// plans to fill. It only grows (a plan made before the extension was re-created is
-    /// invalidated with the function it called, but a slot of it must never go unfilled).
-    static OURS: RefCell<Vec<(pg_sys::Oid, pg_sys::Oid)>> = const { RefCell::new(Vec::new()) };
-    /// A conversion is running: the catalog statements it may run are planned without one.
-    static BUSY: Cell<bool> = const { Cell::new(false) };
-    /// Statements being planned (the planner calls the function for its estimates).
-    static PLANNING: Cell<u32> = const { Cell::new(0) };
-    /// Started statements whose parameters were filled, with the verification generation they
-    /// were filled at (see `verify_again`); removed when they end.
-    static RUNS: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
-    /// The probe mark's type, once this backend marked a plan with it.
-    static PROBE_MARK: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-}
+/// Every (domain, base type) pair this backend ever gave a parameter slot: the slots of its
+/// plans to fill. It only grows (a plan made before the extension was re-created is
+/// invalidated with the function it called, but a slot of it must never go unfilled).
+static OURS: crate::util::Backend<RefCell<Vec<(pg_sys::Oid, pg_sys::Oid)>>> = crate::util::Backend::new(RefCell::new(Vec::new()));
+/// A conversion is running: the catalog statements it may run are planned without one.
+static BUSY: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// Statements being planned (the planner calls the function for its estimates).
+static PLANNING: crate::util::Backend<Cell<u32>> = crate::util::Backend::new(Cell::new(0));
+/// Started statements whose parameters were filled, with the verification generation they
+/// were filled at (see `verify_again`); removed when they end.
+static RUNS: crate::util::Backend<RefCell<Vec<(usize, u64)>>> = crate::util::Backend::new(RefCell::new(Vec::new()));
+/// The probe mark's type, once this backend marked a plan with it.
+static PROBE_MARK: crate::util::Backend<Cell<pg_sys::Oid>> = crate::util::Backend::new(Cell::new(pg_sys::InvalidOid));
 
 /// The planner hook brackets planning with these (no destructor in its frame: an error while
 /// planning leaves the count to `reset_planning`, at the abort).
