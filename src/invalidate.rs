@@ -2,8 +2,8 @@
 //!
 //! | cache | inputs | dropped on |
 //! | --- | --- | --- |
-//! | catalog OIDs (`catalog::ids`) | the extension's schema and tables | relcache reset or invalidation of those tables; a schema created or dropped |
-//! | protected set (`catalog::protected`) | `tenancy.protected_tables`, `pg_attribute` | the same |
+//! | catalog OIDs (`catalog::ids`) | the extension's schema and tables | relcache reset or invalidation of those tables (their rows changed, or DROP EXTENSION dropped them); a schema created or dropped |
+//! | protected set (`catalog::protected`) | `tenancy.protected_tables`, `pg_attribute` | the same; while the extension is not installed (an empty set), any relcache invalidation |
 //! | verified contexts (`context`) | `tenancy.tenants`, `tenancy.grants`, roles, role memberships, the verification settings | relcache invalidation of the two tables (sent by their triggers); syscache invalidation of `pg_authid` and `pg_auth_members`; the settings' assign hooks |
 //! | held cursors' readability (`context::cursors`) | the same as verified contexts | the same |
 //! | unwrapped and ready keys (`crypto::keystore`) | `tenancy.keys`, the master-key settings | relcache invalidation of `tenancy.keys` (its triggers); the settings' assign hooks; the abort of a (sub)transaction that may have created a key |
@@ -64,14 +64,20 @@ unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid)
         return;
     }
     // Invariant: whatever is cached was read through catalog::ids(), and the ids are forgotten
-    // only with everything else; so while no ids are cached, nothing is.
-    let Some(ids) = catalog::cached_ids() else { return };
-    if relid == ids.protected {
+    // only with everything else. While no ids are cached, the one thing cached is the answer
+    // "nothing is protected here" (an empty set), which any relation change may end (CREATE
+    // EXTENSION into a schema that already exists sends no schema invalidation).
+    let Some(ids) = catalog::cached_ids() else {
         catalog::protected::forget();
-    } else if relid == ids.tenants || relid == ids.grants {
-        verification_inputs_changed();
-    } else if relid == ids.keys {
-        keystore::forget_keys();
+        return;
+    };
+    // The extension's tables send these when their rows change (their triggers), and when they
+    // are dropped: DROP EXTENSION leaves the `tenancy` schema behind (CREATE EXTENSION made it
+    // because of the control file's `schema`, so it is not a member), so no schema invalidation
+    // comes, and cached OIDs would name tables that are gone. These changes are rare (grants,
+    // tenants, protect(), key states; not the encryption counter): start over.
+    if relid == ids.protected || relid == ids.tenants || relid == ids.grants || relid == ids.keys {
+        forget_everything();
     }
 }
 

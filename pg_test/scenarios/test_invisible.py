@@ -16,7 +16,7 @@ import subprocess
 import psycopg2
 import pytest
 
-from conftest import PORT, ROOT, SOCK
+from conftest import PORT, ROOT, SOCK, connect, run
 
 PLAIN_ROOT = ROOT + "-plain"
 PLAIN_PORT = PORT - 3
@@ -146,3 +146,60 @@ def test_every_statement_behaves_as_without_pg_tenancy(plain_cluster, extension)
     finally:
         plain.close()
         ours.close()
+
+
+def test_drop_extension_leaves_no_trace_in_any_session(database):
+    """DROP EXTENSION (which leaves the `tenancy` schema behind) must not leave the library
+    holding OIDs of dropped tables: in the dropping session and in another session that had
+    used the extension, later statements behave as where it was never installed, and CREATE
+    EXTENSION again protects again in those same sessions."""
+    db = "pg_tenancy_dropext"
+    admin = connect(dbname="postgres")
+    run(admin, f"DROP DATABASE IF EXISTS {db}")
+    run(admin, f"CREATE DATABASE {db}")
+    run(admin, "DROP ROLE IF EXISTS inv_app")
+    run(admin, "DROP ROLE IF EXISTS inv_dropped")
+    run(admin, "CREATE ROLE inv_app LOGIN")
+    try:
+        a = connect(dbname=db)
+
+        def protected_table():
+            run(a, "CREATE TABLE t (tenant_id text NOT NULL, x int)")
+            run(a, "SELECT count(*) FROM tenancy.protect('t')")
+            run(a, "GRANT SELECT ON t TO inv_app")
+
+        def refused(conn):  # no tenant context: refused, not an empty result
+            with pytest.raises(psycopg2.Error) as e:
+                run(conn, "SELECT * FROM t")
+            return e.value.pgcode
+
+        run(a, "CREATE EXTENSION pg_tenancy")
+        run(a, "SELECT tenancy.create_tenant('acme', 'Acme')")
+        protected_table()
+        run(a, "CREATE ROLE inv_dropped")
+        b = connect(user="inv_app", dbname=db)
+        # both sessions cache the catalog's OIDs and the protected set
+        assert refused(b) == "28000"
+        run(a, "SET ROLE inv_app")
+        assert refused(a) == "28000"
+        run(a, "RESET ROLE")
+        run(a, "DROP EXTENSION pg_tenancy CASCADE")
+        # (the table keeps FORCE ROW LEVEL SECURITY without policies: PostgreSQL's empty answer)
+        assert run(b, "SELECT count(*) FROM t") == [(0,)]
+        assert run(a, "SELECT count(*) FROM t") == [(0,)]
+        run(a, "CREATE TABLE u (y int)")
+        run(a, "GRANT SELECT ON u TO inv_app")
+        assert run(b, "SELECT count(*) FROM u") == [(0,)]
+        run(a, "DROP ROLE inv_dropped")  # the DROP ROLE hook looks for grants only where installed
+        run(a, "DROP TABLE t")
+        run(a, "CREATE EXTENSION pg_tenancy")
+        protected_table()
+        assert refused(b) == "28000"
+        run(a, "SET ROLE inv_app")
+        assert refused(a) == "28000"
+        a.close(), b.close()
+    finally:
+        run(admin, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        run(admin, "DROP ROLE IF EXISTS inv_dropped")
+        run(admin, "DROP ROLE IF EXISTS inv_app")
+        admin.close()

@@ -2,6 +2,7 @@
 -- read it, and that nobody can change it.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+\i pg_test/fixtures/setup.sql
 SET client_min_messages = warning;
 DROP ROLE IF EXISTS regress_aud_app;
 DROP ROLE IF EXISTS regress_aud_reader;
@@ -152,3 +153,5 @@ DROP TABLE public.aud_notes;
 DROP OWNED BY regress_aud_app;
 DROP ROLE regress_aud_app;
 DROP ROLE regress_aud_reader;
+
+\i pg_test/fixtures/teardown.sql

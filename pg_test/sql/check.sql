@@ -1,6 +1,17 @@
 -- tenancy.check(): the pre-go-live checklist.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+\i pg_test/fixtures/setup.sql
+\i pg_test/fixtures/app.sql
+-- a table left unprotected, one without an index on the tenant column, one with a NULLable one
+CREATE SCHEMA app2 AUTHORIZATION regress_owner;
+SET ROLE regress_owner;
+CREATE TABLE app2.a (tenant_id text, x int);
+CREATE TABLE app2.b (tenant_id text, y int);
+SELECT count(*) FROM tenancy.protect('app2.a', create_index => true);
+CREATE TABLE app.invoices (tenant_id text NOT NULL, n int);
+SELECT count(*) FROM tenancy.protect('app.invoices');
+RESET ROLE;
 SET client_min_messages = warning;
 DROP ROLE IF EXISTS regress_bypass;
 RESET client_min_messages;
@@ -44,7 +55,4 @@ DROP TABLE app.unprotected;
 DROP ROLE regress_bypass;
 SELECT severity, object, problem FROM tenancy.check() WHERE object NOT LIKE 'role postgres' AND problem NOT LIKE '%overflowed the audit queue%';
 
--- clean up the cluster-wide roles
-DROP SCHEMA app, app2 CASCADE;
-DROP OWNED BY regress_app, regress_reader, regress_group, regress_member, regress_admin, regress_owner;
-DROP ROLE regress_app, regress_reader, regress_group, regress_member, regress_admin, regress_owner;
+\i pg_test/fixtures/teardown.sql

@@ -1,14 +1,7 @@
 -- The tenant context: scope, grants, statuses, flags, and every way to set or clear it.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
-SET client_min_messages = warning;
-DROP ROLE IF EXISTS regress_app, regress_reader, regress_group, regress_member, regress_admin;
-RESET client_min_messages;
-CREATE ROLE regress_app;
-CREATE ROLE regress_reader;
-CREATE ROLE regress_group;
-CREATE ROLE regress_member IN ROLE regress_group;
-CREATE ROLE regress_admin;
+\i pg_test/fixtures/setup.sql
 SELECT id FROM tenancy.create_tenant('initech', 'Initech');
 SELECT id FROM tenancy.create_tenant('hooli', 'Hooli', config => '{"flags": {"beta": false}}');
 SELECT tenancy.grant_tenant('regress_app', 'acme');
@@ -191,3 +184,5 @@ ROLLBACK;
 BEGIN;
 SELECT tenancy.set_tenant('nosuch');
 ROLLBACK;
+
+\i pg_test/fixtures/teardown.sql

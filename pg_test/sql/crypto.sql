@@ -2,6 +2,9 @@
 -- context, rotation, master-key rotation, blind indexes, crypto-shredding.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+\i pg_test/fixtures/setup.sql
+SELECT id FROM tenancy.create_tenant('initech', 'Initech');
+SELECT tenancy.grant_tenant('regress_app', 'acme'), tenancy.grant_tenant('regress_app', 'globex', 'read_write');
 \! head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /tmp/pg_tenancy_regress_mk1 && head -c 32 /dev/urandom | base64 > /tmp/pg_tenancy_regress_mk2 && printf 'too short' > /tmp/pg_tenancy_regress_mk3 && chmod 644 /tmp/pg_tenancy_regress_mk*
 -- no master key: a clear error, never a default key
 SET ROLE regress_app;
@@ -227,3 +230,5 @@ SELECT bool_and(encryptions <= 40 + 10) AS counted_within_limit, count(*) > 2 AS
 RESET pg_tenancy.max_encryptions_per_key;
 RESET pg_tenancy.master_key_file;
 \! rm -f /tmp/pg_tenancy_regress_mk1 /tmp/pg_tenancy_regress_mk2 /tmp/pg_tenancy_regress_mk3
+
+\i pg_test/fixtures/teardown.sql

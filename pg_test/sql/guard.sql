@@ -1,6 +1,8 @@
 -- The guard: protection cannot be weakened except through tenancy.unprotect().
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+\i pg_test/fixtures/setup.sql
+\i pg_test/fixtures/app.sql
 -- as the table owner
 SET ROLE regress_owner;
 ALTER TABLE app.orders DISABLE ROW LEVEL SECURITY;
@@ -51,3 +53,5 @@ CREATE TABLE app.scratch (tenant_id text);
 SELECT count(*) FROM tenancy.protect('app.scratch');
 DROP TABLE app.scratch;
 SELECT count(*) FROM tenancy.protected_tables WHERE rel::text = 'app.scratch';
+
+\i pg_test/fixtures/teardown.sql

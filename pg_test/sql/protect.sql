@@ -1,10 +1,9 @@
 -- tenancy.protect(): generated policies, and what they let an application role do.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
-SET client_min_messages = warning;
-DROP ROLE IF EXISTS regress_owner;
-RESET client_min_messages;
-CREATE ROLE regress_owner;
+\i pg_test/fixtures/setup.sql
+SELECT id FROM tenancy.create_tenant('7c9e6679-7425-40de-944b-e07fc1f90ae7', 'UUID tenant');
+SELECT tenancy.grant_tenant('regress_app', 'acme'), tenancy.grant_tenant('regress_app', 'globex', 'read_write');
 CREATE SCHEMA app AUTHORIZATION regress_owner;
 GRANT USAGE ON SCHEMA app TO regress_app, regress_reader;
 ALTER DEFAULT PRIVILEGES FOR ROLE regress_owner IN SCHEMA app
@@ -257,3 +256,5 @@ SELECT * FROM tenancy.unprotect('app2.b');
 SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = 'app2.b'::regclass;
 SELECT count(*) FROM pg_policy WHERE polrelid = 'app2.b'::regclass;
 SELECT count(*) FROM tenancy.unprotect('app2.b');
+
+\i pg_test/fixtures/teardown.sql

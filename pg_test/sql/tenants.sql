@@ -53,3 +53,5 @@ RESET ROLE;
 DROP ROLE regress_nobody;
 
 SELECT id, status FROM tenancy.tenants ORDER BY id;
+
+\i pg_test/fixtures/teardown.sql

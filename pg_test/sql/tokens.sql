@@ -1,6 +1,10 @@
 -- Signed context: HS256 tokens, and signed mode refusing every other way in.
 \set VERBOSITY default
 \set SHOW_CONTEXT never
+\i pg_test/fixtures/setup.sql
+SELECT id FROM tenancy.create_tenant('initech', 'Initech');
+SELECT tenancy.grant_tenant('regress_app', 'acme'), tenancy.grant_tenant('regress_app', 'globex', 'read_write'),
+       tenancy.grant_tenant('regress_app', 'initech', 'read');
 -- no secret configured: a clear error, never a default key
 SET ROLE regress_app;
 SELECT tenancy.set_tenant_token('eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJhY21lIiwiZXhwIjo0MTAyNDQ0ODAwfQ.c2ln');
@@ -137,3 +141,5 @@ RESET ROLE;
 RESET pg_tenancy.jwt_secret_file;
 RESET pg_tenancy.context_mode;
 \! rm -f /tmp/pg_tenancy_regress_secret
+
+\i pg_test/fixtures/teardown.sql

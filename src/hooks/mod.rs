@@ -539,6 +539,10 @@ unsafe extern "C-unwind" fn before_utility(node: *mut pg_sys::Node) -> bool {
                 true
             }
             T_DropRoleStmt => note_dropped_roles(node as *mut pg_sys::DropRoleStmt),
+            T_DropStmt if (*(node as *mut pg_sys::DropStmt)).removeType == pg_sys::ObjectType::OBJECT_EXTENSION => {
+                lock_audit_log_before_drop(node as *mut pg_sys::DropStmt);
+                false
+            }
             _ => {
                 if !nothing_protected() {
                     guard::before_ddl(node);
@@ -560,6 +564,29 @@ unsafe extern "C-unwind" fn after_utility(node: *mut pg_sys::Node) {
             T_DropRoleStmt => forget_dropped_roles(),
             _ => {}
         }
+    }
+}
+
+/// Before DROP EXTENSION pg_tenancy: take the audit log first. The audit writer holds it while
+/// its insert reads the extension's other tables (the protected set, through the hooks), and
+/// DROP EXTENSION would lock those first and the log last: a deadlock. Waiting for the writer
+/// here gives both the same order.
+///
+/// # Safety
+/// `stmt` is the DropStmt (of extensions) PostgreSQL is about to run.
+unsafe fn lock_audit_log_before_drop(stmt: *mut pg_sys::DropStmt) {
+    // SAFETY: the objects of a DROP EXTENSION are String nodes.
+    let ours = unsafe { list_ptrs((*stmt).objects) }.into_iter().any(|o| unsafe {
+        let name = (*(o as *mut pg_sys::String)).sval;
+        !name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == b"pg_tenancy"
+    });
+    if !ours {
+        return;
+    }
+    if let Some(log) = catalog::audit_log::relation() {
+        // SAFETY: a lock on an existing relation, held to the end of the transaction (as the
+        // DROP itself would).
+        unsafe { pg_sys::LockRelationOid(log, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
     }
 }
 
