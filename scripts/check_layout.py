@@ -26,6 +26,7 @@ FLOORS = [
     {"audit"},
     {"context"},
     {"crypto", "protect"},
+    {"backup"},
     {"hooks", "invalidate"},
 ]
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT INTO|UPDATE|DELETE FROM|CREATE|ALTER TABLE|DROP|WITH)\b")

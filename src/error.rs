@@ -6,6 +6,7 @@ use pgrx::pg_sys;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use std::ffi::CString;
 
+use pg_tenancy_core::archive::ArchiveError;
 use pg_tenancy_core::token::TokenError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +75,22 @@ pub enum TenancyError {
     Unprotectable(&'static str),
     #[error("not allowed on a protected table")]
     Guarded(&'static str),
+    #[error("{0}")]
+    Archive(ArchiveError),
+    #[error("backup does not exist")]
+    UnknownBackup,
+    #[error("the backup belongs to another tenant")]
+    OtherTenantsBackup,
+    #[error("the backup chain is broken or out of order")]
+    BrokenChain,
+    #[error("the backup archive cannot be read")]
+    ArchiveUnreadable(&'static str),
+    #[error("pg_tenancy.backup_dir is not set")]
+    NoBackupDir,
+    #[error("not supported yet")]
+    NotYet(&'static str),
+    #[error("the restore cannot go on")]
+    RestoreBlocked(&'static str),
 }
 
 impl TenancyError {
@@ -110,6 +127,23 @@ impl TenancyError {
             }
             TenancyError::TemporaryTable => ERRCODE_WRONG_OBJECT_TYPE, // 42809
             TenancyError::Unprotectable(_) | TenancyError::Guarded(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
+            TenancyError::Archive(e) => match e {
+                ArchiveError::Unparsable => ERRCODE_INVALID_JSON_TEXT,                  // 22032
+                ArchiveError::ManifestAltered => ERRCODE_DATA_CORRUPTED,                // XX001
+                ArchiveError::NewerVersion(_) => ERRCODE_FEATURE_NOT_SUPPORTED,        // 0A000
+                ArchiveError::TableMissing(_) => ERRCODE_UNDEFINED_FILE,               // 58P01
+                ArchiveError::TableUnexpected(_) => ERRCODE_DUPLICATE_FILE,            // 58P02
+                ArchiveError::SizeMismatch(_) => ERRCODE_STRING_DATA_LENGTH_MISMATCH,  // 22026
+                ArchiveError::CountMismatch(_) => ERRCODE_CARDINALITY_VIOLATION,       // 21000
+                ArchiveError::ChecksumMismatch(_) => ERRCODE_DATA_EXCEPTION,           // 22000
+            },
+            TenancyError::UnknownBackup => ERRCODE_UNDEFINED_OBJECT,                   // 42704
+            TenancyError::OtherTenantsBackup => ERRCODE_INSUFFICIENT_PRIVILEGE,        // 42501
+            TenancyError::BrokenChain => ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,       // 23000
+            TenancyError::ArchiveUnreadable(_) => ERRCODE_IO_ERROR,                    // 58030
+            TenancyError::NoBackupDir => ERRCODE_CONFIG_FILE_ERROR,                    // F0000
+            TenancyError::NotYet(_) => ERRCODE_FEATURE_NOT_SUPPORTED,                  // 0A000
+            TenancyError::RestoreBlocked(_) => ERRCODE_LOCK_NOT_AVAILABLE,             // 55P03
         }
     }
 
@@ -137,6 +171,11 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             TenancyError::NotPermitted => Some(
                 "The role has no grant for that tenant, or the tenant does not exist.".into(),
             ),
+            TenancyError::Archive(ArchiveError::TableMissing(t) | ArchiveError::SizeMismatch(t)
+            | ArchiveError::CountMismatch(t) | ArchiveError::ChecksumMismatch(t)) => Some(format!("table {t}")),
+            TenancyError::Archive(ArchiveError::TableUnexpected(i)) => Some(format!("data for table number {i}")),
+            TenancyError::Archive(ArchiveError::NewerVersion(v)) => Some(format!("format version {v}")),
+            TenancyError::ArchiveUnreadable(why) | TenancyError::NotYet(why) | TenancyError::RestoreBlocked(why) => Some((*why).to_string()),
             _ => None,
         }
     }
@@ -217,6 +256,15 @@ pg_tenancy.explain_analyze = 'hide'."
             TenancyError::ValueTooLarge => {
                 "A ciphertext is 42 bytes longer than its plaintext and must fit in a bytea (1 GB); store larger objects in parts."
             }
+            TenancyError::Archive(ArchiveError::NewerVersion(_)) => "Restore it with the pg_tenancy version that wrote it, or a later one.",
+            TenancyError::Archive(_) => "The archive was altered, truncated or damaged: restore from another backup of the tenant (SELECT * FROM tenancy.backups WHERE tenant = ...).",
+            TenancyError::UnknownBackup => "List them with SELECT * FROM tenancy.backups, or register an archive with tenancy.import().",
+            TenancyError::OtherTenantsBackup => "Restore a backup of the same tenant; moving data between tenants is not a restore.",
+            TenancyError::BrokenChain => "An incremental backup needs every backup before it back to a full one; take a new full backup.",
+            TenancyError::ArchiveUnreadable(_) => "Check pg_tenancy.backup_dir and the file, or import the archive again with tenancy.import().",
+            TenancyError::NoBackupDir => "A superuser sets pg_tenancy.backup_dir, or use tenancy.export() to stream the archive to the client.",
+            TenancyError::NotYet(_) => "See the README, \"Backups\", for what this version supports.",
+            TenancyError::RestoreBlocked(_) => "The tenant's status was put back; retry when its long transactions are done (or raise pg_tenancy.restore_wait).",
             TenancyError::AuditAppendOnly => {
                 "Rows are only added by pg_tenancy and only removed by tenancy.prune_audit(older_than). \
 Restoring a dump? Run it with PGOPTIONS='-c pg_tenancy.guard=off' as a superuser."

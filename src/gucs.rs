@@ -70,6 +70,10 @@ pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CS
 pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// The master key being replaced, during tenancy.rotate_master_key().
 pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Where tenancy.backup() writes its archives.
+pub static BACKUP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// How long a restore waits for the tenant's writes already under way (seconds).
+pub static RESTORE_WAIT: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// Age after which a tenant's active data key is listed in tenancy.keys_due.
 pub static KEY_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(180 * 24 * 3600);
 
@@ -229,6 +233,24 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
             None,
         );
     }
+    GucRegistry::define_string_guc(
+        c"pg_tenancy.backup_dir",
+        c"Directory where tenancy.backup() writes tenant archives (one subdirectory per tenant).",
+        c"Written by the server's OS user; keep it off the data directory's volume. tenancy.export() needs no directory.",
+        &BACKUP_DIR,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.restore_wait",
+        c"How long tenancy.restore() waits for the tenant's transactions already writing when it pauses the tenant.",
+        c"Past it the restore gives up and the tenant's status is put back.",
+        &RESTORE_WAIT,
+        0,
+        3600,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"pg_tenancy.key_rotation_interval",
         c"Age after which a tenant's active data key is due for rotation (tenancy.keys_due).",
@@ -338,6 +360,14 @@ pub fn tenant_claim() -> String {
 
 pub fn jwt_leeway() -> i64 {
     JWT_LEEWAY.get() as i64
+}
+
+pub fn backup_dir() -> Option<String> {
+    string(&BACKUP_DIR)
+}
+
+pub fn restore_wait() -> i32 {
+    RESTORE_WAIT.get()
 }
 
 pub fn master_key_file() -> Option<String> {

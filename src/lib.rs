@@ -17,6 +17,7 @@
 use pgrx::prelude::*;
 
 pub mod audit;
+pub mod backup;
 pub mod catalog;
 pub mod context;
 pub mod crypto;
@@ -70,6 +71,18 @@ extension_sql_file!(
     "../sql/check.sql",
     name = "check",
     requires = ["audit", audit::sql::_audit_available, audit::sql::_audit_overflowed]
+);
+extension_sql_file!(
+    "../sql/backup.sql",
+    name = "backup",
+    requires = [
+        "check",
+        backup::_restore_check,
+        backup::_restore_stage,
+        backup::_restore_swap,
+        backup::_wait_for_writers,
+        backup::_record_restore,
+    ]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

@@ -5,7 +5,9 @@
 //! - [`envelope`]: the ciphertext format and AES-256-GCM (AWS-LC);
 //! - [`master_key`]: the master key's formats, identity, the wrapping of tenant keys, and the
 //!   bounded command that reads it;
-//! - [`policy`]: the statements that protect and unprotect a table, rendered from `sql/`.
+//! - [`policy`]: the statements that protect and unprotect a table, rendered from `sql/`;
+//! - [`archive`]: the tenant backup archive (manifest, checksums, chunks).
+pub mod archive;
 pub mod envelope;
 pub mod master_key;
 pub mod model;

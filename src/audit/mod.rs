@@ -38,6 +38,7 @@ pub enum Event {
     ReadOnlyWrite = 7,
     WrongTenantKey = 8,
     ProtectedDdl = 9,
+    TenantRestored = 10,
 }
 
 impl Event {
@@ -52,6 +53,7 @@ impl Event {
             Event::ReadOnlyWrite => "read_only_write",
             Event::WrongTenantKey => "wrong_tenant_key",
             Event::ProtectedDdl => "protected_ddl",
+            Event::TenantRestored => "tenant_restored",
         }
     }
     fn from_u8(v: u8) -> Option<Event> {
@@ -65,6 +67,7 @@ impl Event {
             7 => Event::ReadOnlyWrite,
             8 => Event::WrongTenantKey,
             9 => Event::ProtectedDdl,
+            10 => Event::TenantRestored,
             _ => return None,
         })
     }
@@ -77,6 +80,36 @@ pub(crate) static WRITER: crate::util::Backend<Cell<bool>> = crate::util::Backen
 pub(crate) static PRUNING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 /// Depth of recording: an event raised while one is being recorded is not recorded again.
 static RECORDING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// Set while pg_tenancy itself reads protected tables as a superuser (a backup, a restore): those
+/// reads are recorded as what they are (`tenancy.backups`, `tenant_restored`), not as
+/// `bypass_read` events, one per table.
+static QUIET_BYPASS: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+
+/// While alive, superuser reads of protected tables are not recorded as `bypass_read`.
+pub struct QuietBypassReads(bool);
+
+impl QuietBypassReads {
+    pub fn new() -> Self {
+        QuietBypassReads(QUIET_BYPASS.with(|q| q.replace(true)))
+    }
+}
+
+impl Default for QuietBypassReads {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for QuietBypassReads {
+    fn drop(&mut self) {
+        QUIET_BYPASS.with(|q| q.set(self.0));
+    }
+}
+
+/// Whether superuser reads are being made by pg_tenancy itself (see [`QuietBypassReads`]).
+pub fn bypass_reads_quiet() -> bool {
+    QUIET_BYPASS.with(|q| q.get())
+}
 
 /// The protected table the statement running now writes (InvalidOid when none), for events
 /// raised while it runs (set once per statement by the permission hook).

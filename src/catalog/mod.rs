@@ -25,6 +25,7 @@ use std::ffi::{CStr, CString};
 use crate::error::{Result, TenancyError};
 
 pub mod audit_log;
+pub mod backups;
 pub mod keys;
 pub mod pg;
 pub mod protected;

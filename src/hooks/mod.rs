@@ -200,7 +200,7 @@ unsafe extern "C-unwind" fn check_perms_ours(range_table: *mut pg_sys::List) -> 
         // SAFETY: catalog reads of the role (syscache).
         let bypass = unsafe { pg_sys::has_bypassrls_privilege(user) };
         if bypass {
-            if rte.requiredPerms & pg_sys::ACL_SELECT != 0 {
+            if rte.requiredPerms & pg_sys::ACL_SELECT != 0 && !audit::bypass_reads_quiet() {
                 // SAFETY: as above.
                 let why = if unsafe { pg_sys::superuser_arg(user) } {
                     "superuser read a protected table; row security does not apply to it"

@@ -1,0 +1,376 @@
+//! The tenant backup archive: a manifest in the spirit of PostgreSQL's `backup_manifest`, then
+//! the data.
+//!
+//! An archive is a sequence of text lines (so that `tenancy.export()` can return it as rows a
+//! client saves with `\copy`, and a file holds the same lines):
+//!
+//! ```text
+//! {
+//!   "PgTenancy-Backup-Version": 1,
+//!   "Backup-Id": "…", "Tenant": "acme", "Kind": "full", "Parent": null, "Chain": ["…"],
+//!   …,
+//!   "Tables": [ { "Name": "app.orders", "Columns": [...], "Rows": 3, "Size": 120,
+//!                 "SHA256": "…", "Chunks": 1 }, … ],
+//! "Manifest-Checksum": "<SHA-256 of every line above, each ending in a newline>"}
+//! D <table index> <chunk index> <base64 of the chunk>
+//! …
+//! ```
+//!
+//! A table's data is its rows in PostgreSQL's record text form (`t::text`), each preceded by its
+//! length (4 bytes, little-endian): `Size` bytes whose SHA-256 is `SHA256`. It is cut into chunks
+//! of at most [`CHUNK`] bytes (every table has at least one, so that an empty table is still
+//! present); each chunk is sealed with the tenant's data key (the ciphertext envelope of
+//! [`crate::envelope`]) under a context naming the backup, the table, the chunk and the number of
+//! chunks, so a chunk moved, dropped, reordered or taken from another backup or tenant does not
+//! open. Unencrypted archives (on request) carry the plaintext chunks and rely on the SHA-256.
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The archive format this code writes; archives of a newer version are refused.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest plaintext chunk.
+pub const CHUNK: usize = 1 << 20;
+const CHECKSUM_KEY: &str = "\"Manifest-Checksum\": \"";
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Type")]
+    pub type_name: String,
+    /// A generated column: backed up, never written back (PostgreSQL computes it).
+    #[serde(rename = "Generated", default)]
+    pub generated: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    /// Schema-qualified, quoted as PostgreSQL quotes it.
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Tenant-Column")]
+    pub tenant_column: String,
+    #[serde(rename = "Columns")]
+    pub columns: Vec<Column>,
+    #[serde(rename = "Rows")]
+    pub rows: u64,
+    #[serde(rename = "Size")]
+    pub size: u64,
+    #[serde(rename = "SHA256")]
+    pub sha256: String,
+    #[serde(rename = "Chunks")]
+    pub chunks: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Encryption {
+    #[serde(rename = "Algorithm")]
+    pub algorithm: String,
+    #[serde(rename = "Key-Version")]
+    pub key_version: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    #[serde(rename = "PgTenancy-Backup-Version")]
+    pub version: u32,
+    #[serde(rename = "Backup-Id")]
+    pub id: String,
+    #[serde(rename = "Tenant")]
+    pub tenant: String,
+    #[serde(rename = "Kind")]
+    pub kind: String,
+    #[serde(rename = "Parent")]
+    pub parent: Option<String>,
+    /// The backups this one needs, from the full backup to this one (itself last).
+    #[serde(rename = "Chain")]
+    pub chain: Vec<String>,
+    #[serde(rename = "Created")]
+    pub created: String,
+    #[serde(rename = "Snapshot")]
+    pub snapshot: String,
+    #[serde(rename = "LSN")]
+    pub lsn: String,
+    #[serde(rename = "Extension-Version")]
+    pub extension_version: String,
+    #[serde(rename = "Server-Version")]
+    pub server_version: String,
+    #[serde(rename = "Encryption")]
+    pub encryption: Option<Encryption>,
+    #[serde(rename = "Tables")]
+    pub tables: Vec<TableEntry>,
+    /// Present when parsed (checked against the lines above it); ignored when rendering.
+    #[serde(rename = "Manifest-Checksum", default, skip_serializing)]
+    pub checksum: String,
+}
+
+/// What is wrong with an archive, one kind each (the extension gives each its SQLSTATE).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("the backup manifest is truncated or unparsable")]
+    Unparsable,
+    #[error("the backup manifest was altered (its checksum does not match)")]
+    ManifestAltered,
+    #[error("the backup was written by a newer format version ({0})")]
+    NewerVersion(u32),
+    #[error("a table in the backup manifest is missing from the archive")]
+    TableMissing(String),
+    #[error("the archive holds data for a table that is not in its manifest")]
+    TableUnexpected(usize),
+    #[error("a table's size does not match the backup manifest")]
+    SizeMismatch(String),
+    #[error("a table's row count does not match the backup manifest")]
+    CountMismatch(String),
+    #[error("a table's checksum does not match the backup manifest")]
+    ChecksumMismatch(String),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+/// The manifest's lines, the last holding the SHA-256 of all lines before it.
+pub fn render_manifest(m: &Manifest) -> Vec<String> {
+    let pretty = serde_json::to_string_pretty(m).expect("a manifest serializes");
+    let mut lines: Vec<String> = pretty.lines().map(str::to_owned).collect();
+    // drop the closing brace; the checksum line closes the object
+    lines.pop();
+    if let Some(last) = lines.last_mut() {
+        last.push(',');
+    }
+    let mut hasher = Sha256::new();
+    for l in &lines {
+        hasher.update(l.as_bytes());
+        hasher.update(b"\n");
+    }
+    lines.push(format!("{CHECKSUM_KEY}{}\"}}", hex(&hasher.finalize())));
+    lines
+}
+
+/// The manifest at the head of `lines`, checked against its checksum line; returns it and the
+/// number of lines it spans.
+pub fn parse_manifest<S: AsRef<str>>(lines: &[S]) -> Result<(Manifest, usize), ArchiveError> {
+    let end = lines.iter().position(|l| l.as_ref().starts_with(CHECKSUM_KEY)).ok_or(ArchiveError::Unparsable)?;
+    let mut hasher = Sha256::new();
+    let mut text = String::new();
+    for l in &lines[..end] {
+        hasher.update(l.as_ref().as_bytes());
+        hasher.update(b"\n");
+        text.push_str(l.as_ref());
+        text.push('\n');
+    }
+    text.push_str(lines[end].as_ref());
+    let stored = lines[end].as_ref()[CHECKSUM_KEY.len()..].trim_end_matches("\"}");
+    // The version first: a newer archive may change anything, the checksum rule included.
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|_| ArchiveError::Unparsable)?;
+    let version = value.get("PgTenancy-Backup-Version").and_then(|v| v.as_u64()).ok_or(ArchiveError::Unparsable)?;
+    if version > FORMAT_VERSION as u64 {
+        return Err(ArchiveError::NewerVersion(version as u32));
+    }
+    if stored != hex(&hasher.finalize()) {
+        return Err(ArchiveError::ManifestAltered);
+    }
+    let m: Manifest = serde_json::from_value(value).map_err(|_| ArchiveError::Unparsable)?;
+    Ok((m, end + 1))
+}
+
+/// The context a chunk is sealed under (associated data, with the tenant).
+pub fn chunk_context(backup: &str, table: usize, chunk: usize, chunks: usize) -> String {
+    format!("pg_tenancy backup v1|{backup}|{table}|{chunk}/{chunks}")
+}
+
+/// One data line.
+pub fn data_line(table: usize, chunk: usize, payload: &[u8]) -> String {
+    use base64::Engine;
+    format!("D {table} {chunk} {}", base64::engine::general_purpose::STANDARD.encode(payload))
+}
+
+/// A data line's table index, chunk index and payload.
+pub fn parse_data_line(line: &str) -> Result<(usize, usize, Vec<u8>), ArchiveError> {
+    use base64::Engine;
+    let mut parts = line.splitn(4, ' ');
+    let (Some("D"), Some(t), Some(c), Some(p)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(ArchiveError::Unparsable);
+    };
+    let t = t.parse().map_err(|_| ArchiveError::Unparsable)?;
+    let c = c.parse().map_err(|_| ArchiveError::Unparsable)?;
+    let p = base64::engine::general_purpose::STANDARD.decode(p).map_err(|_| ArchiveError::Unparsable)?;
+    Ok((t, c, p))
+}
+
+/// Appends one row (its record text) to a table's data.
+pub fn frame_row(data: &mut Vec<u8>, row: &[u8]) {
+    data.extend_from_slice(&(row.len() as u32).to_le_bytes());
+    data.extend_from_slice(row);
+}
+
+/// The rows of a table's data; `None` when the framing is broken.
+pub fn rows(data: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        if rest.len() < 4 {
+            return None;
+        }
+        let n = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
+        if rest.len() < 4 + n {
+            return None;
+        }
+        out.push(&rest[4..4 + n]);
+        rest = &rest[4 + n..];
+    }
+    Some(out)
+}
+
+/// The chunks of a table's data (at least one, possibly empty).
+pub fn chunks(data: &[u8]) -> Vec<&[u8]> {
+    if data.is_empty() {
+        return vec![data];
+    }
+    data.chunks(CHUNK).collect()
+}
+
+/// Group the data lines after the manifest by table, in chunk order, checking that every table
+/// of the manifest is present with all its chunks and no other table is.
+pub fn table_chunks<S: AsRef<str>>(m: &Manifest, data: &[S]) -> Result<Vec<Vec<Vec<u8>>>, ArchiveError> {
+    let mut out: Vec<Vec<Option<Vec<u8>>>> = m.tables.iter().map(|t| vec![None; t.chunks as usize]).collect();
+    for line in data {
+        let line = line.as_ref();
+        if line.is_empty() {
+            continue;
+        }
+        let (t, c, payload) = parse_data_line(line)?;
+        let Some(slots) = out.get_mut(t) else {
+            return Err(ArchiveError::TableUnexpected(t));
+        };
+        match slots.get_mut(c) {
+            Some(slot @ None) => *slot = Some(payload),
+            // a chunk twice, or beyond the count the manifest gives: the data was altered
+            _ => return Err(ArchiveError::SizeMismatch(m.tables[t].name.clone())),
+        }
+    }
+    out.into_iter()
+        .zip(&m.tables)
+        .map(|(slots, t)| {
+            if slots.iter().all(Option::is_none) {
+                return Err(ArchiveError::TableMissing(t.name.clone()));
+            }
+            slots.into_iter().map(|s| s.ok_or_else(|| ArchiveError::SizeMismatch(t.name.clone()))).collect()
+        })
+        .collect()
+}
+
+/// Check a table's reassembled data against its manifest entry.
+pub fn check_table(t: &TableEntry, data: &[u8]) -> Result<(), ArchiveError> {
+    if data.len() as u64 != t.size {
+        return Err(ArchiveError::SizeMismatch(t.name.clone()));
+    }
+    if sha256_hex(data) != t.sha256 {
+        return Err(ArchiveError::ChecksumMismatch(t.name.clone()));
+    }
+    match rows(data) {
+        Some(r) if r.len() as u64 == t.rows => Ok(()),
+        _ => Err(ArchiveError::CountMismatch(t.name.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            version: FORMAT_VERSION,
+            id: "8d3c".into(),
+            tenant: "acme".into(),
+            kind: "full".into(),
+            parent: None,
+            chain: vec!["8d3c".into()],
+            created: "2026-11-29T00:00:00Z".into(),
+            snapshot: "1:1:".into(),
+            lsn: "0/1".into(),
+            extension_version: "0.1.0".into(),
+            server_version: "15".into(),
+            encryption: None,
+            tables: vec![TableEntry {
+                name: "app.\"we\"\"ird\"".into(),
+                tenant_column: "tenant_id".into(),
+                columns: vec![Column { name: "tenant_id".into(), type_name: "text".into(), generated: false }],
+                rows: 2,
+                size: 18,
+                sha256: String::new(),
+                chunks: 1,
+            }],
+            checksum: String::new(),
+        }
+    }
+
+    #[test]
+    fn manifest_round_trip_and_checksum() {
+        let m = manifest();
+        let mut lines = render_manifest(&m);
+        assert!(lines.last().unwrap().starts_with(CHECKSUM_KEY));
+        lines.push(data_line(0, 0, b"x"));
+        let (parsed, n) = parse_manifest(&lines).unwrap();
+        assert_eq!(n, lines.len() - 1);
+        assert_eq!(Manifest { checksum: String::new(), ..parsed.clone() }, m);
+        // any change above the checksum line is caught
+        for i in 0..n - 1 {
+            let mut altered = lines.clone();
+            altered[i] = altered[i].replacen("acme", "acmf", 1).replacen('1', "2", 1);
+            if altered[i] != lines[i] {
+                assert!(matches!(parse_manifest(&altered), Err(ArchiveError::ManifestAltered | ArchiveError::Unparsable | ArchiveError::NewerVersion(_))), "line {i}");
+            }
+        }
+        // truncated: no checksum line
+        assert_eq!(parse_manifest(&lines[..n - 1]), Err(ArchiveError::Unparsable));
+        assert_eq!(parse_manifest::<&str>(&[]), Err(ArchiveError::Unparsable));
+    }
+
+    #[test]
+    fn newer_version_is_named() {
+        let mut m = manifest();
+        m.version = FORMAT_VERSION + 1;
+        assert_eq!(parse_manifest(&render_manifest(&m)), Err(ArchiveError::NewerVersion(FORMAT_VERSION + 1)));
+    }
+
+    #[test]
+    fn rows_frame_and_check() {
+        let mut data = Vec::new();
+        frame_row(&mut data, b"(acme,1)");
+        frame_row(&mut data, b"(acme,\"a\nb\")");
+        assert_eq!(rows(&data).unwrap(), vec![&b"(acme,1)"[..], &b"(acme,\"a\nb\")"[..]]);
+        let mut t = manifest().tables.remove(0);
+        t.size = data.len() as u64;
+        t.sha256 = sha256_hex(&data);
+        assert_eq!(check_table(&t, &data), Ok(()));
+        t.rows = 3;
+        assert_eq!(check_table(&t, &data), Err(ArchiveError::CountMismatch(t.name.clone())));
+        t.rows = 2;
+        let mut other = data.clone();
+        *other.last_mut().unwrap() ^= 1;
+        assert_eq!(check_table(&t, &other), Err(ArchiveError::ChecksumMismatch(t.name.clone())));
+        assert_eq!(check_table(&t, &data[1..]), Err(ArchiveError::SizeMismatch(t.name.clone())));
+        assert!(rows(&data[..5]).is_none());
+    }
+
+    #[test]
+    fn chunks_are_grouped_and_checked() {
+        let m = manifest();
+        let lines = vec![data_line(0, 0, b"abc")];
+        assert_eq!(table_chunks(&m, &lines).unwrap(), vec![vec![b"abc".to_vec()]]);
+        assert_eq!(table_chunks::<&str>(&m, &[]), Err(ArchiveError::TableMissing(m.tables[0].name.clone())));
+        let extra = vec![data_line(0, 0, b"abc"), data_line(1, 0, b"x")];
+        assert_eq!(table_chunks(&m, &extra), Err(ArchiveError::TableUnexpected(1)));
+        let twice = vec![data_line(0, 0, b"abc"), data_line(0, 0, b"abc")];
+        assert!(matches!(table_chunks(&m, &twice), Err(ArchiveError::SizeMismatch(_))));
+        assert_eq!(parse_data_line("D 0 x !!"), Err(ArchiveError::Unparsable));
+        assert_eq!(chunks(&[]).len(), 1);
+        assert_eq!(chunks(&vec![0u8; CHUNK + 1]).len(), 2);
+        assert_ne!(chunk_context("b", 0, 0, 2), chunk_context("b", 0, 1, 2));
+    }
+}

@@ -1,0 +1,412 @@
+"""Tenant backups and selective restore: round trips, streamed archives, every named verification
+failure, restores while other tenants write, and a kill -9 in the middle of a restore.
+
+Backups are a superuser's job; the application role may call none of it. Each scenario checks
+the other tenants' rows (a checksum per table and tenant) before and after.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from conftest import APP, DB, OWNER, PORT, ROOT, SOCK, connect, run, sqlstate_of
+
+BACKUP_DIR = f"{ROOT}/backups"
+TABLES = ["app.bk_orders", "app.bk_lines", "app.bk_events"]
+
+
+def checksums(conn):
+    """{(table, tenant): (rows, md5 of the rows)} over the backup test tables."""
+    out = {}
+    for t in TABLES:
+        for tenant, n, digest in run(
+                conn, f"SELECT tenant_id, count(*), md5(string_agg(x::text, '|' ORDER BY x::text)) FROM {t} x GROUP BY 1"):
+            out[(t, tenant)] = (n, digest)
+    return out
+
+
+def of(sums, tenant):
+    return {k: v for k, v in sums.items() if k[1] == tenant}
+
+
+def others(sums, tenant):
+    return {k: v for k, v in sums.items() if k[1] != tenant}
+
+
+@pytest.fixture(scope="module")
+def bk(database):
+    os.makedirs(BACKUP_DIR, exist_ok=True)
+    shutil.chown(BACKUP_DIR, "postgres", "postgres")
+    su = connect()
+    for t in ("bk-a", "bk-b", "bk-c", "bk-shred"):
+        run(su, "SELECT tenancy.create_tenant(%s, %s) WHERE NOT EXISTS (SELECT FROM tenancy.tenants WHERE id = %s)", t, t, t)
+        run(su, "SELECT tenancy.grant_tenant(%s, %s, 'read_write')", APP, t)
+    own = connect(user=OWNER)
+    run(own, """CREATE TABLE IF NOT EXISTS app.bk_orders (
+                    tenant_id text NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY, item text,
+                    weight numeric GENERATED ALWAYS AS (length(item) * 2) STORED, PRIMARY KEY (tenant_id, id))""")
+    run(own, """CREATE TABLE IF NOT EXISTS app.bk_lines (
+                    tenant_id text NOT NULL, order_id bigint, n int, note text,
+                    FOREIGN KEY (tenant_id, order_id) REFERENCES app.bk_orders (tenant_id, id))""")
+    run(own, """CREATE TABLE IF NOT EXISTS app.bk_events (tenant_id text NOT NULL, at date NOT NULL, what jsonb)
+                PARTITION BY RANGE (at)""")
+    run(own, "CREATE TABLE IF NOT EXISTS app.bk_events_1 PARTITION OF app.bk_events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    run(own, "CREATE TABLE IF NOT EXISTS app.bk_events_2 PARTITION OF app.bk_events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
+    for t in TABLES:
+        run(own, f"SELECT count(*) FROM tenancy.protect('{t}', create_index => true)")
+        run(own, f"GRANT SELECT, INSERT, UPDATE, DELETE ON {t} TO {APP}")
+    for tenant, n in (("bk-a", 3000), ("bk-b", 2000), ("bk-c", 500), ("bk-shred", 10)):
+        run(su, """INSERT INTO app.bk_orders (tenant_id, item)
+                   SELECT %s, 'item ' || i || E' with\\nnewline, "quotes", \\\\ and ''ticks''' FROM generate_series(1, %s) i""",
+            tenant, n)
+        run(su, "INSERT INTO app.bk_lines SELECT tenant_id, id, 1, NULL FROM app.bk_orders WHERE tenant_id = %s", tenant)
+        run(su, """INSERT INTO app.bk_events SELECT %s, date '2026-06-01' + (i %% 400), jsonb_build_object('i', i, 'f', i / 7.0)
+                   FROM generate_series(1, %s) i""", tenant, n)
+    own.close()
+    su.close()
+    yield
+
+
+def backup_conn():
+    conn = connect()
+    run(conn, f"SET pg_tenancy.backup_dir = '{BACKUP_DIR}'")
+    return conn
+
+
+def test_round_trip_restores_exactly_and_touches_no_other_tenant(bk):
+    su = backup_conn()
+    before = checksums(su)
+    b = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
+    row = run(su, "SELECT tenant, kind, tables, row_count, key_version IS NOT NULL, location FROM tenancy.backups WHERE id = %s", b)[0]
+    assert row[:3] == ("bk-a", "full", run(su, "SELECT count(*) FROM tenancy.protected_tables p JOIN pg_class c ON c.oid = p.rel WHERE NOT c.relispartition")[0][0])
+    assert row[4] is True and row[5].startswith(BACKUP_DIR + "/bk-a/")
+    # the archive holds no plaintext of the rows
+    with open(row[5]) as f:
+        text = f.read()
+    assert "newline" not in text and "quotes" not in text
+    assert run(su, "SELECT (tenancy.verify_backup(%s))->>'rows'", b)[0][0] == str(row[3])
+    # damage: updates, deletes, inserts of that tenant
+    run(su, "DELETE FROM app.bk_lines WHERE tenant_id = 'bk-a' AND order_id % 3 = 0")
+    run(su, "UPDATE app.bk_orders SET item = 'damaged' WHERE tenant_id = 'bk-a'")
+    run(su, "INSERT INTO app.bk_orders (tenant_id, item) VALUES ('bk-a', 'after the backup')")
+    run(su, "DELETE FROM app.bk_events WHERE tenant_id = 'bk-a' AND at > '2027-01-01'")
+    assert of(checksums(su), "bk-a") != of(before, "bk-a")
+    report = run(su, "CALL tenancy.restore('bk-a', %s)", b)[0][0]
+    assert report["mode"] == "replace" and set(report["seconds"]) >= {"pause", "wait_for_writers", "stage_and_verify", "swap", "resume"}
+    after = checksums(su)
+    assert of(after, "bk-a") == of(before, "bk-a")
+    assert others(after, "bk-a") == others(before, "bk-a")
+    assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-a'") == [("active",)]
+    assert run(su, "SELECT state FROM tenancy.restores WHERE backup = %s", b) == [("done",)]
+    assert run(su, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenancy\\_restore\\_%%'") == [(0,)]
+    # recorded in the audit log (the writer is asynchronous)
+    for _ in range(100):
+        if run(su, "SELECT count(*) FROM tenancy.audit_log WHERE event = 'tenant_restored' AND attempted_tenant = 'bk-a'")[0][0]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no tenant_restored audit event")
+    # the backup's own reads are not reported as superuser bypass reads (each statement of the
+    # test's superuser session is)
+    time.sleep(0.5)
+    bypass = "SELECT count(*) FROM tenancy.audit_log WHERE event = 'bypass_read' AND relation LIKE 'app.bk_%%'"
+    n = run(su, bypass)[0][0]
+    run(su, "SELECT tenancy.backup('bk-a')")
+    time.sleep(0.5)
+    assert run(su, bypass)[0][0] == n
+    su.close()
+
+
+def test_export_to_a_file_and_import(bk, tmp_path):
+    su = backup_conn()
+    before = checksums(su)
+    path = tmp_path / "bk-b.pgtb"
+    os.chmod(tmp_path, 0o777)
+    env = dict(os.environ, PGHOST=SOCK, PGPORT=str(PORT), PGUSER="postgres", PGDATABASE=DB)
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c",
+                    f"\\copy (SELECT * FROM tenancy.export('bk-b')) TO '{path}'"], env=env, check=True)
+    b = run(su, "SELECT id FROM tenancy.backups WHERE tenant = 'bk-b' AND location = 'exported' ORDER BY created_at DESC LIMIT 1")[0][0]
+    # an exported archive is not kept here
+    assert sqlstate_of(su, "SELECT tenancy.verify_backup(%s)", b) == "58030"
+    run(su, "DELETE FROM tenancy.backups WHERE id = %s", b)
+    out = subprocess.run(["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
+                          "-c", "CREATE TEMP TABLE a (n bigserial, line text)",
+                          "-c", f"\\copy a (line) FROM '{path}'",
+                          "-c", "SELECT tenancy.import(array_agg(line ORDER BY n)) FROM a"],
+                         env=env, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == str(b)
+    assert run(su, "SELECT location FROM tenancy.backups WHERE id = %s", b) == [("imported",)]
+    run(su, "DELETE FROM app.bk_lines WHERE tenant_id = 'bk-b'")
+    run(su, "CALL tenancy.restore('bk-b', %s)", b)
+    assert checksums(su) == before
+    # importing it again is idempotent
+    lines = [l for l in path.read_text().split("\n") if l]
+    assert run(su, "SELECT tenancy.import(%s)", lines)[0][0] == b
+    su.close()
+
+
+def manifest_end(lines):
+    return next(i for i, l in enumerate(lines) if l.startswith('"Manifest-Checksum"'))
+
+
+def rechecksum(lines):
+    """Recompute the manifest checksum (a checksum is no seal: anyone can)."""
+    import hashlib
+    end = manifest_end(lines)
+    digest = hashlib.sha256("".join(l + "\n" for l in lines[:end]).encode()).hexdigest()
+    return lines[:end] + [f'"Manifest-Checksum": "{digest}"}}'] + lines[end + 1:]
+
+
+def test_every_verification_failure_is_named(bk):
+    su = backup_conn()
+    plain = [r[0] for r in run(su, "SELECT * FROM tenancy.export('bk-c', encrypted => false)")]
+    sealed = [r[0] for r in run(su, "SELECT * FROM tenancy.export('bk-c')")]
+    run(su, "DELETE FROM tenancy.backups WHERE tenant = 'bk-c' AND location = 'exported'")
+    end = manifest_end(plain)
+    assert sqlstate_of(su, "SELECT tenancy.import(%s)", plain) is None
+    assert sqlstate_of(su, "SELECT tenancy.import(%s)", sealed) is None
+    run(su, "DELETE FROM tenancy.backups WHERE tenant = 'bk-c'")
+
+    def fails(lines, code):
+        assert sqlstate_of(su, "SELECT tenancy.import(%s)", lines) == code
+        assert run(su, "SELECT count(*) FROM tenancy.backups WHERE tenant = 'bk-c'") == [(0,)]
+
+    def edit(lines, i, old, new):
+        out = list(lines)
+        assert old in out[i]
+        out[i] = out[i].replace(old, new, 1)
+        return out
+
+    rows_line = next(i for i, l in enumerate(plain) if '"Rows"' in l)
+    # manifest altered (its checksum no longer matches)
+    fails(edit(plain, rows_line, '"Rows": ', '"Rows": 1'), "XX001")
+    # manifest truncated or unparsable
+    fails(plain[:end], "22032")
+    fails(["not a manifest"] + plain, "22032")
+    # archive from a newer format version
+    fails(rechecksum(edit(plain, 1, '"PgTenancy-Backup-Version": 1', '"PgTenancy-Backup-Version": 2')), "0A000")
+    # a table in the manifest but missing from the archive
+    fails([l for l in plain if not l.startswith("D 0 ")], "58P01")
+    # a table present but not in the manifest
+    fails(plain + ["D 99 0 AAAA"], "58P02")
+    # size mismatch (a chunk shortened)
+    d = next(i for i, l in enumerate(plain) if l.startswith("D 0 0 "))
+    import base64
+    payload = base64.b64decode(plain[d].split(" ", 3)[3])
+    fails(plain[:d] + ["D 0 0 " + base64.b64encode(payload[:-5]).decode()] + plain[d + 1:], "22026")
+    # checksum mismatch (same size, other bytes), and a sealed chunk altered
+    changed = bytes([payload[0] ^ 1]) + payload[1:]
+    fails(plain[:d] + ["D 0 0 " + base64.b64encode(changed).decode()] + plain[d + 1:], "22000")
+    ds = next(i for i, l in enumerate(sealed) if l.startswith("D 0 0 "))
+    sp = base64.b64decode(sealed[ds].split(" ", 3)[3])
+    fails(sealed[:ds] + ["D 0 0 " + base64.b64encode(sp[:-1] + bytes([sp[-1] ^ 1])).decode()] + sealed[ds + 1:], "22000")
+    # count mismatch (the manifest re-checksummed by whoever changed it)
+    fails(rechecksum(edit(plain, rows_line, '"Rows": ', '"Rows": 1')), "21000")
+    # broken chain
+    fails(rechecksum(edit(plain, next(i for i, l in enumerate(plain) if '"Parent"' in l), "null", '"00000000-0000-0000-0000-000000000000"')), "23000")
+    # another tenant's archive: restoring bk-c's backup as bk-a
+    b = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+    assert sqlstate_of(su, "CALL tenancy.restore('bk-a', %s)", b) == "42501"
+    # an unknown backup
+    assert sqlstate_of(su, "SELECT tenancy.verify_backup('00000000-0000-0000-0000-000000000000')") == "42704"
+    # the file on disk altered after the backup
+    path = run(su, "SELECT location FROM tenancy.backups WHERE id = %s", b)[0][0]
+    subprocess.run(["sed", "-i", "s/\"Rows\": /\"Rows\": 1/", path], check=True)
+    assert sqlstate_of(su, "SELECT tenancy.verify_backup(%s)", b) == "XX001"
+    assert sqlstate_of(su, "CALL tenancy.restore('bk-c', %s)", b) == "XX001"
+    # a failed restore leaves the tenant's status as it was
+    assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("active",)]
+    os.remove(path)
+    assert sqlstate_of(su, "SELECT tenancy.verify_backup(%s)", b) == "58030"
+    su.close()
+
+
+def test_shred_makes_every_backup_of_the_tenant_fail_with_key_destroyed(bk):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-shred')")[0][0]
+    assert run(su, "SELECT (tenancy.verify_backup(%s))->>'tenant'", b) == [("bk-shred",)]
+    run(su, "SELECT tenancy.shred('bk-shred', 'bk-shred')")
+    assert sqlstate_of(su, "SELECT tenancy.verify_backup(%s)", b) == "55000"
+    assert sqlstate_of(su, "CALL tenancy.restore('bk-shred', %s)", b) == "55000"
+    su.close()
+
+
+def test_sandbox_restore_touches_nothing_live(bk):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-b')")[0][0]
+    before = checksums(su)
+    run(su, "DROP SCHEMA IF EXISTS bk_sandbox CASCADE")
+    report = run(su, "CALL tenancy.restore('bk-b', %s, mode => 'sandbox', into_schema => 'bk_sandbox')", b)[0][0]
+    assert report["mode"] == "sandbox"
+    assert run(su, "SELECT count(*) FROM bk_sandbox.bk_orders") == run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-b'")
+    assert run(su, "SELECT count(*) FROM bk_sandbox.bk_events") == run(su, "SELECT count(*) FROM app.bk_events WHERE tenant_id = 'bk-b'")
+    assert checksums(su) == before
+    assert run(su, "SELECT count(*) FROM tenancy.restores WHERE backup = %s", b) == [(0,)]
+    # a sandbox is not protected and not readable by applications
+    assert run(su, "SELECT count(*) FROM tenancy.protected_tables WHERE rel::text LIKE 'bk_sandbox.%%'") == [(0,)]
+    app = connect(user=APP)
+    assert sqlstate_of(app, "SELECT count(*) FROM bk_sandbox.bk_orders") == "42501"
+    app.close()
+    run(su, "DROP SCHEMA bk_sandbox CASCADE")
+    su.close()
+
+
+def test_application_role_can_do_none_of_it(bk, app):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+    su.close()
+    run(app, "BEGIN")
+    run(app, "SELECT tenancy.set_tenant('bk-c')")
+    run(app, "ROLLBACK")
+    for sql, args in [
+        ("SELECT tenancy.backup('bk-c')", ()),
+        ("SELECT * FROM tenancy.export('bk-c')", ()),
+        ("SELECT tenancy.verify_backup(%s)", (b,)),
+        ("SELECT tenancy.import(ARRAY['x'])", ()),
+        ("CALL tenancy.restore('bk-c', %s)", (b,)),
+        ("SELECT tenancy.resume_tenant('bk-c')", ()),
+        ("SELECT * FROM tenancy.backups", ()),
+        ("SELECT * FROM tenancy.backup_archives", ()),
+        ("SELECT tenancy._restore_swap('bk-c', %s, 'x')", (b,)),
+    ]:
+        assert sqlstate_of(app, sql, *args) == "42501", sql
+
+
+def test_other_tenants_write_throughout_a_restore(bk):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
+    run(su, "UPDATE app.bk_orders SET item = item || ' changed' WHERE tenant_id = 'bk-a'")
+    before_b = of(checksums(su), "bk-b")
+    stop = threading.Event()
+    latencies, errors = [], []
+
+    def writer():
+        conn = connect(user=APP, autocommit=False)
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                run(conn, "SELECT tenancy.set_tenant('bk-c')")
+                run(conn, "INSERT INTO app.bk_orders (item) VALUES ('concurrent')")
+                run(conn, "UPDATE app.bk_orders SET item = item WHERE id = (SELECT min(id) FROM app.bk_orders)")
+                conn.commit()
+            except psycopg2.Error as e:
+                errors.append(e.pgcode)
+                conn.rollback()
+            latencies.append(time.monotonic() - t0)
+        conn.close()
+
+    count_c = run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-c'")[0][0]
+    th = threading.Thread(target=writer)
+    th.start()
+    time.sleep(0.3)
+    run(su, "CALL tenancy.restore('bk-a', %s)", b)
+    time.sleep(0.3)
+    stop.set()
+    th.join()
+    assert errors == []
+    # bound: another tenant's transaction never waits on the restore (no lock they need is held)
+    assert max(latencies) < 0.5, max(latencies)
+    assert run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-c'")[0][0] == count_c + len(latencies)
+    assert of(checksums(su), "bk-b") == before_b
+    assert run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-a' AND item LIKE '%% changed'") == [(0,)]
+    su.close()
+
+
+def test_the_paused_tenant_cannot_write_and_a_restore_waits_for_writes_under_way(bk):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-b')")[0][0]
+    # a transaction of bk-b that was writing before the restore: the restore waits for it
+    w = connect(user=APP, autocommit=False)
+    run(w, "SELECT tenancy.set_tenant('bk-b')")
+    run(w, "INSERT INTO app.bk_orders (item) VALUES ('in flight')")
+    done = []
+    th = threading.Thread(target=lambda: done.append(run(backup_conn(), "CALL tenancy.restore('bk-b', %s)", b)))
+    th.start()
+    for _ in range(100):
+        if run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-b'") == [("read_only",)]:
+            break
+        time.sleep(0.05)
+    # new writes of the paused tenant are refused
+    app = connect(user=APP, autocommit=False)
+    run(app, "SELECT tenancy.set_tenant('bk-b')")
+    with pytest.raises(psycopg2.Error) as e:
+        run(app, "INSERT INTO app.bk_orders (item) VALUES ('during')")
+    assert e.value.pgcode == "25006"
+    app.rollback()
+    time.sleep(0.3)
+    assert not done  # still waiting for the writer
+    w.commit()  # its row is then replaced by the backup's rows
+    th.join(timeout=30)
+    assert done
+    assert run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-b' AND item IN ('in flight', 'during')") == [(0,)]
+    assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-b'") == [("active",)]
+    w.close(), app.close(), su.close()
+
+
+def wait_for_server():
+    for _ in range(300):
+        try:
+            connect().close()
+            return
+        except psycopg2.OperationalError:
+            time.sleep(0.1)
+    pytest.fail("the server did not come back")
+
+
+def test_kill_9_in_the_middle_of_a_restore_leaves_live_data_as_it_was(bk):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+    run(su, "UPDATE app.bk_orders SET item = 'current' WHERE tenant_id = 'bk-c'")
+    before = checksums(su)
+    su.close()
+    for step in ("wait_for_writers", "swap"):
+        blocker = connect(autocommit=False)
+        if step == "wait_for_writers":
+            # a transaction that was writing before the pause: the restore waits for it
+            run(blocker, "INSERT INTO app.bk_orders (tenant_id, item) VALUES ('bk-b', 'blocker')")
+        else:
+            # a lock that conflicts with the swap's DELETE, held by a transaction that wrote
+            # nothing (so the restore does not wait for it before the swap)
+            run(blocker, "LOCK TABLE app.bk_orders IN SHARE MODE")
+        restorer = backup_conn()
+        pid = run(restorer, "SELECT pg_backend_pid()")[0][0]
+        th = threading.Thread(target=lambda: sqlstate_of(restorer, "CALL tenancy.restore('bk-c', %s)", b))
+        th.start()
+        watch = connect()
+        for _ in range(500):
+            activity = run(watch, "SELECT wait_event_type, query FROM pg_stat_activity WHERE pid = %s", pid)
+            running = run(watch, "SELECT count(*) FROM tenancy.restores WHERE tenant = 'bk-c' AND state = 'running'")[0][0]
+            if running and (step == "wait_for_writers" or (activity and activity[0][0] == "Lock")):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"the restore did not reach {step}")
+        watch.close()
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+        th.join(timeout=30)
+        for c in (blocker, restorer):
+            try:
+                c.close()
+            except psycopg2.Error:
+                pass
+        wait_for_server()
+        su = connect()
+        assert checksums(su) == before, step
+        assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("read_only",)], step
+        assert run(su, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenancy\\_restore\\_%%'") == [(0,)]
+        # the one documented call
+        assert run(su, "SELECT tenancy.resume_tenant('bk-c')") == [("active",)]
+        assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("active",)]
+        assert run(su, "SELECT count(*) FROM tenancy.restores WHERE tenant = 'bk-c' AND state = 'running'") == [(0,)]
+        su.close()
+    # and a restore then works
+    su = backup_conn()
+    run(su, "CALL tenancy.restore('bk-c', %s)", b)
+    assert run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-c' AND item = 'current'") == [(0,)]
+    su.close()

@@ -1,0 +1,176 @@
+------------------------------------------------------------------------------------------------
+-- Tenant backups: the registry of archives, archives imported through SQL, the restores and their
+-- steps, and the restore procedure (src/backup/ writes and reads the archives).
+------------------------------------------------------------------------------------------------
+CREATE TABLE tenancy.backups (
+    id            uuid        PRIMARY KEY,
+    tenant        text        NOT NULL REFERENCES tenancy.tenants (id),
+    kind          text        NOT NULL CONSTRAINT backups_kind_check CHECK (kind IN ('full', 'incremental')),
+    parent        uuid        REFERENCES tenancy.backups (id),
+    -- where the archive is: a file under pg_tenancy.backup_dir, 'exported' (streamed to a
+    -- client, not kept here) or 'imported' (its lines in tenancy.backup_archives)
+    location      text        NOT NULL,
+    snapshot      text        NOT NULL,
+    lsn           pg_lsn      NOT NULL,
+    first_change  timestamptz,
+    last_change   timestamptz,
+    tables        integer     NOT NULL,
+    row_count     bigint      NOT NULL,
+    data_bytes    bigint      NOT NULL,
+    archive_bytes bigint      NOT NULL,
+    key_version   integer,
+    manifest_sha256 text      NOT NULL,
+    created_at    timestamptz NOT NULL,
+    expires_at    timestamptz NOT NULL
+);
+CREATE INDEX backups_tenant_idx ON tenancy.backups (tenant, created_at);
+COMMENT ON TABLE tenancy.backups IS
+    'Tenant backups (tenancy.backup, tenancy.export, tenancy.import): one row per archive.';
+
+CREATE TABLE tenancy.backup_archives (
+    backup uuid    NOT NULL REFERENCES tenancy.backups (id) ON DELETE CASCADE,
+    n      integer NOT NULL,
+    line   text    NOT NULL,
+    PRIMARY KEY (backup, n)
+);
+COMMENT ON TABLE tenancy.backup_archives IS
+    'Archives registered with tenancy.import(), line by line, as the client sent them.';
+
+CREATE TABLE tenancy.restores (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant          text        NOT NULL REFERENCES tenancy.tenants (id),
+    backup          uuid        NOT NULL REFERENCES tenancy.backups (id),
+    mode            text        NOT NULL,
+    previous_status text        NOT NULL,
+    state           text        NOT NULL DEFAULT 'running'
+                                CONSTRAINT restores_state_check CHECK (state IN ('running', 'done', 'failed', 'abandoned')),
+    started_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at     timestamptz,
+    report          jsonb
+);
+CREATE UNIQUE INDEX restores_one_running ON tenancy.restores (tenant) WHERE state = 'running';
+COMMENT ON TABLE tenancy.restores IS
+    'Selective restores: the status each tenant had before (tenancy.resume_tenant puts it back after a crash).';
+
+-- After a restore that did not finish (its backend killed, the server restarted): the tenant's
+-- status back to what it was, the restore marked abandoned. Live data was never changed by an
+-- unfinished restore (its swap is one transaction).
+CREATE FUNCTION tenancy.resume_tenant(tenant text) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    SELECT * INTO r FROM tenancy.restores AS x WHERE x.tenant OPERATOR(pg_catalog.=) resume_tenant.tenant
+       AND x.state OPERATOR(pg_catalog.=) 'running' FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no restore of this tenant is under way' USING ERRCODE = '55000',
+            HINT = 'tenancy.restores lists the restores; tenancy.set_status() changes a status.';
+    END IF;
+    UPDATE tenancy.restores SET state = 'abandoned', finished_at = pg_catalog.clock_timestamp()
+     WHERE id OPERATOR(pg_catalog.=) r.id;
+    PERFORM tenancy.set_status(r.tenant, r.previous_status);
+    RETURN r.previous_status;
+END
+$$;
+
+-- tenancy.restore(): a procedure, because its steps commit one by one (the pause must be seen by
+-- other sessions before the swap; the swap is one transaction; the resume is another). CALL it
+-- outside BEGIN ... COMMIT. No SET clause (a procedure with one cannot commit): the search_path
+-- is pinned for each transaction by its first statement, and every name is qualified.
+CREATE PROCEDURE tenancy.restore(
+    tenant text,
+    backup uuid,
+    mode text DEFAULT 'replace',
+    "at" timestamptz DEFAULT NULL,
+    into_schema name DEFAULT NULL,
+    INOUT report jsonb DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+DECLARE
+    restore_id bigint;
+    previous text;
+    staging name;
+    t0 timestamptz;
+    steps jsonb := '{}';
+    tables jsonb;
+    failed boolean := false;
+    err_state text;
+    err_message text;
+    err_detail text;
+    err_hint text;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    -- checks (superuser, tenant, backup of that tenant, mode, no transaction block)
+    PERFORM tenancy._restore_check(restore.tenant, restore.backup, restore.mode, restore."at", restore.into_schema);
+    IF restore.mode OPERATOR(pg_catalog.=) 'sandbox' THEN
+        t0 := pg_catalog.clock_timestamp();
+        tables := tenancy._restore_stage(restore.tenant, restore.backup, restore.into_schema, false);
+        report := pg_catalog.jsonb_build_object('tenant', restore.tenant, 'backup', restore.backup,
+            'mode', 'sandbox', 'schema', restore.into_schema, 'tables', tables,
+            'seconds', pg_catalog.jsonb_build_object('stage_and_verify',
+                pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) t0)::numeric, 3)));
+        RETURN;
+    END IF;
+
+    -- 1. pause the tenant's writes (committed: every session sees it at its next statement)
+    t0 := pg_catalog.clock_timestamp();
+    SELECT status INTO previous FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) restore.tenant FOR UPDATE;
+    INSERT INTO tenancy.restores (tenant, backup, mode, previous_status)
+         VALUES (restore.tenant, restore.backup, restore.mode, previous) RETURNING id INTO restore_id;
+    IF previous OPERATOR(pg_catalog.=) 'active' THEN
+        PERFORM tenancy.set_status(restore.tenant, 'read_only');
+    END IF;
+    COMMIT;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('pause', tenancy._seconds_since(t0));
+
+    BEGIN
+        -- 2. wait for the tenant's transactions that were already writing
+        t0 := pg_catalog.clock_timestamp();
+        PERFORM tenancy._wait_for_writers();
+        steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('wait_for_writers', tenancy._seconds_since(t0));
+        -- 3. restore into an isolated staging schema, verified against the manifest
+        t0 := pg_catalog.clock_timestamp();
+        staging := pg_catalog.format('tenancy_restore_%s', restore_id);
+        tables := tenancy._restore_stage(restore.tenant, restore.backup, staging, true);
+        steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('stage_and_verify', tenancy._seconds_since(t0));
+        -- 4. swap the tenant's rows in the live tables, in this one transaction
+        t0 := pg_catalog.clock_timestamp();
+        tables := tenancy._restore_swap(restore.tenant, restore.backup, staging);
+        PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);
+        EXECUTE pg_catalog.format('DROP SCHEMA %I CASCADE', staging);
+        steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('swap', tenancy._seconds_since(t0));
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT,
+                                err_detail = PG_EXCEPTION_DETAIL, err_hint = PG_EXCEPTION_HINT;
+        failed := true;
+    END;
+    IF failed THEN
+        -- nothing live changed (the block's work was rolled back): put the status back
+        UPDATE tenancy.restores SET state = 'failed', finished_at = pg_catalog.clock_timestamp(),
+               report = pg_catalog.jsonb_build_object('sqlstate', err_state, 'steps', steps)
+         WHERE id OPERATOR(pg_catalog.=) restore_id;
+        IF previous OPERATOR(pg_catalog.=) 'active' THEN
+            PERFORM tenancy.set_status(restore.tenant, previous);
+        END IF;
+        COMMIT;
+        RAISE EXCEPTION USING ERRCODE = err_state, MESSAGE = err_message,
+            DETAIL = COALESCE(err_detail, ''), HINT = COALESCE(err_hint, '');
+    END IF;
+    -- 5. writes back on, the restore recorded (restores table and audit log)
+    t0 := pg_catalog.clock_timestamp();
+    IF previous OPERATOR(pg_catalog.=) 'active' THEN
+        PERFORM tenancy.set_status(restore.tenant, previous);
+    END IF;
+    steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('resume', tenancy._seconds_since(t0));
+    report := pg_catalog.jsonb_build_object('tenant', restore.tenant, 'backup', restore.backup,
+        'mode', 'replace', 'tables', tables, 'seconds', steps);
+    UPDATE tenancy.restores SET state = 'done', finished_at = pg_catalog.clock_timestamp(), report = restore.report
+     WHERE id OPERATOR(pg_catalog.=) restore_id;
+    PERFORM tenancy._record_restore(restore.tenant, restore.backup);
+    COMMIT;
+END
+$$;
+
+CREATE FUNCTION tenancy._seconds_since(t0 timestamptz) RETURNS numeric
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+RETURN pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) t0)::pg_catalog.numeric, 3);

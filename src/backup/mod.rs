@@ -1,0 +1,556 @@
+//! Tenant-tagged backups: one tenant's rows from every protected table, from one snapshot, in an
+//! archive with a verifiable manifest (`pg_tenancy_core::archive`), encrypted with the tenant's
+//! data key; written under `pg_tenancy.backup_dir` (`backup`) or streamed to the client as rows
+//! (`export`), registered in `tenancy.backups`, verified (`verify_backup`), and restored for that
+//! tenant only (`tenancy.restore`, in `sql/backup.sql`, calls the `_restore_*` steps here).
+//!
+//! Every function here is a superuser's: it reads and writes every tenant's tables regardless of
+//! row security. Archives and errors carry no row values in messages; the archive itself holds
+//! the rows, sealed with the tenant's key unless `encrypted => false` was asked.
+use pgrx::prelude::*;
+use pgrx::{JsonB, Uuid};
+use std::cell::RefCell;
+use std::io::Write;
+
+use pg_tenancy_core::archive::{self, ArchiveError, Column, Encryption, Manifest, TableEntry};
+use pg_tenancy_core::envelope::{self, OVERHEAD};
+use pg_tenancy_core::model::KeyKind;
+
+use crate::audit::{self, Event};
+use crate::catalog::{self, backups as store};
+use crate::crypto::keystore::{self, Create};
+use crate::error::{OrRaise, Result, TenancyError};
+use crate::gucs;
+
+fn require_superuser(what: &'static str) -> Result<()> {
+    // SAFETY: reads the current user's superuser flag (syscache).
+    if unsafe { pg_sys::superuser() } {
+        Ok(())
+    } else {
+        Err(TenancyError::Denied(what))
+    }
+}
+
+fn check_tenant(tenant: &str) -> Result<()> {
+    if !pg_tenancy_core::tenant_id::valid(tenant) {
+        return Err(TenancyError::InvalidTenantId);
+    }
+    if !catalog::tenants::tenant_exists(tenant)? {
+        return Err(TenancyError::UnknownTenant);
+    }
+    Ok(())
+}
+
+fn new_id() -> Uuid {
+    let mut b = [0u8; 16];
+    // SAFETY: fills the buffer from the OS random source; false only if none is available.
+    if !unsafe { pg_sys::pg_strong_random(b.as_mut_ptr().cast(), b.len()) } {
+        pgrx::error!("pg_tenancy: no random source for a backup id");
+    }
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    Uuid::from_bytes(b)
+}
+
+/// An archive just made: its lines and what the registry records.
+struct Made {
+    id: Uuid,
+    lines: Vec<String>,
+    manifest: Manifest,
+    rows: i64,
+    data_bytes: i64,
+}
+
+impl Made {
+    fn archive_bytes(&self) -> i64 {
+        self.lines.iter().map(|l| l.len() as i64 + 1).sum()
+    }
+    fn manifest_sha256(&self) -> String {
+        // the checksum line's value: the manifest's own checksum
+        let (m, _) = archive::parse_manifest(&self.lines).expect("an archive just made parses");
+        m.checksum
+    }
+}
+
+/// Read the tenant's rows of every protected table (one snapshot: the calling statement's) and
+/// build the archive.
+fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
+    require_superuser("backups are a superuser's")?;
+    check_tenant(tenant)?;
+    match kind {
+        "full" => {}
+        "incremental" => return Err(TenancyError::NotYet("incremental backups (change capture) are not in this version")),
+        _ => return Err(TenancyError::InvalidArgument("kind")),
+    }
+    let id = new_id();
+    let id_text = id.to_string();
+    let moment = store::moment()?;
+    let key = if encrypted {
+        if keystore::fetch_key(tenant, KeyKind::Data, None)?.is_none() {
+            keystore::create_key(tenant, KeyKind::Data, Create::First)?;
+        }
+        Some(keystore::cipher_for(tenant, None, None)?)
+    } else {
+        None
+    };
+    let sources = store::sources()?;
+    let mut tables = Vec::with_capacity(sources.len());
+    let mut data_lines = Vec::new();
+    let (mut rows_total, mut bytes_total) = (0i64, 0i64);
+    let _quiet = audit::QuietBypassReads::new();
+    for (index, src) in sources.iter().enumerate() {
+        let mut data = Vec::new();
+        let rows = store::tenant_rows(src, tenant, |row| archive::frame_row(&mut data, row))?;
+        let chunks = archive::chunks(&data);
+        let n = chunks.len();
+        for (c, chunk) in chunks.into_iter().enumerate() {
+            let payload = match &key {
+                Some((version, k)) => {
+                    let mut out = vec![0u8; chunk.len() + OVERHEAD];
+                    let context = archive::chunk_context(&id_text, index, c, n);
+                    envelope::seal(k, *version, keystore::random_nonce(), tenant, &context, chunk, &mut out);
+                    out
+                }
+                None => chunk.to_vec(),
+            };
+            data_lines.push(archive::data_line(index, c, &payload));
+        }
+        let columns: Vec<Column> = serde_json::from_str(&src.columns_json).unwrap_or_default();
+        tables.push(TableEntry {
+            name: src.name.clone(),
+            tenant_column: src.tenant_column.clone(),
+            columns,
+            rows,
+            size: data.len() as u64,
+            sha256: archive::sha256_hex(&data),
+            chunks: n as u32,
+        });
+        rows_total += rows as i64;
+        bytes_total += data.len() as i64;
+        // the plaintext goes as soon as it is sealed
+        zeroize::Zeroize::zeroize(&mut data);
+    }
+    let manifest = Manifest {
+        version: archive::FORMAT_VERSION,
+        id: id_text.clone(),
+        tenant: tenant.to_string(),
+        kind: kind.to_string(),
+        parent: None,
+        chain: vec![id_text],
+        created: moment.created,
+        snapshot: moment.snapshot,
+        lsn: moment.lsn,
+        extension_version: moment.extension_version,
+        server_version: moment.server_version,
+        encryption: key.as_ref().map(|(v, _)| Encryption { algorithm: "AES-256-GCM".into(), key_version: *v }),
+        tables,
+        checksum: String::new(),
+    };
+    let mut lines = archive::render_manifest(&manifest);
+    lines.extend(data_lines);
+    Ok(Made { id, lines, manifest, rows: rows_total, data_bytes: bytes_total })
+}
+
+fn register(made: &Made, location: &str) -> Result<()> {
+    let m = &made.manifest;
+    store::register(&store::NewBackup {
+        id: made.id,
+        tenant: &m.tenant,
+        kind: &m.kind,
+        parent: None,
+        location,
+        snapshot: &m.snapshot,
+        lsn: &m.lsn,
+        tables: m.tables.len() as i32,
+        rows: made.rows,
+        data_bytes: made.data_bytes,
+        archive_bytes: made.archive_bytes(),
+        key_version: m.encryption.as_ref().map(|e| e.key_version),
+        manifest_sha256: &made.manifest_sha256(),
+        created: &m.created,
+    })
+}
+
+/// Write the archive under the backup directory: `<dir>/<tenant>/<id>.pgtb`, written to a
+/// temporary name, synced, then renamed (a crash leaves no half archive under the final name).
+fn write_file(made: &Made) -> Result<String> {
+    let dir = gucs::backup_dir().filter(|d| !d.is_empty()).ok_or(TenancyError::NoBackupDir)?;
+    let dir = std::path::Path::new(&dir).join(&made.manifest.tenant);
+    let unwritable = |_| TenancyError::ArchiveUnreadable("the backup directory is not writable by the server");
+    std::fs::create_dir_all(&dir).map_err(unwritable)?;
+    let path = dir.join(format!("{}.pgtb", made.id));
+    let tmp = dir.join(format!("{}.pgtb.tmp", made.id));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(unwritable)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        for l in &made.lines {
+            w.write_all(l.as_bytes()).map_err(unwritable)?;
+            w.write_all(b"\n").map_err(unwritable)?;
+        }
+        let f = w.into_inner().map_err(|_| TenancyError::ArchiveUnreadable("the archive could not be written"))?;
+        f.sync_all().map_err(unwritable)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(unwritable)?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// A backup of one tenant into `pg_tenancy.backup_dir`; its id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn backup(tenant: &str, kind: default!(&str, "'full'"), encrypted: default!(bool, true)) -> Uuid {
+    let made = make(tenant, kind, encrypted).or_raise();
+    let path = write_file(&made).or_raise();
+    register(&made, &path).or_raise();
+    made.id
+}
+
+/// The same archive as `backup`, as rows for the client (`\copy (SELECT * FROM
+/// tenancy.export('acme')) TO 'acme.pgtb'`); registered as exported (not kept here).
+#[pg_extern(volatile, parallel_unsafe)]
+fn export(tenant: &str, kind: default!(&str, "'full'"), encrypted: default!(bool, true)) -> SetOfIterator<'static, String> {
+    let made = make(tenant, kind, encrypted).or_raise();
+    register(&made, "exported").or_raise();
+    SetOfIterator::new(made.lines)
+}
+
+/// Register an archive a client saved (its lines, in order); its backup id. Importing the same
+/// archive again returns the same id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn import(archive: Vec<String>) -> Uuid {
+    require_superuser("backups are a superuser's").or_raise();
+    let (m, _) = archive::parse_manifest(&archive).map_err(TenancyError::Archive).or_raise();
+    check_tenant(&m.tenant).or_raise();
+    let id = Uuid::from_bytes(parse_uuid(&m.id).ok_or(TenancyError::Archive(ArchiveError::Unparsable)).or_raise());
+    if m.kind != "full" {
+        TenancyError::NotYet("incremental backups (change capture) are not in this version").raise();
+    }
+    let known = store::registered(id).or_raise();
+    if let Some(r) = &known {
+        if r.manifest_sha256 != m.checksum || r.tenant != m.tenant {
+            // the same id with another manifest: one of the two was altered
+            TenancyError::Archive(ArchiveError::ManifestAltered).raise();
+        }
+        if r.location == "imported" {
+            return id;
+        }
+    }
+    // the data must check out before it is registered
+    let report = check_archive(&m, &archive, &m.tenant).or_raise();
+    match known {
+        // exported earlier from this database: now it is kept here
+        Some(_) => store::set_location(id, "imported").or_raise(),
+        None => store::register(&store::NewBackup {
+            id,
+            tenant: &m.tenant,
+            kind: &m.kind,
+            parent: None,
+            location: "imported",
+            snapshot: &m.snapshot,
+            lsn: &m.lsn,
+            tables: m.tables.len() as i32,
+            rows: report.rows,
+            data_bytes: report.bytes,
+            archive_bytes: archive.iter().map(|l| l.len() as i64 + 1).sum(),
+            key_version: m.encryption.as_ref().map(|e| e.key_version),
+            manifest_sha256: &m.checksum,
+            created: &m.created,
+        })
+        .or_raise(),
+    }
+    store::store_lines(id, &archive).or_raise();
+    id
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || s.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// What an archive holds, once checked.
+struct Checked {
+    rows: i64,
+    bytes: i64,
+    /// Per table: the rows in record text form.
+    tables: Vec<Vec<String>>,
+}
+
+/// Every check of an archive (manifest, chain, tenant tag, key, each table's chunks, size,
+/// checksum and count); the tables' rows when all pass.
+fn check_archive<S: AsRef<str>>(m: &Manifest, lines: &[S], tenant: &str) -> Result<Checked> {
+    if m.tenant != tenant {
+        return Err(TenancyError::OtherTenantsBackup);
+    }
+    if m.chain.last() != Some(&m.id) || (m.kind == "full" && (m.parent.is_some() || m.chain.len() != 1)) {
+        return Err(TenancyError::BrokenChain);
+    }
+    let start = lines.iter().position(|l| l.as_ref().starts_with("\"Manifest-Checksum\"")).map(|i| i + 1).unwrap_or(lines.len());
+    let groups = archive::table_chunks(m, &lines[start..]).map_err(TenancyError::Archive)?;
+    let key = match &m.encryption {
+        Some(e) => Some(keystore::cipher_for(tenant, Some(e.key_version), None).map_err(|err| match err {
+            TenancyError::CiphertextInvalid => TenancyError::KeysDestroyed,
+            other => other,
+        })?),
+        None => None,
+    };
+    let mut out = Checked { rows: 0, bytes: 0, tables: Vec::with_capacity(m.tables.len()) };
+    for (index, (t, chunks)) in m.tables.iter().zip(groups).enumerate() {
+        let n = chunks.len();
+        let mut data = Vec::new();
+        for (c, payload) in chunks.into_iter().enumerate() {
+            match &key {
+                Some((_, k)) => {
+                    if payload.len() < OVERHEAD {
+                        return Err(TenancyError::Archive(ArchiveError::ChecksumMismatch(t.name.clone())));
+                    }
+                    let mut plain = vec![0u8; payload.len() - OVERHEAD];
+                    let context = archive::chunk_context(&m.id, index, c, n);
+                    envelope::open(k, tenant, &context, &payload, &mut plain)
+                        .map_err(|_| TenancyError::Archive(ArchiveError::ChecksumMismatch(t.name.clone())))?;
+                    data.extend_from_slice(&plain);
+                }
+                None => data.extend_from_slice(&payload),
+            }
+        }
+        archive::check_table(t, &data).map_err(TenancyError::Archive)?;
+        let rows = archive::rows(&data).unwrap_or_default();
+        let texts: Vec<String> = rows
+            .into_iter()
+            .map(|r| String::from_utf8(r.to_vec()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| TenancyError::Archive(ArchiveError::ChecksumMismatch(t.name.clone())))?;
+        out.rows += texts.len() as i64;
+        out.bytes += data.len() as i64;
+        out.tables.push(texts);
+    }
+    Ok(out)
+}
+
+/// The archive of a registered backup: its registry row, manifest and lines.
+fn load(id: Uuid) -> Result<(store::Registered, Manifest, Vec<String>)> {
+    let reg = store::registered(id)?.ok_or(TenancyError::UnknownBackup)?;
+    let lines = match reg.location.as_str() {
+        "imported" => store::stored_lines(id)?,
+        "exported" => return Err(TenancyError::ArchiveUnreadable("the archive was streamed to a client and is not kept here: import it with tenancy.import()")),
+        path => {
+            let text = std::fs::read_to_string(path).map_err(|_| TenancyError::ArchiveUnreadable("the archive file is missing or unreadable"))?;
+            text.lines().map(str::to_owned).collect()
+        }
+    };
+    let (m, _) = archive::parse_manifest(&lines).map_err(TenancyError::Archive)?;
+    if m.checksum != reg.manifest_sha256 || m.id != id.to_string() {
+        return Err(TenancyError::Archive(ArchiveError::ManifestAltered));
+    }
+    if m.tenant != reg.tenant {
+        return Err(TenancyError::OtherTenantsBackup);
+    }
+    Ok((reg, m, lines))
+}
+
+fn table_report(m: &Manifest) -> serde_json::Value {
+    serde_json::Value::Array(
+        m.tables.iter().map(|t| serde_json::json!({"table": t.name, "rows": t.rows, "bytes": t.size})).collect(),
+    )
+}
+
+/// Check a backup end to end (manifest checksum, chain, tenant, key, every table's size, count
+/// and SHA-256); its summary, or an ERROR naming the first problem.
+#[pg_extern(volatile, parallel_unsafe)]
+fn verify_backup(id: Uuid) -> JsonB {
+    require_superuser("backups are a superuser's").or_raise();
+    let (reg, m, lines) = load(id).or_raise();
+    let checked = check_archive(&m, &lines, &reg.tenant).or_raise();
+    JsonB(serde_json::json!({
+        "backup": id.to_string(),
+        "tenant": reg.tenant,
+        "kind": reg.kind,
+        "format_version": m.version,
+        "encrypted": m.encryption.is_some(),
+        "rows": checked.rows,
+        "bytes": checked.bytes,
+        "tables": table_report(&m),
+    }))
+}
+
+thread_local! {
+    /// The manifest of the backup staged last in this backend, for the swap that follows.
+    static STAGED: RefCell<Option<(Uuid, Manifest)>> = const { RefCell::new(None) };
+}
+
+/// Checks made before a restore starts.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _restore_check(tenant: &str, backup: Uuid, mode: &str, at: Option<pgrx::datum::TimestampWithTimeZone>, into_schema: Option<&str>) {
+    require_superuser("restores are a superuser's").or_raise();
+    check_tenant(tenant).or_raise();
+    if at.is_some() {
+        TenancyError::NotYet("point-in-time restore replays incremental backups, which are not in this version").raise();
+    }
+    let reg = store::registered(backup).or_raise().ok_or(TenancyError::UnknownBackup).or_raise();
+    if reg.tenant != tenant {
+        audit::record(Event::CrossTenantWrite, pg_sys::InvalidOid, Some(&reg.tenant), "42501", "restore of another tenant's backup refused");
+        TenancyError::OtherTenantsBackup.raise();
+    }
+    match (mode, into_schema) {
+        ("replace", None) => {
+            // SAFETY: reads backend transaction state.
+            if unsafe { pg_sys::IsTransactionBlock() } {
+                TenancyError::RestoreBlocked("tenancy.restore() commits between its steps: CALL it outside BEGIN ... COMMIT").raise();
+            }
+        }
+        ("sandbox", Some(s)) if !s.is_empty() => {}
+        ("sandbox", _) => TenancyError::InvalidArgument("into_schema (a sandbox restore names a new schema)").raise(),
+        _ => TenancyError::InvalidArgument("mode ('replace', or 'sandbox' with into_schema)").raise(),
+    }
+}
+
+/// Verify the archive and load it into tables of a new schema: `t0, t1, ...` for a staging
+/// schema, the tables' own names for a sandbox. Returns rows per table.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool) -> JsonB {
+    require_superuser("restores are a superuser's").or_raise();
+    let (reg, m, lines) = load(backup).or_raise();
+    if reg.tenant != tenant {
+        TenancyError::OtherTenantsBackup.raise();
+    }
+    let checked = check_archive(&m, &lines, tenant).or_raise();
+    drop(lines);
+    // (a staging table has the tenant column: auto_protect must not register it)
+    let _settings = catalog::GucScope::new(&[(c"pg_tenancy.auto_protect", c"off")]);
+    store::create_schema(schema).or_raise();
+    let mut report = Vec::new();
+    let mut used = std::collections::HashSet::new();
+    for (i, (t, rows)) in m.tables.iter().zip(checked.tables).enumerate() {
+        let name = if staging { format!("t{i}") } else { sandbox_name(&t.name, &mut used) };
+        let columns: Vec<(String, String)> = t.columns.iter().map(|c| (c.name.clone(), c.type_name.clone())).collect();
+        store::create_table(schema, &name, &columns).or_raise();
+        let mut loaded = 0u64;
+        for batch in rows.chunks(10_000) {
+            loaded += store::insert_rows(schema, &name, batch.iter().map(String::as_str).collect()).or_raise();
+        }
+        if loaded != t.rows {
+            TenancyError::Archive(ArchiveError::CountMismatch(t.name.clone())).raise();
+        }
+        if store::foreign_rows(schema, &name, &t.tenant_column, tenant).or_raise() > 0 {
+            TenancyError::OtherTenantsBackup.raise();
+        }
+        report.push(serde_json::json!({"table": t.name, "rows": loaded, "staged_as": format!("{schema}.{name}")}));
+    }
+    STAGED.with(|s| *s.borrow_mut() = Some((backup, m)));
+    JsonB(serde_json::Value::Array(report))
+}
+
+/// A sandbox table's name: the live table's own (without its schema), made unique.
+fn sandbox_name(qualified: &str, used: &mut std::collections::HashSet<String>) -> String {
+    let base = qualified.rsplit_once('.').map(|(_, n)| n).unwrap_or(qualified).trim_matches('"').replace("\"\"", "\"");
+    let mut name = base.clone();
+    let mut n = 1;
+    while !used.insert(name.clone()) {
+        n += 1;
+        name = format!("{base}_{n}");
+    }
+    name
+}
+
+/// Replace the tenant's rows of every table in the backup by the staged ones, in foreign-key
+/// order (children's rows out first, parents' in first). Other tenants' rows are not touched.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
+    require_superuser("restores are a superuser's").or_raise();
+    let Some((staged, m)) = STAGED.with(|s| s.borrow_mut().take()) else {
+        TenancyError::RestoreBlocked("nothing was staged").raise();
+    };
+    if staged != backup || m.tenant != tenant {
+        TenancyError::RestoreBlocked("the staged backup is another one").raise();
+    }
+    let mut live = Vec::new();
+    for (i, t) in m.tables.iter().enumerate() {
+        let Some(src) = store::source_named(&t.name).or_raise() else {
+            TenancyError::RestoreBlocked("a table of the backup is no longer a protected table: restore into a sandbox (mode => 'sandbox')").raise();
+        };
+        if src.tenant_column != t.tenant_column {
+            TenancyError::RestoreBlocked("a table of the backup is now protected on another column: restore into a sandbox").raise();
+        }
+        let now: Vec<Column> = serde_json::from_str(&src.columns_json).unwrap_or_default();
+        // the columns both have, that PostgreSQL does not compute
+        let columns: Vec<String> = t
+            .columns
+            .iter()
+            .filter(|c| !c.generated && now.iter().any(|n| n.name == c.name && !n.generated))
+            .map(|c| c.name.clone())
+            .collect();
+        live.push((i, src, columns));
+    }
+    let rels: Vec<pg_sys::Oid> = live.iter().map(|(_, s, _)| s.rel).collect();
+    let order = parents_first(&rels, &store::foreign_keys(&rels).or_raise());
+    let _quiet = audit::QuietBypassReads::new();
+    let mut deleted = vec![0u64; live.len()];
+    for &k in order.iter().rev() {
+        deleted[k] = store::delete_tenant_rows(&live[k].1, tenant).or_raise();
+    }
+    let mut report = Vec::new();
+    for &k in &order {
+        let (i, src, columns) = &live[k];
+        let inserted = store::copy_into_live(src, schema, &format!("t{i}"), columns).or_raise();
+        report.push(serde_json::json!({"table": src.name, "rows_before": deleted[k], "rows_after": inserted}));
+    }
+    JsonB(serde_json::Value::Array(report))
+}
+
+/// Indices of `rels` ordered so that a table comes after every table it references.
+fn parents_first(rels: &[pg_sys::Oid], fks: &[(pg_sys::Oid, pg_sys::Oid)]) -> Vec<usize> {
+    let mut order = Vec::with_capacity(rels.len());
+    let mut placed = vec![false; rels.len()];
+    while order.len() < rels.len() {
+        let before = order.len();
+        for i in 0..rels.len() {
+            if placed[i] {
+                continue;
+            }
+            let waiting = fks.iter().any(|&(child, parent)| {
+                child == rels[i] && rels.iter().position(|&r| r == parent).is_some_and(|p| !placed[p])
+            });
+            if !waiting {
+                placed[i] = true;
+                order.push(i);
+            }
+        }
+        if order.len() == before {
+            // a cycle of foreign keys: the rest in any order (PostgreSQL checks at statement end)
+            order.extend((0..rels.len()).filter(|&i| !placed[i]));
+            break;
+        }
+    }
+    order
+}
+
+/// Wait until no transaction that began before this one still holds a transaction id (the
+/// tenant's writes under way when it was paused), for at most `pg_tenancy.restore_wait`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _wait_for_writers() {
+    require_superuser("restores are a superuser's").or_raise();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(gucs::restore_wait() as u64);
+    while store::writers_in_flight().or_raise() {
+        if std::time::Instant::now() >= deadline {
+            TenancyError::RestoreBlocked("transactions that were writing when the tenant was paused did not end within pg_tenancy.restore_wait").raise();
+        }
+        // SAFETY: sleeps 20 ms; interrupts (cancel, terminate) are served right after.
+        unsafe { pg_sys::pg_usleep(20_000) };
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// Record a finished restore in the audit log.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _record_restore(tenant: &str, backup: Uuid) {
+    require_superuser("restores are a superuser's").or_raise();
+    audit::record(Event::TenantRestored, pg_sys::InvalidOid, Some(tenant), "00000", &format!("tenant restored from backup {backup}"));
+}

@@ -1,0 +1,409 @@
+//! `tenancy.backups`, `tenancy.backup_archives`, and the statements a backup or a restore runs on
+//! the tenant's tables (built here from quoted names; every one search_path-proof).
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+use pgrx::IntoDatum;
+use std::ffi::{c_char, CString};
+
+use super::{arg, one, run, PinnedSearchPath, Stmt, Who};
+use crate::error::{Result, TenancyError};
+
+/// A protected table a backup covers: every protected table that is not a partition (a
+/// partitioned table is read through its parent, with its partitions).
+pub struct Source {
+    pub rel: pg_sys::Oid,
+    /// Schema-qualified and quoted.
+    pub name: String,
+    pub partitioned: bool,
+    pub tenant_column: String,
+    /// The tenant column's type as `format_type` writes it.
+    pub tenant_type: String,
+    /// `[{"Name", "Type", "Generated"}]` in column order.
+    pub columns_json: String,
+}
+
+const SOURCES: Stmt = Stmt {
+    sql: "SELECT c.oid, pg_catalog.quote_ident(n.nspname) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.relname), \
+                 c.relkind OPERATOR(pg_catalog.=) 'p', p.tenant_column::pg_catalog.text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                 (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('Name', x.attname, 'Type', pg_catalog.format_type(x.atttypid, x.atttypmod), \
+                                                                            'Generated', x.attgenerated OPERATOR(pg_catalog.<>) '') ORDER BY x.attnum) \
+                    FROM pg_catalog.pg_attribute x \
+                   WHERE x.attrelid OPERATOR(pg_catalog.=) c.oid AND x.attnum OPERATOR(pg_catalog.>) 0 AND NOT x.attisdropped)::pg_catalog.text \
+            FROM tenancy.protected_tables p \
+            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.rel \
+            JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+            JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) p.tenant_column \
+           WHERE NOT c.relispartition \
+           ORDER BY 2",
+    args: &[],
+    who: Who::Caller,
+    fresh: false,
+};
+
+/// The tables a backup of any tenant covers, by name.
+pub fn sources() -> Result<Vec<Source>> {
+    run(&SOURCES, &[], |r| Source {
+        rel: r.get(1).unwrap_or(pg_sys::InvalidOid),
+        name: r.get(2).unwrap_or_default(),
+        partitioned: r.get(3).unwrap_or(false),
+        tenant_column: r.get(4).unwrap_or_default(),
+        tenant_type: r.get(5).unwrap_or_default(),
+        columns_json: r.get(6).unwrap_or_default(),
+    })
+}
+
+/// The live table a manifest names, if it is still protected: (oid, partitioned, tenant
+/// column, its type, columns as JSON).
+pub fn source_named(name: &str) -> Result<Option<Source>> {
+    Ok(sources()?.into_iter().find(|s| s.name == name))
+}
+
+const FOREIGN_KEYS: Stmt = Stmt {
+    sql: "SELECT conrelid, confrelid FROM pg_catalog.pg_constraint \
+           WHERE contype OPERATOR(pg_catalog.=) 'f' AND conparentid OPERATOR(pg_catalog.=) 0 \
+             AND conrelid OPERATOR(pg_catalog.=) ANY ($1) AND confrelid OPERATOR(pg_catalog.=) ANY ($1) \
+             AND conrelid OPERATOR(pg_catalog.<>) confrelid",
+    args: &[pg_sys::OIDARRAYOID],
+    who: Who::Caller,
+    fresh: false,
+};
+
+/// Foreign keys among `rels`: (referencing, referenced), self-references left out.
+pub fn foreign_keys(rels: &[pg_sys::Oid]) -> Result<Vec<(pg_sys::Oid, pg_sys::Oid)>> {
+    run(&FOREIGN_KEYS, &[arg(rels.to_vec())], |r| {
+        (r.get(1).unwrap_or(pg_sys::InvalidOid), r.get(2).unwrap_or(pg_sys::InvalidOid))
+    })
+}
+
+/// What a backup records about the moment it was taken.
+pub struct Moment {
+    pub snapshot: String,
+    pub lsn: String,
+    pub created: String,
+    pub server_version: String,
+    pub extension_version: String,
+}
+
+const MOMENT: Stmt = Stmt {
+    sql: "SELECT pg_catalog.pg_current_snapshot()::pg_catalog.text, pg_catalog.pg_current_wal_lsn()::pg_catalog.text, \
+                 pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                 pg_catalog.current_setting('server_version'), \
+                 (SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_tenancy')",
+    args: &[],
+    who: Who::Caller,
+    fresh: false,
+};
+
+pub fn moment() -> Result<Moment> {
+    let m = one(&MOMENT, &[], |r| Moment {
+        snapshot: r.get(1).unwrap_or_default(),
+        lsn: r.get(2).unwrap_or_default(),
+        created: r.get(3).unwrap_or_default(),
+        server_version: r.get(4).unwrap_or_default(),
+        extension_version: r.get(5).unwrap_or_default(),
+    })?;
+    m.ok_or(TenancyError::NotInstalled)
+}
+
+/// A backup's registry row.
+pub struct Registered {
+    pub tenant: String,
+    pub kind: String,
+    pub parent: Option<pgrx::Uuid>,
+    pub location: String,
+    pub manifest_sha256: String,
+}
+
+const REGISTER: Stmt = Stmt {
+    sql: "INSERT INTO tenancy.backups (id, tenant, kind, parent, location, snapshot, lsn, tables, row_count, data_bytes, \
+                                       archive_bytes, key_version, manifest_sha256, created_at, expires_at) \
+          SELECT $1, t.id, $3, $4, $5, $6, $7::pg_catalog.pg_lsn, $8, $9, $10, $11, $12, $13, $14::pg_catalog.timestamptz, \
+                 $14::pg_catalog.timestamptz OPERATOR(pg_catalog.+) pg_catalog.make_interval(days => GREATEST(30, \
+                     CASE WHEN t.config OPERATOR(pg_catalog.->>) 'backup_retention_days' OPERATOR(pg_catalog.~) '^[0-9]{1,5}$' \
+                          THEN (t.config OPERATOR(pg_catalog.->>) 'backup_retention_days')::pg_catalog.int4 ELSE 30 END)) \
+            FROM tenancy.tenants t WHERE t.id OPERATOR(pg_catalog.=) $2",
+    args: &[
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::INT8OID,
+        pg_sys::INT8OID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+    ],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// What `register` writes.
+pub struct NewBackup<'a> {
+    pub id: pgrx::Uuid,
+    pub tenant: &'a str,
+    pub kind: &'a str,
+    pub parent: Option<pgrx::Uuid>,
+    pub location: &'a str,
+    pub snapshot: &'a str,
+    pub lsn: &'a str,
+    pub tables: i32,
+    pub rows: i64,
+    pub data_bytes: i64,
+    pub archive_bytes: i64,
+    pub key_version: Option<i32>,
+    pub manifest_sha256: &'a str,
+    pub created: &'a str,
+}
+
+pub fn register(b: &NewBackup) -> Result<()> {
+    run(
+        &REGISTER,
+        &[
+            arg(b.id),
+            arg(b.tenant),
+            arg(b.kind),
+            b.parent.and_then(|p| p.into_datum()),
+            arg(b.location),
+            arg(b.snapshot),
+            arg(b.lsn),
+            arg(b.tables),
+            arg(b.rows),
+            arg(b.data_bytes),
+            arg(b.archive_bytes),
+            b.key_version.and_then(|v| v.into_datum()),
+            arg(b.manifest_sha256),
+            arg(b.created),
+        ],
+        |_| (),
+    )?;
+    Ok(())
+}
+
+const REGISTERED: Stmt = Stmt {
+    sql: "SELECT tenant, kind, parent, location, manifest_sha256 FROM tenancy.backups WHERE id OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::UUIDOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+pub fn registered(id: pgrx::Uuid) -> Result<Option<Registered>> {
+    one(&REGISTERED, &[arg(id)], |r| Registered {
+        tenant: r.get(1).unwrap_or_default(),
+        kind: r.get(2).unwrap_or_default(),
+        parent: r.get(3),
+        location: r.get(4).unwrap_or_default(),
+        manifest_sha256: r.get(5).unwrap_or_default(),
+    })
+}
+
+const SET_LOCATION: Stmt = Stmt {
+    sql: "UPDATE tenancy.backups SET location = $2 WHERE id OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::UUIDOID, pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+pub fn set_location(id: pgrx::Uuid, location: &str) -> Result<()> {
+    run(&SET_LOCATION, &[arg(id), arg(location)], |_| ())?;
+    Ok(())
+}
+
+const STORE_LINES: Stmt = Stmt {
+    sql: "INSERT INTO tenancy.backup_archives (backup, n, line) \
+          SELECT $1, l.n, l.line FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS l(line, n)",
+    args: &[pg_sys::UUIDOID, pg_sys::TEXTARRAYOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+pub fn store_lines(id: pgrx::Uuid, lines: &[String]) -> Result<()> {
+    run(&STORE_LINES, &[arg(id), arg(lines.to_vec())], |_| ())?;
+    Ok(())
+}
+
+const STORED_LINES: Stmt = Stmt {
+    sql: "SELECT line FROM tenancy.backup_archives WHERE backup OPERATOR(pg_catalog.=) $1 ORDER BY n",
+    args: &[pg_sys::UUIDOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+pub fn stored_lines(id: pgrx::Uuid) -> Result<Vec<String>> {
+    run(&STORED_LINES, &[arg(id)], |r| r.get::<String>(1).unwrap_or_default())
+}
+
+const CLEAR_ACTIVITY_SNAPSHOT: Stmt = Stmt {
+    sql: "SELECT pg_catalog.pg_stat_clear_snapshot()",
+    args: &[],
+    who: Who::Caller,
+    fresh: true,
+};
+
+const WRITERS_IN_FLIGHT: Stmt = Stmt {
+    sql: "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a \
+           WHERE a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
+             AND a.backend_xid IS NOT NULL AND a.xact_start OPERATOR(pg_catalog.<) pg_catalog.transaction_timestamp())",
+    args: &[],
+    who: Who::Caller,
+    fresh: true,
+};
+
+/// Whether a transaction of this database that started before ours holds a transaction id (it
+/// has written, or locked rows). Reads the sessions' state afresh at every call.
+pub fn writers_in_flight() -> Result<bool> {
+    run(&CLEAR_ACTIVITY_SNAPSHOT, &[], |_| ())?;
+    Ok(one(&WRITERS_IN_FLIGHT, &[], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
+}
+
+/// `SELECT t::text FROM [ONLY] table t WHERE tenant_column = tenant`: the tenant's rows in record
+/// text form, handed to `f` one by one, read with the calling statement's snapshot (one snapshot
+/// for every table of a backup). Returns the number of rows.
+pub fn tenant_rows(src: &Source, tenant: &str, mut f: impl FnMut(&[u8])) -> Result<u64> {
+    let sql = format!(
+        "SELECT t::pg_catalog.text FROM {}{} t WHERE t.{} OPERATOR(pg_catalog.=) $1::pg_catalog.text::{}",
+        if src.partitioned { "" } else { "ONLY " },
+        src.name,
+        quote_identifier(&src.tenant_column),
+        src.tenant_type
+    );
+    let csql = CString::new(sql).map_err(|_| TenancyError::InvalidArgument("table name"))?;
+    let _path = PinnedSearchPath::new();
+    let mut count = 0u64;
+    Spi::connect(|_| {
+        // SAFETY: an open SPI connection; a plan with one text parameter and arrays of that
+        // length; read_only = true, so the cursor reads with the active (calling statement's)
+        // snapshot. Rows are read while their tuple table is alive, then it is freed.
+        unsafe {
+            let mut types = [pg_sys::TEXTOID];
+            let plan = pg_sys::SPI_prepare(csql.as_ptr(), 1, types.as_mut_ptr());
+            if plan.is_null() {
+                let code = pg_sys::SPI_result;
+                pgrx::error!("pg_tenancy: could not prepare a backup read (SPI code {code})");
+            }
+            let mut values = [tenant.into_datum().expect("text datum")];
+            let nulls = [b' ' as c_char];
+            let portal = pg_sys::SPI_cursor_open(std::ptr::null(), plan, values.as_mut_ptr(), nulls.as_ptr(), true);
+            loop {
+                pg_sys::SPI_cursor_fetch(portal, true, 10_000);
+                let n = pg_sys::SPI_processed as usize;
+                let table = pg_sys::SPI_tuptable;
+                if n == 0 || table.is_null() {
+                    break;
+                }
+                for i in 0..n {
+                    let mut isnull = false;
+                    let d = pg_sys::SPI_getbinval(*(*table).vals.add(i), (*table).tupdesc, 1, &mut isnull);
+                    if isnull {
+                        continue;
+                    }
+                    let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                    let len = pgrx::varsize_any_exhdr(v);
+                    let data = std::slice::from_raw_parts(pgrx::vardata_any(v) as *const u8, len);
+                    f(data);
+                    count += 1;
+                }
+                pg_sys::SPI_freetuptable(table);
+            }
+            pg_sys::SPI_cursor_close(portal);
+        }
+    });
+    Ok(count)
+}
+
+/// Run a statement built here (DDL or DML on staging and live tables) with arguments; returns the
+/// number of rows it processed.
+fn execute(sql: &str, args: &[(pg_sys::Oid, Option<pg_sys::Datum>)]) -> Result<u64> {
+    let csql = CString::new(sql).map_err(|_| TenancyError::InvalidArgument("identifier"))?;
+    let _path = PinnedSearchPath::new();
+    let mut types: Vec<pg_sys::Oid> = args.iter().map(|a| a.0).collect();
+    let mut values: Vec<pg_sys::Datum> = args.iter().map(|a| a.1.unwrap_or(pg_sys::Datum::from(0))).collect();
+    let nulls: Vec<c_char> = args.iter().map(|a| if a.1.is_some() { b' ' } else { b'n' } as c_char).collect();
+    Ok(Spi::connect(|_| {
+        // SAFETY: an open SPI connection; arrays of args.len() elements.
+        unsafe {
+            let rc = pg_sys::SPI_execute_with_args(
+                csql.as_ptr(),
+                args.len() as i32,
+                types.as_mut_ptr(),
+                values.as_mut_ptr(),
+                nulls.as_ptr(),
+                false,
+                0,
+            );
+            if rc < 0 {
+                pgrx::error!("pg_tenancy: a restore statement failed (SPI code {rc})");
+            }
+            pg_sys::SPI_processed
+        }
+    }))
+}
+
+/// `CREATE SCHEMA schema` (the caller owns it; nobody else has any privilege on it).
+pub fn create_schema(schema: &str) -> Result<()> {
+    execute(&format!("CREATE SCHEMA {}", quote_identifier(schema)), &[])?;
+    Ok(())
+}
+
+/// `CREATE TABLE schema.name (columns)` with the manifest's column names and types.
+pub fn create_table(schema: &str, name: &str, columns: &[(String, String)]) -> Result<()> {
+    let cols: Vec<String> = columns.iter().map(|(n, t)| format!("{} {}", quote_identifier(n), t)).collect();
+    execute(&format!("CREATE TABLE {}.{} ({})", quote_identifier(schema), quote_identifier(name), cols.join(", ")), &[])?;
+    Ok(())
+}
+
+/// Insert rows given in record text form into `schema.name`.
+pub fn insert_rows(schema: &str, name: &str, rows: Vec<&str>) -> Result<u64> {
+    let table = format!("{}.{}", quote_identifier(schema), quote_identifier(name));
+    execute(
+        &format!("INSERT INTO {table} SELECT * FROM pg_catalog.unnest($1::pg_catalog.text[]::{table}[])"),
+        &[(pg_sys::TEXTARRAYOID, rows.into_datum())],
+    )
+}
+
+/// Rows of `schema.name` whose tenant column is not `tenant` (tenant ids are in their type's
+/// canonical text form, so comparing texts compares values).
+pub fn foreign_rows(schema: &str, name: &str, column: &str, tenant: &str) -> Result<u64> {
+    execute(
+        &format!(
+            "SELECT FROM {}.{} s WHERE s.{}::pg_catalog.text IS DISTINCT FROM $1",
+            quote_identifier(schema),
+            quote_identifier(name),
+            quote_identifier(column)
+        ),
+        &[(pg_sys::TEXTOID, tenant.into_datum())],
+    )
+}
+
+/// `DELETE FROM [ONLY] live WHERE tenant_column = tenant`.
+pub fn delete_tenant_rows(src: &Source, tenant: &str) -> Result<u64> {
+    execute(
+        &format!(
+            "DELETE FROM {}{} t WHERE t.{} OPERATOR(pg_catalog.=) $1::pg_catalog.text::{}",
+            if src.partitioned { "" } else { "ONLY " },
+            src.name,
+            quote_identifier(&src.tenant_column),
+            src.tenant_type
+        ),
+        &[(pg_sys::TEXTOID, tenant.into_datum())],
+    )
+}
+
+/// `INSERT INTO live (columns) OVERRIDING SYSTEM VALUE SELECT columns FROM schema.name`.
+pub fn copy_into_live(src: &Source, schema: &str, name: &str, columns: &[String]) -> Result<u64> {
+    let cols: Vec<String> = columns.iter().map(String::as_str).map(quote_identifier).collect();
+    let cols = cols.join(", ");
+    execute(
+        &format!(
+            "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {}.{}",
+            src.name,
+            quote_identifier(schema),
+            quote_identifier(name)
+        ),
+        &[],
+    )
+}
