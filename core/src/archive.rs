@@ -183,6 +183,26 @@ pub fn chunk_context(backup: &str, table: usize, chunk: usize, chunks: usize) ->
     format!("pg_tenancy backup v1|{backup}|{table}|{chunk}/{chunks}")
 }
 
+/// The context the manifest's seal is made under: in an encrypted archive, the line after the
+/// manifest (`S <base64>`) is the manifest checksum sealed with the tenant's key, so that the
+/// manifest cannot be rewritten (and re-checksummed) without the key.
+pub fn seal_context(backup: &str) -> String {
+    format!("pg_tenancy backup v1|{backup}|manifest")
+}
+
+/// The seal line.
+pub fn seal_line(payload: &[u8]) -> String {
+    use base64::Engine;
+    format!("S {}", base64::engine::general_purpose::STANDARD.encode(payload))
+}
+
+/// The sealed manifest checksum of the lines after the manifest, if there is one.
+pub fn find_seal<S: AsRef<str>>(data: &[S]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let line = data.iter().map(AsRef::as_ref).find(|l| l.starts_with("S "))?;
+    base64::engine::general_purpose::STANDARD.decode(&line[2..]).ok()
+}
+
 /// One data line.
 pub fn data_line(table: usize, chunk: usize, payload: &[u8]) -> String {
     use base64::Engine;
@@ -240,7 +260,7 @@ pub fn table_chunks<S: AsRef<str>>(m: &Manifest, data: &[S]) -> Result<Vec<Vec<V
     let mut out: Vec<Vec<Option<Vec<u8>>>> = m.tables.iter().map(|t| vec![None; t.chunks as usize]).collect();
     for line in data {
         let line = line.as_ref();
-        if line.is_empty() {
+        if line.is_empty() || line.starts_with("S ") {
             continue;
         }
         let (t, c, payload) = parse_data_line(line)?;

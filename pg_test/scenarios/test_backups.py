@@ -207,8 +207,20 @@ def test_every_verification_failure_is_named(bk):
     fails(sealed[:ds] + ["D 0 0 " + base64.b64encode(sp[:-1] + bytes([sp[-1] ^ 1])).decode()] + sealed[ds + 1:], "22000")
     # count mismatch (the manifest re-checksummed by whoever changed it)
     fails(rechecksum(edit(plain, rows_line, '"Rows": ', '"Rows": 1')), "21000")
+    # an encrypted archive's manifest is sealed with the tenant's key: re-checksumming is not enough
+    srows = next(i for i, l in enumerate(sealed) if '"Rows"' in l)
+    fails(rechecksum(edit(sealed, srows, '"Rows": ', '"Rows": 1')), "XX001")
+    fails([l for l in sealed if not l.startswith("S ")], "XX001")
     # broken chain
     fails(rechecksum(edit(plain, next(i for i, l in enumerate(plain) if '"Parent"' in l), "null", '"00000000-0000-0000-0000-000000000000"')), "23000")
+    # a type name in the manifest is parsed as a type name, never spliced into SQL
+    type_line = next(i for i, l in enumerate(plain) if '"Type": "text"' in l)
+    hostile = rechecksum(edit(plain, type_line, '"Type": "text"', '"Type": "text); DROP TABLE app.bk_lines; --"'))
+    hb = run(su, "SELECT tenancy.import(%s)", hostile)[0][0]
+    run(su, "DROP SCHEMA IF EXISTS bk_hostile CASCADE")
+    assert sqlstate_of(su, "CALL tenancy.restore('bk-c', %s, mode => 'sandbox', into_schema => 'bk_hostile')", hb) == "22032"
+    assert run(su, "SELECT to_regclass('app.bk_lines') IS NOT NULL") == [(True,)]
+    run(su, "DELETE FROM tenancy.backups WHERE id = %s", hb)
     # another tenant's archive: restoring bk-c's backup as bk-a
     b = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
     assert sqlstate_of(su, "CALL tenancy.restore('bk-a', %s)", b) == "42501"

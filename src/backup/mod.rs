@@ -147,8 +147,19 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
         checksum: String::new(),
     };
     let mut lines = archive::render_manifest(&manifest);
+    if let Some((version, k)) = &key {
+        let (parsed, _) = archive::parse_manifest(&lines).map_err(TenancyError::Archive)?;
+        lines.push(archive::seal_line(&seal(k, *version, tenant, &manifest.id, &parsed.checksum)));
+    }
     lines.extend(data_lines);
     Ok(Made { id, lines, manifest, rows: rows_total, data_bytes: bytes_total })
+}
+
+/// The manifest checksum sealed with the tenant's key.
+fn seal(k: &envelope::DataKey, version: i32, tenant: &str, backup: &str, checksum: &str) -> Vec<u8> {
+    let mut out = vec![0u8; checksum.len() + OVERHEAD];
+    envelope::seal(k, version, keystore::random_nonce(), tenant, &archive::seal_context(backup), checksum.as_bytes(), &mut out);
+    out
 }
 
 fn register(made: &Made, location: &str) -> Result<()> {
@@ -302,6 +313,17 @@ fn check_archive<S: AsRef<str>>(m: &Manifest, lines: &[S], tenant: &str) -> Resu
         })?),
         None => None,
     };
+    if let Some((_, k)) = &key {
+        // the manifest is the tenant's: its checksum sealed with the tenant's key
+        let sealed = archive::find_seal(&lines[start..]).ok_or(TenancyError::Archive(ArchiveError::ManifestAltered))?;
+        let mut opened = vec![0u8; sealed.len().saturating_sub(OVERHEAD)];
+        if sealed.len() < OVERHEAD
+            || envelope::open(k, tenant, &archive::seal_context(&m.id), &sealed, &mut opened).is_err()
+            || opened != m.checksum.as_bytes()
+        {
+            return Err(TenancyError::Archive(ArchiveError::ManifestAltered));
+        }
+    }
     let mut out = Checked { rows: 0, bytes: 0, tables: Vec::with_capacity(m.tables.len()) };
     for (index, (t, chunks)) in m.tables.iter().zip(groups).enumerate() {
         let n = chunks.len();
@@ -430,7 +452,8 @@ fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool) -> Js
     let mut used = std::collections::HashSet::new();
     for (i, (t, rows)) in m.tables.iter().zip(checked.tables).enumerate() {
         let name = if staging { format!("t{i}") } else { sandbox_name(&t.name, &mut used) };
-        let columns: Vec<(String, String)> = t.columns.iter().map(|c| (c.name.clone(), c.type_name.clone())).collect();
+        let columns: Vec<(String, String)> =
+            t.columns.iter().map(|c| Ok((c.name.clone(), store::resolve_type(&c.type_name)?))).collect::<Result<_>>().or_raise();
         store::create_table(schema, &name, &columns).or_raise();
         let mut loaded = 0u64;
         for batch in rows.chunks(10_000) {

@@ -343,6 +343,37 @@ fn execute(sql: &str, args: &[(pg_sys::Oid, Option<pg_sys::Datum>)]) -> Result<u
     }))
 }
 
+/// A type name from a manifest, parsed as a type name only (never spliced into SQL as given) and
+/// written back fully qualified; the archive is unparsable when it names no existing type.
+pub fn resolve_type(name: &str) -> Result<String> {
+    let c = CString::new(name).map_err(|_| TenancyError::Archive(pg_tenancy_core::archive::ArchiveError::Unparsable))?;
+    let _path = PinnedSearchPath::new();
+    let parsed = PgTryBuilder::new(|| {
+        let (mut oid, mut typmod) = (pg_sys::InvalidOid, -1);
+        // SAFETY: parses a type name (the parser's type-name mode: nothing else is accepted) and
+        // looks it up; missing_ok, so an unknown type gives InvalidOid; a syntax error raises,
+        // caught here.
+        unsafe { pg_sys::parseTypeString(c.as_ptr(), &mut oid, &mut typmod, true) };
+        Some((oid, typmod))
+    })
+    .catch_others(|_| None)
+    .execute();
+    match parsed {
+        Some((oid, typmod)) if oid != pg_sys::InvalidOid => {
+            // SAFETY: formats an existing type; the result is palloc'd.
+            let text = unsafe {
+                std::ffi::CStr::from_ptr(pg_sys::format_type_extended(
+                    oid,
+                    typmod,
+                    (pg_sys::FORMAT_TYPE_TYPEMOD_GIVEN | pg_sys::FORMAT_TYPE_FORCE_QUALIFY) as u16,
+                ))
+            };
+            Ok(text.to_string_lossy().into_owned())
+        }
+        _ => Err(TenancyError::Archive(pg_tenancy_core::archive::ArchiveError::Unparsable)),
+    }
+}
+
 /// `CREATE SCHEMA schema` (the caller owns it; nobody else has any privilege on it).
 pub fn create_schema(schema: &str) -> Result<()> {
     execute(&format!("CREATE SCHEMA {}", quote_identifier(schema)), &[])?;
