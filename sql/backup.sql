@@ -2,6 +2,10 @@
 -- Tenant backups: the registry of archives, archives imported through SQL, the restores and their
 -- steps, and the restore procedure (src/backup/ writes and reads the archives).
 ------------------------------------------------------------------------------------------------
+-- The AFTER ROW trigger of change capture (src/protect/capture.rs).
+CREATE FUNCTION tenancy._capture() RETURNS trigger
+LANGUAGE c VOLATILE PARALLEL UNSAFE AS 'MODULE_PATHNAME', 'tenancy_capture';
+
 CREATE TABLE tenancy.backups (
     id            uuid        PRIMARY KEY,
     tenant        text        NOT NULL REFERENCES tenancy.tenants (id),
@@ -42,6 +46,7 @@ CREATE TABLE tenancy.restores (
     backup          uuid        NOT NULL REFERENCES tenancy.backups (id),
     mode            text        NOT NULL,
     previous_status text        NOT NULL,
+    pid             integer     NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
     state           text        NOT NULL DEFAULT 'running'
                                 CONSTRAINT restores_state_check CHECK (state IN ('running', 'done', 'failed', 'abandoned')),
     started_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
@@ -65,6 +70,12 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no restore of this tenant is under way' USING ERRCODE = '55000',
             HINT = 'tenancy.restores lists the restores; tenancy.set_status() changes a status.';
+    END IF;
+    -- the restoring backend still runs it: it will put the status back itself
+    IF EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                WHERE a.pid OPERATOR(pg_catalog.=) r.pid AND a.backend_start OPERATOR(pg_catalog.<=) r.started_at) THEN
+        RAISE EXCEPTION 'the restore of this tenant is still running' USING ERRCODE = '55006',
+            HINT = 'Wait for it, or cancel it with pg_cancel_backend(pid) (tenancy.restores has its pid): it then puts the status back.';
     END IF;
     UPDATE tenancy.restores SET state = 'abandoned', finished_at = pg_catalog.clock_timestamp()
      WHERE id OPERATOR(pg_catalog.=) r.id;
@@ -92,6 +103,8 @@ DECLARE
     t0 timestamptz;
     steps jsonb := '{}';
     tables jsonb;
+    swapped jsonb;
+    at_us bigint := (pg_catalog.date_part('epoch', restore."at") OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8;
     failed boolean := false;
     err_state text;
     err_message text;
@@ -100,12 +113,24 @@ DECLARE
 BEGIN
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
     -- checks (superuser, tenant, backup of that tenant, mode, no transaction block)
-    PERFORM tenancy._restore_check(restore.tenant, restore.backup, restore.mode, restore."at", restore.into_schema);
+    PERFORM tenancy._restore_check(restore.tenant, restore.backup, restore.mode, restore.into_schema);
     IF restore.mode OPERATOR(pg_catalog.=) 'sandbox' THEN
         t0 := pg_catalog.clock_timestamp();
-        tables := tenancy._restore_stage(restore.tenant, restore.backup, restore.into_schema, false);
+        BEGIN
+            tables := tenancy._restore_stage(restore.tenant, restore.backup, restore.into_schema, false, at_us);
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS err_state = RETURNED_SQLSTATE, err_message = MESSAGE_TEXT,
+                                    err_detail = PG_EXCEPTION_DETAIL, err_hint = PG_EXCEPTION_HINT;
+            IF tenancy._restore_error_is_ours(err_message) THEN
+                RAISE EXCEPTION USING ERRCODE = err_state, MESSAGE = err_message,
+                    DETAIL = COALESCE(err_detail, ''), HINT = COALESCE(err_hint, '');
+            END IF;
+            RAISE EXCEPTION 'the restore failed on a row of the tenant' USING ERRCODE = err_state,
+                DETAIL = 'Its message is not shown: it could hold row values.';
+        END;
         report := pg_catalog.jsonb_build_object('tenant', restore.tenant, 'backup', restore.backup,
-            'mode', 'sandbox', 'schema', restore.into_schema, 'tables', tables,
+            'mode', 'sandbox', 'at', restore."at", 'schema', restore.into_schema,
+            'chain', tables OPERATOR(pg_catalog.->) 'chain', 'tables', tables OPERATOR(pg_catalog.->) 'tables',
             'seconds', pg_catalog.jsonb_build_object('stage_and_verify',
                 pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) t0)::numeric, 3)));
         RETURN;
@@ -130,12 +155,13 @@ BEGIN
         steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('wait_for_writers', tenancy._seconds_since(t0));
         -- 3. restore into an isolated staging schema, verified against the manifest
         t0 := pg_catalog.clock_timestamp();
-        staging := pg_catalog.format('tenancy_restore_%s', restore_id);
-        tables := tenancy._restore_stage(restore.tenant, restore.backup, staging, true);
+        staging := pg_catalog.format('tenancy_restore_%s_%s', restore_id,
+                                     pg_catalog.substr(pg_catalog.md5(pg_catalog.gen_random_uuid()::pg_catalog.text), 1, 12));
+        tables := tenancy._restore_stage(restore.tenant, restore.backup, staging, true, at_us);
         steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('stage_and_verify', tenancy._seconds_since(t0));
         -- 4. swap the tenant's rows in the live tables, in this one transaction
         t0 := pg_catalog.clock_timestamp();
-        tables := tenancy._restore_swap(restore.tenant, restore.backup, staging);
+        swapped := tenancy._restore_swap(restore.tenant, restore.backup, staging);
         PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);
         EXECUTE pg_catalog.format('DROP SCHEMA %I CASCADE', staging);
         steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('swap', tenancy._seconds_since(t0));
@@ -153,8 +179,14 @@ BEGIN
             PERFORM tenancy.set_status(restore.tenant, previous);
         END IF;
         COMMIT;
-        RAISE EXCEPTION USING ERRCODE = err_state, MESSAGE = err_message,
-            DETAIL = COALESCE(err_detail, ''), HINT = COALESCE(err_hint, '');
+        IF tenancy._restore_error_is_ours(err_message) THEN
+            RAISE EXCEPTION USING ERRCODE = err_state, MESSAGE = err_message,
+                DETAIL = COALESCE(err_detail, ''), HINT = COALESCE(err_hint, '');
+        END IF;
+        -- a constraint's or a type's error may quote row values: only its SQLSTATE goes out
+        RAISE EXCEPTION 'the restore failed on a row of the tenant; nothing live was changed' USING ERRCODE = err_state,
+            DETAIL = 'Its message is not shown: it could hold row values.',
+            HINT = 'Restore into a sandbox (mode => ''sandbox'', into_schema => ...) to inspect the rows.';
     END IF;
     -- 5. writes back on, the restore recorded (restores table and audit log)
     t0 := pg_catalog.clock_timestamp();
@@ -163,9 +195,10 @@ BEGIN
     END IF;
     steps := steps OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object('resume', tenancy._seconds_since(t0));
     report := pg_catalog.jsonb_build_object('tenant', restore.tenant, 'backup', restore.backup,
-        'mode', 'replace', 'tables', tables, 'seconds', steps);
+        'mode', 'replace', 'at', restore."at", 'chain', tables OPERATOR(pg_catalog.->) 'chain',
+        'tables', swapped, 'seconds', steps);
     UPDATE tenancy.restores SET state = 'done', finished_at = pg_catalog.clock_timestamp(), report = restore.report
-     WHERE id OPERATOR(pg_catalog.=) restore_id;
+     WHERE id OPERATOR(pg_catalog.=) restore_id AND state OPERATOR(pg_catalog.=) 'running';
     PERFORM tenancy._record_restore(restore.tenant, restore.backup);
     COMMIT;
 END

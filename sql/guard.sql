@@ -38,6 +38,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
                           WHERE t.tgrelid = c.oid AND t.tgname = 'tenancy_truncate_guard'
                             AND t.tgenabled IN ('O', 'A'))
             THEN 'the TRUNCATE guard trigger was dropped or disabled'
+        WHEN NOT c.relispartition AND EXISTS (SELECT 1 FROM tenancy.change_capture k WHERE k.disabled_at IS NULL)
+         AND NOT EXISTS (SELECT 1 FROM pg_trigger t
+                          WHERE t.tgrelid = c.oid AND t.tgname = 'tenancy_capture'
+                            AND t.tgenabled IN ('O', 'A'))
+            THEN 'the change capture trigger was dropped or disabled (incremental backups would miss changes)'
         END
       FROM tenancy.protected_tables p
       LEFT JOIN pg_class c ON c.oid = p.rel

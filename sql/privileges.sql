@@ -27,6 +27,7 @@ GRANT EXECUTE ON FUNCTION
     tenancy.policy_sql(regclass, name),
     tenancy._policy_sql(oid, text),
     tenancy.truncate_guard(),
+    tenancy._capture(),
     tenancy._guard_exempt(oid),
     tenancy._guard_ddl(),
     tenancy._guard_drop(),

@@ -86,3 +86,29 @@ CREATE TABLE tenancy.approved_functions (
 COMMENT ON TABLE tenancy.approved_functions IS
     'Functions a superuser reviewed and approved to run over every tenant''s rows of protected tables.';
 SELECT pg_catalog.pg_extension_config_dump('tenancy.approved_functions', '');
+
+-- Change capture for incremental backups (tenancy.enable_change_capture): while it is on, a
+-- trigger on every protected table records each row change here, tagged with its tenant and
+-- transaction. Holds row copies of every tenant: readable by nobody but pg_tenancy; a tenant's
+-- changes go when a backup covers them, and when the tenant is shredded.
+CREATE TABLE tenancy.change_capture (
+    id           integer     GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    enabled_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    disabled_at  timestamptz
+);
+CREATE UNIQUE INDEX change_capture_one_on ON tenancy.change_capture ((true)) WHERE disabled_at IS NULL;
+COMMENT ON TABLE tenancy.change_capture IS
+    'When change capture (for incremental backups) was on: an incremental backup needs it on since its parent.';
+
+CREATE TABLE tenancy.changes (
+    id       bigint      GENERATED ALWAYS AS IDENTITY,
+    tenant   text        NOT NULL,
+    rel      oid         NOT NULL,
+    op       "char"      NOT NULL CONSTRAINT changes_op_check CHECK (op IN ('I', 'U', 'D')),
+    old_row  text,
+    new_row  text,
+    xid      xid8        NOT NULL DEFAULT pg_catalog.pg_current_xact_id()
+);
+CREATE INDEX changes_tenant_idx ON tenancy.changes (tenant, id);
+COMMENT ON TABLE tenancy.changes IS
+    'Row changes of protected tables captured for incremental backups (old and new row in record text form).';

@@ -82,6 +82,7 @@ extension_sql_file!(
         backup::_restore_swap,
         backup::_wait_for_writers,
         backup::_record_restore,
+        backup::_restore_error_is_ours,
     ]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);

@@ -60,6 +60,10 @@ pub struct TableEntry {
     pub sha256: String,
     #[serde(rename = "Chunks")]
     pub chunks: u32,
+    /// The primary key's columns when the backup was taken (how an incremental's changes find
+    /// their row; without one, by the whole old row).
+    #[serde(rename = "Key", default)]
+    pub key: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -228,6 +232,67 @@ pub fn frame_row(data: &mut Vec<u8>, row: &[u8]) {
     data.extend_from_slice(row);
 }
 
+/// One captured change of an incremental backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change<'a> {
+    /// b'I', b'U' or b'D'.
+    pub op: u8,
+    /// Commit time, microseconds since 1970-01-01 UTC.
+    pub committed: i64,
+    pub old: Option<&'a [u8]>,
+    pub new: Option<&'a [u8]>,
+}
+
+fn frame_opt(data: &mut Vec<u8>, v: Option<&[u8]>) {
+    match v {
+        Some(v) => frame_row(data, v),
+        None => data.extend_from_slice(&u32::MAX.to_le_bytes()),
+    }
+}
+
+/// Appends one change to a table's data in an incremental backup.
+pub fn frame_change(data: &mut Vec<u8>, c: &Change) {
+    data.push(c.op);
+    data.extend_from_slice(&c.committed.to_le_bytes());
+    frame_opt(data, c.old);
+    frame_opt(data, c.new);
+}
+
+fn take_opt<'a>(rest: &mut &'a [u8]) -> Option<Option<&'a [u8]>> {
+    let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    *rest = &rest[4..];
+    if n == u32::MAX {
+        return Some(None);
+    }
+    let v = rest.get(..n as usize)?;
+    *rest = &rest[n as usize..];
+    Some(Some(v))
+}
+
+/// The changes of a table's data in an incremental backup; `None` when the framing is broken.
+pub fn changes(data: &[u8]) -> Option<Vec<Change<'_>>> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let op = rest[0];
+        let committed = i64::from_le_bytes(rest.get(1..9)?.try_into().ok()?);
+        rest = &rest[9..];
+        let old = take_opt(&mut rest)?;
+        let new = take_opt(&mut rest)?;
+        let well_formed = match op {
+            b'I' => old.is_none() && new.is_some(),
+            b'U' => old.is_some() && new.is_some(),
+            b'D' => old.is_some() && new.is_none(),
+            _ => false,
+        };
+        if !well_formed {
+            return None;
+        }
+        out.push(Change { op, committed, old, new });
+    }
+    Some(out)
+}
+
 /// The rows of a table's data; `None` when the framing is broken.
 pub fn rows(data: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out = Vec::new();
@@ -257,6 +322,12 @@ pub fn chunks(data: &[u8]) -> Vec<&[u8]> {
 /// Group the data lines after the manifest by table, in chunk order, checking that every table
 /// of the manifest is present with all its chunks and no other table is.
 pub fn table_chunks<S: AsRef<str>>(m: &Manifest, data: &[S]) -> Result<Vec<Vec<Vec<u8>>>, ArchiveError> {
+    // (the counts come from the archive: bounded by the sizes before anything is allocated)
+    for t in &m.tables {
+        if t.chunks == 0 || t.chunks as u64 > t.size / CHUNK as u64 + 1 {
+            return Err(ArchiveError::SizeMismatch(t.name.clone()));
+        }
+    }
     let mut out: Vec<Vec<Option<Vec<u8>>>> = m.tables.iter().map(|t| vec![None; t.chunks as usize]).collect();
     for line in data {
         let line = line.as_ref();
@@ -284,16 +355,18 @@ pub fn table_chunks<S: AsRef<str>>(m: &Manifest, data: &[S]) -> Result<Vec<Vec<V
         .collect()
 }
 
-/// Check a table's reassembled data against its manifest entry.
-pub fn check_table(t: &TableEntry, data: &[u8]) -> Result<(), ArchiveError> {
+/// Check a table's reassembled data against its manifest entry (rows of a full backup, changes
+/// of an incremental one).
+pub fn check_table(t: &TableEntry, data: &[u8], incremental: bool) -> Result<(), ArchiveError> {
     if data.len() as u64 != t.size {
         return Err(ArchiveError::SizeMismatch(t.name.clone()));
     }
     if sha256_hex(data) != t.sha256 {
         return Err(ArchiveError::ChecksumMismatch(t.name.clone()));
     }
-    match rows(data) {
-        Some(r) if r.len() as u64 == t.rows => Ok(()),
+    let n = if incremental { changes(data).map(|c| c.len()) } else { rows(data).map(|r| r.len()) };
+    match n {
+        Some(n) if n as u64 == t.rows => Ok(()),
         _ => Err(ArchiveError::CountMismatch(t.name.clone())),
     }
 }
@@ -324,6 +397,7 @@ mod tests {
                 size: 18,
                 sha256: String::new(),
                 chunks: 1,
+                key: vec!["tenant_id".into()],
             }],
             checksum: String::new(),
         }
@@ -367,15 +441,38 @@ mod tests {
         let mut t = manifest().tables.remove(0);
         t.size = data.len() as u64;
         t.sha256 = sha256_hex(&data);
-        assert_eq!(check_table(&t, &data), Ok(()));
+        assert_eq!(check_table(&t, &data, false), Ok(()));
         t.rows = 3;
-        assert_eq!(check_table(&t, &data), Err(ArchiveError::CountMismatch(t.name.clone())));
+        assert_eq!(check_table(&t, &data, false), Err(ArchiveError::CountMismatch(t.name.clone())));
         t.rows = 2;
         let mut other = data.clone();
         *other.last_mut().unwrap() ^= 1;
-        assert_eq!(check_table(&t, &other), Err(ArchiveError::ChecksumMismatch(t.name.clone())));
-        assert_eq!(check_table(&t, &data[1..]), Err(ArchiveError::SizeMismatch(t.name.clone())));
+        assert_eq!(check_table(&t, &other, false), Err(ArchiveError::ChecksumMismatch(t.name.clone())));
+        assert_eq!(check_table(&t, &data[1..], false), Err(ArchiveError::SizeMismatch(t.name.clone())));
         assert!(rows(&data[..5]).is_none());
+    }
+
+    #[test]
+    fn changes_frame_and_check() {
+        let mut data = Vec::new();
+        let all = vec![
+            Change { op: b'I', committed: 1, old: None, new: Some(b"(a,1)") },
+            Change { op: b'U', committed: 2, old: Some(b"(a,1)"), new: Some(b"(a,\"\")") },
+            Change { op: b'D', committed: -3, old: Some(b""), new: None },
+        ];
+        for c in &all {
+            frame_change(&mut data, c);
+        }
+        assert_eq!(changes(&data).unwrap(), all);
+        assert!(changes(&data[..data.len() - 1]).is_none());
+        let mut bad = Vec::new();
+        frame_change(&mut bad, &Change { op: b'D', committed: 0, old: None, new: None });
+        assert!(changes(&bad).is_none());
+        let mut t = manifest().tables.remove(0);
+        t.rows = 3;
+        t.size = data.len() as u64;
+        t.sha256 = sha256_hex(&data);
+        assert_eq!(check_table(&t, &data, true), Ok(()));
     }
 
     #[test]
@@ -386,6 +483,9 @@ mod tests {
         assert_eq!(table_chunks::<&str>(&m, &[]), Err(ArchiveError::TableMissing(m.tables[0].name.clone())));
         let extra = vec![data_line(0, 0, b"abc"), data_line(1, 0, b"x")];
         assert_eq!(table_chunks(&m, &extra), Err(ArchiveError::TableUnexpected(1)));
+        let mut huge = m.clone();
+        huge.tables[0].chunks = u32::MAX;
+        assert!(matches!(table_chunks(&huge, &lines), Err(ArchiveError::SizeMismatch(_))));
         let twice = vec![data_line(0, 0, b"abc"), data_line(0, 0, b"abc")];
         assert!(matches!(table_chunks(&m, &twice), Err(ArchiveError::SizeMismatch(_))));
         assert_eq!(parse_data_line("D 0 x !!"), Err(ArchiveError::Unparsable));

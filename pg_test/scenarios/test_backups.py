@@ -168,12 +168,14 @@ def test_every_verification_failure_is_named(bk):
     sealed = [r[0] for r in run(su, "SELECT * FROM tenancy.export('bk-c')")]
     run(su, "DELETE FROM tenancy.backups WHERE tenant = 'bk-c' AND location = 'exported'")
     end = manifest_end(plain)
-    assert sqlstate_of(su, "SELECT tenancy.import(%s)", plain) is None
+    # anyone can write an unencrypted archive: imported only on request
+    assert sqlstate_of(su, "SELECT tenancy.import(%s)", plain) == "42501"
+    assert sqlstate_of(su, "SELECT tenancy.import(%s, allow_unencrypted => true)", plain) is None
     assert sqlstate_of(su, "SELECT tenancy.import(%s)", sealed) is None
     run(su, "DELETE FROM tenancy.backups WHERE tenant = 'bk-c'")
 
     def fails(lines, code):
-        assert sqlstate_of(su, "SELECT tenancy.import(%s)", lines) == code
+        assert sqlstate_of(su, "SELECT tenancy.import(%s, allow_unencrypted => true)", lines) == code
         assert run(su, "SELECT count(*) FROM tenancy.backups WHERE tenant = 'bk-c'") == [(0,)]
 
     def edit(lines, i, old, new):
@@ -205,6 +207,10 @@ def test_every_verification_failure_is_named(bk):
     ds = next(i for i, l in enumerate(sealed) if l.startswith("D 0 0 "))
     sp = base64.b64decode(sealed[ds].split(" ", 3)[3])
     fails(sealed[:ds] + ["D 0 0 " + base64.b64encode(sp[:-1] + bytes([sp[-1] ^ 1])).decode()] + sealed[ds + 1:], "22000")
+    # a chunk count no size allows (it would make the server allocate without end)
+    chunks_line = next(i for i, l in enumerate(plain) if '"Chunks"' in l)
+    fails(rechecksum(edit(plain, chunks_line, '"Chunks": 1', '"Chunks": 4294967295')), "22026")
+    fails(rechecksum(edit(sealed, next(i for i, l in enumerate(sealed) if '"Chunks"' in l), '"Chunks": 1', '"Chunks": 4294967295')), "XX001")
     # count mismatch (the manifest re-checksummed by whoever changed it)
     fails(rechecksum(edit(plain, rows_line, '"Rows": ', '"Rows": 1')), "21000")
     # an encrypted archive's manifest is sealed with the tenant's key: re-checksumming is not enough
@@ -213,13 +219,15 @@ def test_every_verification_failure_is_named(bk):
     fails([l for l in sealed if not l.startswith("S ")], "XX001")
     # broken chain
     fails(rechecksum(edit(plain, next(i for i, l in enumerate(plain) if '"Parent"' in l), "null", '"00000000-0000-0000-0000-000000000000"')), "23000")
-    # a type name in the manifest is parsed as a type name, never spliced into SQL
+    # a type name in the manifest is never spliced into SQL, nor even looked up where the live
+    # table has the column (its owner could have put another type under that name)
     type_line = next(i for i, l in enumerate(plain) if '"Type": "text"' in l)
     hostile = rechecksum(edit(plain, type_line, '"Type": "text"', '"Type": "text); DROP TABLE app.bk_lines; --"'))
-    hb = run(su, "SELECT tenancy.import(%s)", hostile)[0][0]
+    hb = run(su, "SELECT tenancy.import(%s, allow_unencrypted => true)", hostile)[0][0]
     run(su, "DROP SCHEMA IF EXISTS bk_hostile CASCADE")
-    assert sqlstate_of(su, "CALL tenancy.restore('bk-c', %s, mode => 'sandbox', into_schema => 'bk_hostile')", hb) == "22032"
+    assert sqlstate_of(su, "CALL tenancy.restore('bk-c', %s, mode => 'sandbox', into_schema => 'bk_hostile')", hb) is None
     assert run(su, "SELECT to_regclass('app.bk_lines') IS NOT NULL") == [(True,)]
+    run(su, "DROP SCHEMA bk_hostile CASCADE")
     run(su, "DELETE FROM tenancy.backups WHERE id = %s", hb)
     # another tenant's archive: restoring bk-c's backup as bk-a
     b = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
@@ -422,3 +430,165 @@ def test_kill_9_in_the_middle_of_a_restore_leaves_live_data_as_it_was(bk):
     run(su, "CALL tenancy.restore('bk-c', %s)", b)
     assert run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-c' AND item = 'current'") == [(0,)]
     su.close()
+
+
+def test_incremental_backups_replay_to_any_time(bk):
+    su = backup_conn()
+    own = connect(user=OWNER)
+    try:
+        assert run(su, "SELECT tenancy.enable_change_capture()")[0][0] >= 3
+        full = run(su, "SELECT tenancy.backup('bk-b')")[0][0]
+        # an owner cannot remove the capture trigger (incrementals would miss changes)
+        assert sqlstate_of(own, "DROP TRIGGER tenancy_capture ON app.bk_orders") == "42501"
+        assert sqlstate_of(own, "ALTER TABLE app.bk_orders DISABLE TRIGGER tenancy_capture") == "42501"
+        app = connect(user=APP, autocommit=False)
+
+        def work(sqls):
+            run(app, "SELECT tenancy.set_tenant('bk-b')")
+            for q in sqls:
+                run(app, q)
+            app.commit()
+
+        work(["UPDATE app.bk_orders SET item = 'first change' WHERE id % 10 = 0",
+              "DELETE FROM app.bk_lines WHERE order_id % 7 = 0",
+              "INSERT INTO app.bk_events VALUES (DEFAULT, '2027-03-01', '{\"new\": 1}')"])
+        at_t1 = checksums(su)
+        t1 = run(su, "SELECT clock_timestamp()")[0][0]
+        time.sleep(0.05)
+        work(["INSERT INTO app.bk_orders (item) VALUES ('second'), ('third')",
+              "DELETE FROM app.bk_events WHERE at < '2026-07-01'"])
+        i1 = run(su, "SELECT tenancy.backup('bk-b', 'incremental')")[0][0]
+        work(["UPDATE app.bk_events SET what = '{\"moved\": true}', at = '2027-02-02' WHERE at < '2026-09-01'",
+              "UPDATE app.bk_orders SET item = item || ' again' WHERE item = 'second'"])
+        i2 = run(su, "SELECT tenancy.backup('bk-b', 'incremental')")[0][0]
+        final = checksums(su)
+        reg = run(su, "SELECT kind, parent, row_count > 0, first_change <= last_change FROM tenancy.backups WHERE id = %s", i2)[0]
+        assert reg == ("incremental", i1, True, True)
+        assert run(su, "SELECT (tenancy.verify_backup(%s))->'chain'", i2)[0][0] == [str(full), str(i1), str(i2)]
+        # captured changes are gone once a backup holds them
+        assert run(su, "SELECT count(*) FROM tenancy.changes WHERE tenant = 'bk-b'") == [(0,)]
+        # damage, then the whole chain
+        run(su, "UPDATE app.bk_orders SET item = 'damage' WHERE tenant_id = 'bk-b'")
+        run(su, "DELETE FROM app.bk_lines WHERE tenant_id = 'bk-b'")
+        report = run(su, "CALL tenancy.restore('bk-b', %s)", i2)[0][0]
+        assert report["chain"] == 3
+        assert checksums(su) == final
+        # point in time: the chain replayed up to t1
+        run(su, "CALL tenancy.restore('bk-b', %s, \"at\" => %s)", i2, t1)
+        assert of(checksums(su), "bk-b") == of(at_t1, "bk-b")
+        assert others(checksums(su), "bk-b") == others(final, "bk-b")
+        # before the full backup: nothing covers it
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-b', %s, \"at\" => now() - interval '1 day')", i2) == "22023"
+        # an incremental needs capture on since its parent
+        run(su, "SELECT tenancy.disable_change_capture()")
+        assert sqlstate_of(su, "SELECT tenancy.backup('bk-b', 'incremental')") == "23000"
+        run(su, "SELECT tenancy.enable_change_capture()")
+        assert sqlstate_of(su, "SELECT tenancy.backup('bk-b', 'incremental')") == "23000"
+        app.close()
+    finally:
+        run(su, "SELECT tenancy.disable_change_capture()")
+        own.close()
+        su.close()
+
+
+def test_owner_code_never_runs_as_a_superuser_during_a_restore(bk):
+    su = backup_conn()
+    own = connect(user=OWNER)
+    try:
+        run(own, "CREATE TABLE app.bk_spy (who name, what text)")
+        run(own, "GRANT INSERT ON app.bk_spy TO PUBLIC")
+        run(own, "CREATE DOMAIN app.bk_d AS text")
+        run(own, "CREATE TABLE app.bk_dom (tenant_id text NOT NULL, id int, v app.bk_d, PRIMARY KEY (tenant_id, id))")
+        run(own, "SELECT count(*) FROM tenancy.protect('app.bk_dom')")
+        run(su, "INSERT INTO app.bk_dom VALUES ('bk-a', 1, 'one'), ('bk-a', 2, 'two'), ('bk-b', 1, 'other')")
+        b = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
+        # after the backup: the domain's name now names one whose check runs the owner's code
+        run(own, "ALTER DOMAIN app.bk_d RENAME TO bk_d_old")
+        run(own, """CREATE FUNCTION app.bk_evil(text) RETURNS boolean LANGUAGE plpgsql AS
+                    $$ BEGIN INSERT INTO app.bk_spy VALUES (current_user, 'domain'); RETURN true; END $$""")
+        run(own, "CREATE DOMAIN app.bk_d AS text CHECK (app.bk_evil(VALUE))")
+        run(su, "CALL tenancy.restore('bk-a', %s)", b)
+        run(su, "DROP SCHEMA IF EXISTS bk_sb CASCADE")
+        run(su, "CALL tenancy.restore('bk-a', %s, mode => 'sandbox', into_schema => 'bk_sb')", b)
+        run(su, "DROP SCHEMA bk_sb CASCADE")
+        assert run(su, "SELECT count(*) FROM app.bk_spy") == [(0,)]
+        # a trigger function approved, then redefined: the approval lapsed, the restore refuses
+        run(own, "CREATE FUNCTION app.bk_touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$")
+        run(su, "SELECT tenancy.approve_function('app.bk_touch()', 'reviewed: returns the row as is')")
+        run(own, "CREATE TRIGGER bk_touch BEFORE INSERT ON app.bk_dom FOR EACH ROW EXECUTE FUNCTION app.bk_touch()")
+        run(own, """CREATE OR REPLACE FUNCTION app.bk_touch() RETURNS trigger LANGUAGE plpgsql AS
+                    $$ BEGIN INSERT INTO app.bk_spy VALUES (current_user, 'trigger'); NEW.tenant_id := 'bk-b'; RETURN NEW; END $$""")
+        before = run(su, "SELECT tenant_id, id, v FROM app.bk_dom ORDER BY 1, 2")
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-a', %s)", b) == "55P03"
+        assert run(su, "SELECT count(*) FROM app.bk_spy") == [(0,)]
+        assert run(su, "SELECT tenant_id, id, v FROM app.bk_dom ORDER BY 1, 2") == before
+        assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-a'") == [("active",)]
+    finally:
+        run(su, "DROP TABLE IF EXISTS app.bk_dom, app.bk_spy")
+        run(own, "DROP FUNCTION IF EXISTS app.bk_touch(), app.bk_evil(text) CASCADE")
+        run(own, "DROP DOMAIN IF EXISTS app.bk_d, app.bk_d_old")
+        own.close()
+        su.close()
+
+
+def test_a_restore_never_quotes_row_values_nor_loses_data_silently(bk):
+    su = backup_conn()
+    own = connect(user=OWNER)
+    try:
+        run(su, "INSERT INTO app.bk_orders (tenant_id, item) VALUES ('bk-b', 'secret-item-42')")
+        b = run(su, "SELECT tenancy.backup('bk-b')")[0][0]
+        run(su, "DELETE FROM app.bk_orders WHERE item = 'secret-item-42'")
+        # a constraint the backup's rows break: refused with its SQLSTATE, never the row
+        run(own, "ALTER TABLE app.bk_orders ADD CONSTRAINT bk_no_secrets CHECK (item NOT LIKE 'secret%') NOT VALID")
+        try:
+            run(su, "CALL tenancy.restore('bk-b', %s)", b)
+            pytest.fail("restored rows that break a constraint")
+        except psycopg2.Error as e:
+            assert e.pgcode == "23514"
+            text = " ".join(str(x) for x in (e.pgerror, e.diag.message_detail, e.diag.message_hint))
+            assert "secret" not in text
+        run(own, "ALTER TABLE app.bk_orders DROP CONSTRAINT bk_no_secrets")
+        # a column renamed since the backup: refused, not restored as NULLs
+        run(own, "ALTER TABLE app.bk_lines RENAME COLUMN note TO remark")
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-b', %s)", b) == "55P03"
+        run(own, "ALTER TABLE app.bk_lines RENAME COLUMN remark TO note")
+        # a table added since, whose foreign key a swap would cascade through
+        run(own, """CREATE TABLE app.bk_child (tenant_id text NOT NULL, order_id bigint,
+                    FOREIGN KEY (tenant_id, order_id) REFERENCES app.bk_orders (tenant_id, id) ON DELETE CASCADE)""")
+        run(own, "SELECT count(*) FROM tenancy.protect('app.bk_child', create_index => true)")
+        run(su, "INSERT INTO app.bk_child SELECT tenant_id, id FROM app.bk_orders WHERE tenant_id = 'bk-b' LIMIT 5")
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-b', %s)", b) == "55P03"
+        assert run(su, "SELECT count(*) FROM app.bk_child") == [(5,)]
+        run(own, "DROP TABLE app.bk_child")
+        # the offboarded are not restored into
+        run(su, "SELECT tenancy.create_tenant('bk-off', 'Off') WHERE NOT EXISTS (SELECT FROM tenancy.tenants WHERE id = 'bk-off')")
+        off = run(su, "SELECT tenancy.backup('bk-off')")[0][0]
+        run(su, "SELECT tenancy.set_status('bk-off', 'offboarded')")
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-off', %s)", off) == "55000"
+        assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-b'") == [("active",)]
+    finally:
+        run(su, "DROP TABLE IF EXISTS app.bk_child")
+        own.close()
+        su.close()
+
+
+def test_resume_tenant_refuses_a_restore_still_running(bk):
+    su = backup_conn()
+    b = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+    blocker = connect(autocommit=False)
+    run(blocker, "LOCK TABLE app.bk_orders IN SHARE MODE")
+    restorer = backup_conn()
+    pid = run(restorer, "SELECT pg_backend_pid()")[0][0]
+    th = threading.Thread(target=lambda: run(restorer, "CALL tenancy.restore('bk-c', %s)", b))
+    th.start()
+    for _ in range(500):
+        if run(su, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", pid) == [("Lock",)]:
+            break
+        time.sleep(0.02)
+    assert sqlstate_of(su, "SELECT tenancy.resume_tenant('bk-c')") == "55006"
+    assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("read_only",)]
+    blocker.rollback()
+    th.join(timeout=30)
+    assert run(su, "SELECT state FROM tenancy.restores WHERE tenant = 'bk-c' ORDER BY id DESC LIMIT 1") == [("done",)]
+    assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("active",)]
+    blocker.close(), restorer.close(), su.close()

@@ -57,8 +57,11 @@ struct Made {
     id: Uuid,
     lines: Vec<String>,
     manifest: Manifest,
+    parent: Option<Uuid>,
     rows: i64,
     data_bytes: i64,
+    first_change: Option<i64>,
+    last_change: Option<i64>,
 }
 
 impl Made {
@@ -72,16 +75,37 @@ impl Made {
     }
 }
 
-/// Read the tenant's rows of every protected table (one snapshot: the calling statement's) and
-/// build the archive.
+/// What an incremental backup starts from: its parent and the chain up to it.
+struct Base {
+    parent: Uuid,
+    snapshot: String,
+    chain: Vec<String>,
+}
+
+/// The tenant's latest backup, if change capture has run without a break since it was taken.
+fn incremental_base(tenant: &str) -> Result<Base> {
+    let Some((parent, snapshot, taken)) = store::latest(tenant)? else {
+        return Err(TenancyError::BrokenChain);
+    };
+    match store::captured_since()? {
+        Some(since) if since <= taken => {}
+        _ => return Err(TenancyError::BrokenChain),
+    }
+    let chain = store::chain(parent)?.iter().map(Uuid::to_string).collect();
+    Ok(Base { parent, snapshot, chain })
+}
+
+/// Read the tenant's rows of every protected table (a full backup) or its changes since its
+/// latest backup (an incremental one), with one snapshot (the calling statement's), and build
+/// the archive.
 fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
     require_superuser("backups are a superuser's")?;
     check_tenant(tenant)?;
-    match kind {
-        "full" => {}
-        "incremental" => return Err(TenancyError::NotYet("incremental backups (change capture) are not in this version")),
-        _ => return Err(TenancyError::InvalidArgument("kind")),
-    }
+    let base = match kind {
+        "full" => None,
+        "incremental" => Some(incremental_base(tenant)?),
+        _ => return Err(TenancyError::InvalidArgument("kind ('full' or 'incremental')")),
+    };
     let id = new_id();
     let id_text = id.to_string();
     let moment = store::moment()?;
@@ -94,13 +118,37 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
         None
     };
     let sources = store::sources()?;
+    let _quiet = audit::QuietBypassReads::new();
+    // per table: its data (rows, or changes) and how many
+    let mut datas: Vec<(Vec<u8>, u64)> = (0..sources.len()).map(|_| (Vec::new(), 0)).collect();
+    let (mut first_change, mut last_change) = (None, None);
+    match &base {
+        None => {
+            for (src, (data, n)) in sources.iter().zip(datas.iter_mut()) {
+                *n = store::tenant_rows(src, tenant, |row| archive::frame_row(data, row))?;
+            }
+        }
+        Some(b) => {
+            for c in store::captured(tenant, &b.snapshot)? {
+                // a change of a table no longer protected is not the tenant's to restore
+                let Some(i) = sources.iter().position(|s| s.rel == c.rel) else { continue };
+                let change = archive::Change {
+                    op: c.op.as_bytes().first().copied().unwrap_or(b'?'),
+                    committed: c.committed,
+                    old: c.old.as_deref().map(str::as_bytes),
+                    new: c.new.as_deref().map(str::as_bytes),
+                };
+                archive::frame_change(&mut datas[i].0, &change);
+                datas[i].1 += 1;
+                first_change = Some(first_change.map_or(c.committed, |f: i64| f.min(c.committed)));
+                last_change = Some(last_change.map_or(c.committed, |l: i64| l.max(c.committed)));
+            }
+        }
+    }
     let mut tables = Vec::with_capacity(sources.len());
     let mut data_lines = Vec::new();
     let (mut rows_total, mut bytes_total) = (0i64, 0i64);
-    let _quiet = audit::QuietBypassReads::new();
-    for (index, src) in sources.iter().enumerate() {
-        let mut data = Vec::new();
-        let rows = store::tenant_rows(src, tenant, |row| archive::frame_row(&mut data, row))?;
+    for (index, (src, (mut data, rows))) in sources.iter().zip(datas).enumerate() {
         let chunks = archive::chunks(&data);
         let n = chunks.len();
         for (c, chunk) in chunks.into_iter().enumerate() {
@@ -115,28 +163,32 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
             };
             data_lines.push(archive::data_line(index, c, &payload));
         }
-        let columns: Vec<Column> = serde_json::from_str(&src.columns_json).unwrap_or_default();
         tables.push(TableEntry {
             name: src.name.clone(),
             tenant_column: src.tenant_column.clone(),
-            columns,
+            columns: serde_json::from_str::<Vec<Column>>(&src.columns_json).unwrap_or_default(),
             rows,
             size: data.len() as u64,
             sha256: archive::sha256_hex(&data),
             chunks: n as u32,
+            key: serde_json::from_str::<Option<Vec<String>>>(&src.key_json).ok().flatten().unwrap_or_default(),
         });
         rows_total += rows as i64;
         bytes_total += data.len() as i64;
         // the plaintext goes as soon as it is sealed
         zeroize::Zeroize::zeroize(&mut data);
     }
+    let chain = match &base {
+        None => vec![id_text.clone()],
+        Some(b) => b.chain.iter().cloned().chain(std::iter::once(id_text.clone())).collect(),
+    };
     let manifest = Manifest {
         version: archive::FORMAT_VERSION,
-        id: id_text.clone(),
+        id: id_text,
         tenant: tenant.to_string(),
         kind: kind.to_string(),
-        parent: None,
-        chain: vec![id_text],
+        parent: base.as_ref().map(|b| b.parent.to_string()),
+        chain,
         created: moment.created,
         snapshot: moment.snapshot,
         lsn: moment.lsn,
@@ -152,7 +204,7 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
         lines.push(archive::seal_line(&seal(k, *version, tenant, &manifest.id, &parsed.checksum)));
     }
     lines.extend(data_lines);
-    Ok(Made { id, lines, manifest, rows: rows_total, data_bytes: bytes_total })
+    Ok(Made { id, lines, manifest, parent: base.map(|b| b.parent), rows: rows_total, data_bytes: bytes_total, first_change, last_change })
 }
 
 /// The manifest checksum sealed with the tenant's key.
@@ -168,7 +220,7 @@ fn register(made: &Made, location: &str) -> Result<()> {
         id: made.id,
         tenant: &m.tenant,
         kind: &m.kind,
-        parent: None,
+        parent: made.parent,
         location,
         snapshot: &m.snapshot,
         lsn: &m.lsn,
@@ -179,7 +231,11 @@ fn register(made: &Made, location: &str) -> Result<()> {
         key_version: m.encryption.as_ref().map(|e| e.key_version),
         manifest_sha256: &made.manifest_sha256(),
         created: &m.created,
-    })
+        first_change: made.first_change,
+        last_change: made.last_change,
+    })?;
+    // the tenant's captured changes this backup covers are no longer needed here
+    store::forget_covered(&m.tenant, &m.snapshot)
 }
 
 /// Write the archive under the backup directory: `<dir>/<tenant>/<id>.pgtb`, written to a
@@ -228,16 +284,18 @@ fn export(tenant: &str, kind: default!(&str, "'full'"), encrypted: default!(bool
 }
 
 /// Register an archive a client saved (its lines, in order); its backup id. Importing the same
-/// archive again returns the same id.
+/// archive again returns the same id. An incremental archive needs its parent registered first.
 #[pg_extern(volatile, parallel_unsafe)]
-fn import(archive: Vec<String>) -> Uuid {
+fn import(archive: Vec<String>, allow_unencrypted: default!(bool, false)) -> Uuid {
     require_superuser("backups are a superuser's").or_raise();
     let (m, _) = archive::parse_manifest(&archive).map_err(TenancyError::Archive).or_raise();
-    check_tenant(&m.tenant).or_raise();
-    let id = Uuid::from_bytes(parse_uuid(&m.id).ok_or(TenancyError::Archive(ArchiveError::Unparsable)).or_raise());
-    if m.kind != "full" {
-        TenancyError::NotYet("incremental backups (change capture) are not in this version").raise();
+    if m.encryption.is_none() && !allow_unencrypted {
+        // anyone can write an unencrypted archive (its checksums prove nothing about its origin)
+        TenancyError::Denied("an unencrypted archive is imported only with allow_unencrypted => true").raise();
     }
+    check_tenant(&m.tenant).or_raise();
+    let id = uuid_of(&m.id).or_raise();
+    let parent = m.parent.as_deref().map(uuid_of).transpose().or_raise();
     let known = store::registered(id).or_raise();
     if let Some(r) = &known {
         if r.manifest_sha256 != m.checksum || r.tenant != m.tenant {
@@ -246,6 +304,14 @@ fn import(archive: Vec<String>) -> Uuid {
         }
         if r.location == "imported" {
             return id;
+        }
+    }
+    if let Some(p) = parent {
+        // the chain must continue a backup of the same tenant registered here
+        let chain: Vec<String> = store::chain(p).or_raise().iter().map(Uuid::to_string).collect();
+        let reg = store::registered(p).or_raise();
+        if reg.map(|r| r.tenant) != Some(m.tenant.clone()) || chain.iter().chain(std::iter::once(&m.id)).ne(m.chain.iter()) {
+            TenancyError::BrokenChain.raise();
         }
     }
     // the data must check out before it is registered
@@ -257,7 +323,7 @@ fn import(archive: Vec<String>) -> Uuid {
             id,
             tenant: &m.tenant,
             kind: &m.kind,
-            parent: None,
+            parent,
             location: "imported",
             snapshot: &m.snapshot,
             lsn: &m.lsn,
@@ -268,11 +334,17 @@ fn import(archive: Vec<String>) -> Uuid {
             key_version: m.encryption.as_ref().map(|e| e.key_version),
             manifest_sha256: &m.checksum,
             created: &m.created,
+            first_change: report.first_change,
+            last_change: report.last_change,
         })
         .or_raise(),
     }
     store::store_lines(id, &archive).or_raise();
     id
+}
+
+fn uuid_of(s: &str) -> Result<Uuid> {
+    parse_uuid(s).map(Uuid::from_bytes).ok_or(TenancyError::Archive(ArchiveError::Unparsable))
 }
 
 fn parse_uuid(s: &str) -> Option<[u8; 16]> {
@@ -291,21 +363,33 @@ fn parse_uuid(s: &str) -> Option<[u8; 16]> {
 struct Checked {
     rows: i64,
     bytes: i64,
-    /// Per table: the rows in record text form.
-    tables: Vec<Vec<String>>,
+    first_change: Option<i64>,
+    last_change: Option<i64>,
+    /// Per table of the manifest: its data (framed rows, or framed changes).
+    data: Vec<Vec<u8>>,
 }
 
-/// Every check of an archive (manifest, chain, tenant tag, key, each table's chunks, size,
-/// checksum and count); the tables' rows when all pass.
+/// Every check of an archive (manifest, its seal, chain fields, tenant tag, key, each table's
+/// chunks, size, checksum and count); the tables' data when all pass.
 fn check_archive<S: AsRef<str>>(m: &Manifest, lines: &[S], tenant: &str) -> Result<Checked> {
     if m.tenant != tenant {
         return Err(TenancyError::OtherTenantsBackup);
     }
-    if m.chain.last() != Some(&m.id) || (m.kind == "full" && (m.parent.is_some() || m.chain.len() != 1)) {
+    let incremental = match m.kind.as_str() {
+        "full" => false,
+        "incremental" => true,
+        _ => return Err(TenancyError::Archive(ArchiveError::Unparsable)),
+    };
+    let chain_ok = m.chain.last() == Some(&m.id)
+        && if incremental {
+            m.chain.len() >= 2 && m.parent.as_ref() == m.chain.get(m.chain.len() - 2)
+        } else {
+            m.parent.is_none() && m.chain.len() == 1
+        };
+    if !chain_ok {
         return Err(TenancyError::BrokenChain);
     }
     let start = lines.iter().position(|l| l.as_ref().starts_with("\"Manifest-Checksum\"")).map(|i| i + 1).unwrap_or(lines.len());
-    let groups = archive::table_chunks(m, &lines[start..]).map_err(TenancyError::Archive)?;
     let key = match &m.encryption {
         Some(e) => Some(keystore::cipher_for(tenant, Some(e.key_version), None).map_err(|err| match err {
             TenancyError::CiphertextInvalid => TenancyError::KeysDestroyed,
@@ -324,7 +408,8 @@ fn check_archive<S: AsRef<str>>(m: &Manifest, lines: &[S], tenant: &str) -> Resu
             return Err(TenancyError::Archive(ArchiveError::ManifestAltered));
         }
     }
-    let mut out = Checked { rows: 0, bytes: 0, tables: Vec::with_capacity(m.tables.len()) };
+    let groups = archive::table_chunks(m, &lines[start..]).map_err(TenancyError::Archive)?;
+    let mut out = Checked { rows: 0, bytes: 0, first_change: None, last_change: None, data: Vec::with_capacity(m.tables.len()) };
     for (index, (t, chunks)) in m.tables.iter().zip(groups).enumerate() {
         let n = chunks.len();
         let mut data = Vec::new();
@@ -343,16 +428,24 @@ fn check_archive<S: AsRef<str>>(m: &Manifest, lines: &[S], tenant: &str) -> Resu
                 None => data.extend_from_slice(&payload),
             }
         }
-        archive::check_table(t, &data).map_err(TenancyError::Archive)?;
-        let rows = archive::rows(&data).unwrap_or_default();
-        let texts: Vec<String> = rows
-            .into_iter()
-            .map(|r| String::from_utf8(r.to_vec()))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| TenancyError::Archive(ArchiveError::ChecksumMismatch(t.name.clone())))?;
-        out.rows += texts.len() as i64;
+        archive::check_table(t, &data, incremental).map_err(TenancyError::Archive)?;
+        // record texts are text: valid UTF-8 (the server encoding checks the rest on input)
+        let texts: Vec<&[u8]> = if incremental {
+            let changes = archive::changes(&data).unwrap_or_default();
+            for c in &changes {
+                out.first_change = Some(out.first_change.map_or(c.committed, |f: i64| f.min(c.committed)));
+                out.last_change = Some(out.last_change.map_or(c.committed, |l: i64| l.max(c.committed)));
+            }
+            changes.iter().flat_map(|c| c.old.into_iter().chain(c.new)).collect()
+        } else {
+            archive::rows(&data).unwrap_or_default()
+        };
+        if texts.iter().any(|t| std::str::from_utf8(t).is_err()) {
+            return Err(TenancyError::Archive(ArchiveError::ChecksumMismatch(t.name.clone())));
+        }
+        out.rows += t.rows as i64;
         out.bytes += data.len() as i64;
-        out.tables.push(texts);
+        out.data.push(data);
     }
     Ok(out)
 }
@@ -384,37 +477,51 @@ fn table_report(m: &Manifest) -> serde_json::Value {
     )
 }
 
-/// Check a backup end to end (manifest checksum, chain, tenant, key, every table's size, count
-/// and SHA-256); its summary, or an ERROR naming the first problem.
+/// Check a backup end to end: every archive of its chain (from its full backup to it) for its
+/// manifest checksum and seal, chain continuity, tenant, key, and every table's size, count and
+/// SHA-256; its summary, or an ERROR naming the first problem.
 #[pg_extern(volatile, parallel_unsafe)]
 fn verify_backup(id: Uuid) -> JsonB {
     require_superuser("backups are a superuser's").or_raise();
-    let (reg, m, lines) = load(id).or_raise();
-    let checked = check_archive(&m, &lines, &reg.tenant).or_raise();
+    let reg = store::registered(id).or_raise().ok_or(TenancyError::UnknownBackup).or_raise();
+    let chain = load_chain(&reg.tenant, id).or_raise();
+    let (_, m, checked) = chain.last().expect("a chain ends with the backup");
     JsonB(serde_json::json!({
         "backup": id.to_string(),
         "tenant": reg.tenant,
         "kind": reg.kind,
+        "chain": chain.iter().map(|(_, m, _)| m.id.clone()).collect::<Vec<_>>(),
         "format_version": m.version,
         "encrypted": m.encryption.is_some(),
         "rows": checked.rows,
         "bytes": checked.bytes,
-        "tables": table_report(&m),
+        "tables": table_report(m),
     }))
 }
 
+/// A table as staged for a restore.
+struct Staged {
+    /// The live table's name (schema-qualified, quoted).
+    name: String,
+    tenant_column: String,
+    columns: Vec<Column>,
+    key: Vec<String>,
+    /// Its name in the staging schema.
+    staged_as: String,
+}
+
 thread_local! {
-    /// The manifest of the backup staged last in this backend, for the swap that follows.
-    static STAGED: RefCell<Option<(Uuid, Manifest)>> = const { RefCell::new(None) };
+    /// The tables of the backup staged last in this backend, for the swap that follows.
+    static STAGED: RefCell<Option<(Uuid, Vec<Staged>)>> = const { RefCell::new(None) };
 }
 
 /// Checks made before a restore starts.
 #[pg_extern(volatile, parallel_unsafe)]
-fn _restore_check(tenant: &str, backup: Uuid, mode: &str, at: Option<pgrx::datum::TimestampWithTimeZone>, into_schema: Option<&str>) {
+fn _restore_check(tenant: &str, backup: Uuid, mode: &str, into_schema: Option<&str>) {
     require_superuser("restores are a superuser's").or_raise();
     check_tenant(tenant).or_raise();
-    if at.is_some() {
-        TenancyError::NotYet("point-in-time restore replays incremental backups, which are not in this version").raise();
+    if store::tenant_status(tenant).or_raise().as_deref() == Some("offboarded") {
+        TenancyError::Unavailable("offboarded").raise();
     }
     let reg = store::registered(backup).or_raise().ok_or(TenancyError::UnknownBackup).or_raise();
     if reg.tenant != tenant {
@@ -434,41 +541,178 @@ fn _restore_check(tenant: &str, backup: Uuid, mode: &str, at: Option<pgrx::datum
     }
 }
 
-/// Verify the archive and load it into tables of a new schema: `t0, t1, ...` for a staging
-/// schema, the tables' own names for a sandbox. Returns rows per table.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool) -> JsonB {
-    require_superuser("restores are a superuser's").or_raise();
-    let (reg, m, lines) = load(backup).or_raise();
-    if reg.tenant != tenant {
-        TenancyError::OtherTenantsBackup.raise();
+/// The chain that ends with `backup`, each archive loaded and checked: from the full backup to
+/// it, each continuing the one before.
+fn load_chain(tenant: &str, backup: Uuid) -> Result<Vec<(store::Registered, Manifest, Checked)>> {
+    let ids = store::chain(backup)?;
+    if ids.last() != Some(&backup) {
+        return Err(TenancyError::UnknownBackup);
     }
-    let checked = check_archive(&m, &lines, tenant).or_raise();
-    drop(lines);
+    let mut out: Vec<(store::Registered, Manifest, Checked)> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let (reg, m, lines) = load(id)?;
+        if reg.tenant != tenant {
+            return Err(TenancyError::OtherTenantsBackup);
+        }
+        let checked = check_archive(&m, &lines, tenant)?;
+        let continues = match out.last() {
+            None => m.kind == "full",
+            Some((_, prev, _)) => {
+                m.kind == "incremental" && m.parent.as_ref() == Some(&prev.id) && prev.chain.iter().chain(std::iter::once(&m.id)).eq(m.chain.iter())
+            }
+        };
+        if !continues {
+            return Err(TenancyError::BrokenChain);
+        }
+        out.push((reg, m, checked));
+    }
+    Ok(out)
+}
+
+/// Verify the backup's chain and load it into tables of a new schema (`t0, t1, ...` for a
+/// staging schema, the tables' own names for a sandbox): the full backup's rows, then each
+/// incremental's changes in commit order, up to `at_us` (microseconds since 1970) when given.
+/// Returns rows per table.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool, at_us: Option<i64>) -> JsonB {
+    require_superuser("restores are a superuser's").or_raise();
+    let chain = load_chain(tenant, backup).or_raise();
+    if let Some(at) = at_us {
+        if at < chain[0].0.created_us {
+            TenancyError::InvalidArgument("at (it is earlier than the full backup the chain starts with)").raise();
+        }
+    }
     // (a staging table has the tenant column: auto_protect must not register it)
     let _settings = catalog::GucScope::new(&[(c"pg_tenancy.auto_protect", c"off")]);
     store::create_schema(schema).or_raise();
-    let mut report = Vec::new();
+    let mut tables: Vec<Staged> = Vec::new();
     let mut used = std::collections::HashSet::new();
-    for (i, (t, rows)) in m.tables.iter().zip(checked.tables).enumerate() {
-        let name = if staging { format!("t{i}") } else { sandbox_name(&t.name, &mut used) };
-        let columns: Vec<(String, String)> =
-            t.columns.iter().map(|c| Ok((c.name.clone(), store::resolve_type(&c.type_name)?))).collect::<Result<_>>().or_raise();
-        store::create_table(schema, &name, &columns).or_raise();
-        let mut loaded = 0u64;
-        for batch in rows.chunks(10_000) {
-            loaded += store::insert_rows(schema, &name, batch.iter().map(String::as_str).collect()).or_raise();
+    let mut applied = Vec::new();
+    for (_, m, checked) in &chain {
+        let incremental = m.kind == "incremental";
+        for (t, data) in m.tables.iter().zip(&checked.data) {
+            let k = match tables.iter().position(|s| s.name == t.name) {
+                Some(k) => k,
+                None => {
+                    let staged_as = if staging { format!("t{}", tables.len()) } else { sandbox_name(&t.name, &mut used) };
+                    let columns = staging_columns(t, staging).or_raise();
+                    store::create_table(schema, &staged_as, &columns).or_raise();
+                    tables.push(Staged {
+                        name: t.name.clone(),
+                        tenant_column: t.tenant_column.clone(),
+                        columns: t.columns.clone(),
+                        key: t.key.clone(),
+                        staged_as,
+                    });
+                    applied.push(0u64);
+                    tables.len() - 1
+                }
+            };
+            let s = &tables[k];
+            if !incremental {
+                let rows = archive::rows(data).unwrap_or_default();
+                let mut loaded = 0u64;
+                for batch in rows.chunks(10_000) {
+                    let texts: Vec<&str> = batch.iter().map(|r| std::str::from_utf8(r).unwrap_or_default()).collect();
+                    loaded += store::insert_rows(schema, &s.staged_as, texts).or_raise();
+                }
+                if loaded != t.rows {
+                    TenancyError::Archive(ArchiveError::CountMismatch(t.name.clone())).raise();
+                }
+                store::index_staged(schema, &s.staged_as, &s.key).or_raise();
+                continue;
+            }
+            let mut pending: Vec<&str> = Vec::new();
+            for c in archive::changes(data).unwrap_or_default() {
+                if at_us.is_some_and(|at| c.committed > at) {
+                    continue;
+                }
+                if let Some(old) = c.old {
+                    if !pending.is_empty() {
+                        store::insert_rows(schema, &s.staged_as, std::mem::take(&mut pending)).or_raise();
+                    }
+                    let old = std::str::from_utf8(old).unwrap_or_default();
+                    if store::delete_staged_row(schema, &s.staged_as, &s.key, old).or_raise() != 1 {
+                        // a change that does not find its row: the chain does not continue
+                        TenancyError::BrokenChain.raise();
+                    }
+                }
+                if let Some(new) = c.new {
+                    pending.push(std::str::from_utf8(new).unwrap_or_default());
+                }
+                applied[k] += 1;
+            }
+            if !pending.is_empty() {
+                store::insert_rows(schema, &s.staged_as, pending).or_raise();
+            }
         }
-        if loaded != t.rows {
-            TenancyError::Archive(ArchiveError::CountMismatch(t.name.clone())).raise();
-        }
-        if store::foreign_rows(schema, &name, &t.tenant_column, tenant).or_raise() > 0 {
+    }
+    let mut report = Vec::new();
+    for (s, n) in tables.iter().zip(&applied) {
+        if store::foreign_rows(schema, &s.staged_as, &s.tenant_column, tenant).or_raise() > 0 {
             TenancyError::OtherTenantsBackup.raise();
         }
-        report.push(serde_json::json!({"table": t.name, "rows": loaded, "staged_as": format!("{schema}.{name}")}));
+        let rows = store::count_rows(schema, &s.staged_as).or_raise();
+        report.push(serde_json::json!({"table": s.name, "rows": rows, "changes_applied": n, "staged_as": format!("{schema}.{}", s.staged_as)}));
     }
-    STAGED.with(|s| *s.borrow_mut() = Some((backup, m)));
-    JsonB(serde_json::Value::Array(report))
+    STAGED.with(|st| *st.borrow_mut() = Some((backup, tables)));
+    JsonB(serde_json::json!({"chain": chain.len(), "tables": report}))
+}
+
+/// The columns of a staging table: the backup's names, with the live table's types (never a
+/// type looked up by a name the archive gives, which its owner could have replaced by one whose
+/// checks run their code: F1 of the backup review). A column the live table no longer has fails a
+/// restore in place; in a sandbox it keeps its type if that is PostgreSQL's own, else text.
+/// Refused as well: a backup whose tenant column is missing or computed, and a live table over
+/// whose rows runs code no superuser approved (now: an approval lapses when its function is
+/// redefined).
+fn staging_columns(t: &TableEntry, in_place: bool) -> Result<Vec<(String, String)>> {
+    if !t.columns.iter().any(|c| c.name == t.tenant_column && !c.generated) {
+        return Err(TenancyError::Archive(ArchiveError::Unparsable));
+    }
+    let live = store::source_named(&t.name)?;
+    if in_place {
+        match &live {
+            None => {
+                return Err(TenancyError::RestoreBlocked(
+                    "a table of the backup is no longer a protected table: restore into a sandbox (mode => 'sandbox')",
+                ))
+            }
+            Some(src) if src.tenant_column != t.tenant_column => {
+                return Err(TenancyError::RestoreBlocked(
+                    "a table of the backup is now protected on another column: restore into a sandbox",
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(src) = &live {
+        if let Some(functions) = store::unapproved_code(src.rel)? {
+            let _ = functions;
+            return Err(TenancyError::RestoreBlocked(
+                "code no superuser approved runs over the table's rows (tenancy.check() lists it): approve it with tenancy.approve_function() first",
+            ));
+        }
+    }
+    let now: Vec<Column> = live.as_ref().map(|s| serde_json::from_str(&s.columns_json).unwrap_or_default()).unwrap_or_default();
+    t.columns
+        .iter()
+        .map(|c| {
+            let type_name = match now.iter().find(|n| n.name == c.name) {
+                Some(n) => store::resolve_type(&n.type_name)?,
+                None if in_place && !c.generated => {
+                    return Err(TenancyError::RestoreBlocked(
+                        "a column of the backup is not in the live table (renamed or dropped): restore into a sandbox",
+                    ))
+                }
+                None => match store::resolve_type(&c.type_name) {
+                    Ok(ty) if ty.starts_with("pg_catalog.") || !ty.contains('.') => ty,
+                    _ => "pg_catalog.text".to_string(),
+                },
+            };
+            Ok((c.name.clone(), type_name))
+        })
+        .collect()
 }
 
 /// A sandbox table's name: the live table's own (without its schema), made unique.
@@ -488,14 +732,14 @@ fn sandbox_name(qualified: &str, used: &mut std::collections::HashSet<String>) -
 #[pg_extern(volatile, parallel_unsafe)]
 fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
     require_superuser("restores are a superuser's").or_raise();
-    let Some((staged, m)) = STAGED.with(|s| s.borrow_mut().take()) else {
+    let Some((staged, tables)) = STAGED.with(|s| s.borrow_mut().take()) else {
         TenancyError::RestoreBlocked("nothing was staged").raise();
     };
-    if staged != backup || m.tenant != tenant {
+    if staged != backup {
         TenancyError::RestoreBlocked("the staged backup is another one").raise();
     }
     let mut live = Vec::new();
-    for (i, t) in m.tables.iter().enumerate() {
+    for t in &tables {
         let Some(src) = store::source_named(&t.name).or_raise() else {
             TenancyError::RestoreBlocked("a table of the backup is no longer a protected table: restore into a sandbox (mode => 'sandbox')").raise();
         };
@@ -507,12 +751,16 @@ fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
         let columns: Vec<String> = t
             .columns
             .iter()
-            .filter(|c| !c.generated && now.iter().any(|n| n.name == c.name && !n.generated))
+            .filter(|c| now.iter().any(|n| n.name == c.name && !n.generated))
             .map(|c| c.name.clone())
             .collect();
-        live.push((i, src, columns));
+        live.push((t, src, columns));
     }
     let rels: Vec<pg_sys::Oid> = live.iter().map(|(_, s, _)| s.rel).collect();
+    if store::referencing_outside(&rels).or_raise() {
+        // its rows would be removed by a cascade, or block the swap, without being restored
+        TenancyError::RestoreBlocked("a table the backup does not cover has a foreign key into one it covers: restore into a sandbox").raise();
+    }
     let order = parents_first(&rels, &store::foreign_keys(&rels).or_raise());
     let _quiet = audit::QuietBypassReads::new();
     let mut deleted = vec![0u64; live.len()];
@@ -521,8 +769,8 @@ fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
     }
     let mut report = Vec::new();
     for &k in &order {
-        let (i, src, columns) = &live[k];
-        let inserted = store::copy_into_live(src, schema, &format!("t{i}"), columns).or_raise();
+        let (t, src, columns) = &live[k];
+        let inserted = store::copy_into_live(src, schema, &t.staged_as, columns).or_raise();
         report.push(serde_json::json!({"table": src.name, "rows_before": deleted[k], "rows_after": inserted}));
     }
     JsonB(serde_json::Value::Array(report))
@@ -576,4 +824,36 @@ fn _wait_for_writers() {
 fn _record_restore(tenant: &str, backup: Uuid) {
     require_superuser("restores are a superuser's").or_raise();
     audit::record(Event::TenantRestored, pg_sys::InvalidOid, Some(tenant), "00000", &format!("tenant restored from backup {backup}"));
+}
+
+/// Whether an error a restore met is one of pg_tenancy's own (its message names a kind of
+/// problem, never a value); any other (a constraint, a type's input) may quote row values and is
+/// reported without its message and detail.
+#[pg_extern(immutable, parallel_safe)]
+fn _restore_error_is_ours(message: &str) -> bool {
+    let ours = [
+        TenancyError::Archive(ArchiveError::Unparsable),
+        TenancyError::Archive(ArchiveError::ManifestAltered),
+        TenancyError::Archive(ArchiveError::NewerVersion(0)),
+        TenancyError::Archive(ArchiveError::TableMissing(String::new())),
+        TenancyError::Archive(ArchiveError::TableUnexpected(0)),
+        TenancyError::Archive(ArchiveError::SizeMismatch(String::new())),
+        TenancyError::Archive(ArchiveError::CountMismatch(String::new())),
+        TenancyError::Archive(ArchiveError::ChecksumMismatch(String::new())),
+        TenancyError::UnknownBackup,
+        TenancyError::OtherTenantsBackup,
+        TenancyError::BrokenChain,
+        TenancyError::ArchiveUnreadable(""),
+        TenancyError::RestoreBlocked(""),
+        TenancyError::KeysDestroyed,
+        TenancyError::NoMasterKey,
+        TenancyError::MasterKeyUnusable(""),
+        TenancyError::MasterKeyMismatch,
+        TenancyError::InvalidArgument(""),
+    ];
+    ours.iter().any(|e| {
+        let m = e.to_string();
+        // messages with a value part compare up to it
+        message == m || (m.ends_with(')') && message.starts_with(m.split('(').next().unwrap_or(&m)))
+    })
 }

@@ -5,7 +5,7 @@ use pgrx::spi::quote_identifier;
 use pgrx::IntoDatum;
 use std::ffi::{c_char, CString};
 
-use super::{arg, one, run, PinnedSearchPath, Stmt, Who};
+use super::{arg, one, run, run_in_statement_snapshot, PinnedSearchPath, Stmt, Who};
 use crate::error::{Result, TenancyError};
 
 /// A protected table a backup covers: every protected table that is not a partition (a
@@ -20,6 +20,8 @@ pub struct Source {
     pub tenant_type: String,
     /// `[{"Name", "Type", "Generated"}]` in column order.
     pub columns_json: String,
+    /// The primary key's column names, as a JSON array (empty without one).
+    pub key_json: String,
 }
 
 const SOURCES: Stmt = Stmt {
@@ -28,7 +30,11 @@ const SOURCES: Stmt = Stmt {
                  (SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object('Name', x.attname, 'Type', pg_catalog.format_type(x.atttypid, x.atttypmod), \
                                                                             'Generated', x.attgenerated OPERATOR(pg_catalog.<>) '') ORDER BY x.attnum) \
                     FROM pg_catalog.pg_attribute x \
-                   WHERE x.attrelid OPERATOR(pg_catalog.=) c.oid AND x.attnum OPERATOR(pg_catalog.>) 0 AND NOT x.attisdropped)::pg_catalog.text \
+                   WHERE x.attrelid OPERATOR(pg_catalog.=) c.oid AND x.attnum OPERATOR(pg_catalog.>) 0 AND NOT x.attisdropped)::pg_catalog.text, \
+                 (SELECT pg_catalog.jsonb_agg(k.attname ORDER BY u.ord) \
+                    FROM pg_catalog.pg_index i CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::pg_catalog.int2[]) WITH ORDINALITY AS u(attnum, ord) \
+                    JOIN pg_catalog.pg_attribute k ON k.attrelid OPERATOR(pg_catalog.=) i.indrelid AND k.attnum OPERATOR(pg_catalog.=) u.attnum \
+                   WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary)::pg_catalog.text \
             FROM tenancy.protected_tables p \
             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.rel \
             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
@@ -49,6 +55,7 @@ pub fn sources() -> Result<Vec<Source>> {
         tenant_column: r.get(4).unwrap_or_default(),
         tenant_type: r.get(5).unwrap_or_default(),
         columns_json: r.get(6).unwrap_or_default(),
+        key_json: r.get(7).unwrap_or_else(|| "[]".to_string()),
     })
 }
 
@@ -94,19 +101,22 @@ const MOMENT: Stmt = Stmt {
     fresh: false,
 };
 
+/// Read with the calling statement's snapshot, as the backup's reads are.
 pub fn moment() -> Result<Moment> {
-    let m = one(&MOMENT, &[], |r| Moment {
+    let m = run_in_statement_snapshot(&MOMENT, &[], |r| Moment {
         snapshot: r.get(1).unwrap_or_default(),
         lsn: r.get(2).unwrap_or_default(),
         created: r.get(3).unwrap_or_default(),
         server_version: r.get(4).unwrap_or_default(),
         extension_version: r.get(5).unwrap_or_default(),
     })?;
-    m.ok_or(TenancyError::NotInstalled)
+    m.into_iter().next().ok_or(TenancyError::NotInstalled)
 }
 
 /// A backup's registry row.
 pub struct Registered {
+    /// When it was taken, microseconds since 1970.
+    pub created_us: i64,
     pub tenant: String,
     pub kind: String,
     pub parent: Option<pgrx::Uuid>,
@@ -116,8 +126,9 @@ pub struct Registered {
 
 const REGISTER: Stmt = Stmt {
     sql: "INSERT INTO tenancy.backups (id, tenant, kind, parent, location, snapshot, lsn, tables, row_count, data_bytes, \
-                                       archive_bytes, key_version, manifest_sha256, created_at, expires_at) \
+                                       archive_bytes, key_version, manifest_sha256, created_at, first_change, last_change, expires_at) \
           SELECT $1, t.id, $3, $4, $5, $6, $7::pg_catalog.pg_lsn, $8, $9, $10, $11, $12, $13, $14::pg_catalog.timestamptz, \
+                 pg_catalog.to_timestamp($15 OPERATOR(pg_catalog./) 1000000.0), pg_catalog.to_timestamp($16 OPERATOR(pg_catalog./) 1000000.0), \
                  $14::pg_catalog.timestamptz OPERATOR(pg_catalog.+) pg_catalog.make_interval(days => GREATEST(30, \
                      CASE WHEN t.config OPERATOR(pg_catalog.->>) 'backup_retention_days' OPERATOR(pg_catalog.~) '^[0-9]{1,5}$' \
                           THEN (t.config OPERATOR(pg_catalog.->>) 'backup_retention_days')::pg_catalog.int4 ELSE 30 END)) \
@@ -137,6 +148,8 @@ const REGISTER: Stmt = Stmt {
         pg_sys::INT4OID,
         pg_sys::TEXTOID,
         pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::INT8OID,
     ],
     who: Who::Owner,
     fresh: false,
@@ -158,6 +171,9 @@ pub struct NewBackup<'a> {
     pub key_version: Option<i32>,
     pub manifest_sha256: &'a str,
     pub created: &'a str,
+    /// Commit times (microseconds since 1970) of an incremental's first and last change.
+    pub first_change: Option<i64>,
+    pub last_change: Option<i64>,
 }
 
 pub fn register(b: &NewBackup) -> Result<()> {
@@ -178,6 +194,8 @@ pub fn register(b: &NewBackup) -> Result<()> {
             b.key_version.and_then(|v| v.into_datum()),
             arg(b.manifest_sha256),
             arg(b.created),
+            b.first_change.and_then(|v| v.into_datum()),
+            b.last_change.and_then(|v| v.into_datum()),
         ],
         |_| (),
     )?;
@@ -185,7 +203,9 @@ pub fn register(b: &NewBackup) -> Result<()> {
 }
 
 const REGISTERED: Stmt = Stmt {
-    sql: "SELECT tenant, kind, parent, location, manifest_sha256 FROM tenancy.backups WHERE id OPERATOR(pg_catalog.=) $1",
+    sql: "SELECT tenant, kind, parent, location, manifest_sha256, \
+                 (pg_catalog.date_part('epoch', created_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8 \
+            FROM tenancy.backups WHERE id OPERATOR(pg_catalog.=) $1",
     args: &[pg_sys::UUIDOID],
     who: Who::Owner,
     fresh: false,
@@ -198,6 +218,7 @@ pub fn registered(id: pgrx::Uuid) -> Result<Option<Registered>> {
         parent: r.get(3),
         location: r.get(4).unwrap_or_default(),
         manifest_sha256: r.get(5).unwrap_or_default(),
+        created_us: r.get(6).unwrap_or(0),
     })
 }
 
@@ -247,14 +268,17 @@ const CLEAR_ACTIVITY_SNAPSHOT: Stmt = Stmt {
 const WRITERS_IN_FLIGHT: Stmt = Stmt {
     sql: "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a \
            WHERE a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database() AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
-             AND a.backend_xid IS NOT NULL AND a.xact_start OPERATOR(pg_catalog.<) pg_catalog.transaction_timestamp())",
+             AND a.backend_xid IS NOT NULL AND a.xact_start OPERATOR(pg_catalog.<) pg_catalog.transaction_timestamp() \
+             AND EXISTS (SELECT FROM pg_catalog.pg_locks l JOIN tenancy.protected_tables p ON p.rel::pg_catalog.oid OPERATOR(pg_catalog.=) l.relation \
+                          WHERE l.pid OPERATOR(pg_catalog.=) a.pid AND l.mode OPERATOR(pg_catalog.=) 'RowExclusiveLock'))",
     args: &[],
     who: Who::Caller,
     fresh: true,
 };
 
-/// Whether a transaction of this database that started before ours holds a transaction id (it
-/// has written, or locked rows). Reads the sessions' state afresh at every call.
+/// Whether a transaction of this database that started before ours holds a transaction id and
+/// has written to a protected table (it may be the paused tenant's). Reads the sessions' state
+/// afresh at every call.
 pub fn writers_in_flight() -> Result<bool> {
     run(&CLEAR_ACTIVITY_SNAPSHOT, &[], |_| ())?;
     Ok(one(&WRITERS_IN_FLIGHT, &[], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
@@ -396,6 +420,40 @@ pub fn insert_rows(schema: &str, name: &str, rows: Vec<&str>) -> Result<u64> {
     )
 }
 
+/// Remove from `schema.name` the one row an incremental's change names (by its key, or by the
+/// whole row when the table had no primary key); how many went (0 or 1).
+pub fn delete_staged_row(schema: &str, name: &str, key: &[String], old: &str) -> Result<u64> {
+    let table = format!("{}.{}", quote_identifier(schema), quote_identifier(name));
+    let sql = if key.is_empty() {
+        format!("DELETE FROM {table} s WHERE s.ctid OPERATOR(pg_catalog.=) (SELECT x.ctid FROM {table} x WHERE x::pg_catalog.text OPERATOR(pg_catalog.=) $1 LIMIT 1)")
+    } else {
+        let cols: Vec<String> = key.iter().map(String::as_str).map(quote_identifier).collect();
+        let lhs: Vec<String> = cols.iter().map(|c| format!("x.{c}")).collect();
+        let rhs: Vec<String> = cols.iter().map(|c| format!("o.{c}")).collect();
+        format!(
+            "DELETE FROM {table} s WHERE s.ctid OPERATOR(pg_catalog.=) (SELECT x.ctid FROM {table} x, pg_catalog.unnest(ARRAY[$1::pg_catalog.text::{table}]) o WHERE ({}) = ({}) LIMIT 1)",
+            lhs.join(", "),
+            rhs.join(", ")
+        )
+    };
+    execute(&sql, &[(pg_sys::TEXTOID, old.into_datum())])
+}
+
+/// An index on a staged table's key (the changes an incremental replays find their rows by it).
+pub fn index_staged(schema: &str, name: &str, key: &[String]) -> Result<()> {
+    if key.is_empty() {
+        return Ok(());
+    }
+    let cols: Vec<String> = key.iter().map(String::as_str).map(quote_identifier).collect();
+    execute(&format!("CREATE INDEX ON {}.{} ({})", quote_identifier(schema), quote_identifier(name), cols.join(", ")), &[])?;
+    Ok(())
+}
+
+/// Rows of `schema.name`.
+pub fn count_rows(schema: &str, name: &str) -> Result<u64> {
+    execute(&format!("SELECT FROM {}.{}", quote_identifier(schema), quote_identifier(name)), &[])
+}
+
 /// Rows of `schema.name` whose tenant column is not `tenant` (tenant ids are in their type's
 /// canonical text form, so comparing texts compares values).
 pub fn foreign_rows(schema: &str, name: &str, column: &str, tenant: &str) -> Result<u64> {
@@ -437,4 +495,232 @@ pub fn copy_into_live(src: &Source, schema: &str, name: &str, columns: &[String]
         ),
         &[],
     )
+}
+
+const CAPTURE_ON: Stmt = Stmt {
+    sql: "SELECT EXISTS (SELECT FROM tenancy.change_capture WHERE disabled_at IS NULL)",
+    args: &[],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// Whether change capture is on.
+pub fn capture_on() -> Result<bool> {
+    Ok(one(&CAPTURE_ON, &[], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
+}
+
+const START_CAPTURE: Stmt = Stmt {
+    sql: "INSERT INTO tenancy.change_capture DEFAULT VALUES ON CONFLICT DO NOTHING",
+    args: &[],
+    who: Who::Owner,
+    fresh: false,
+};
+
+pub fn start_capture() -> Result<()> {
+    run(&START_CAPTURE, &[], |_| ())?;
+    Ok(())
+}
+
+const STOP_CAPTURE: Stmt = Stmt {
+    sql: "UPDATE tenancy.change_capture SET disabled_at = pg_catalog.clock_timestamp() WHERE disabled_at IS NULL",
+    args: &[],
+    who: Who::Owner,
+    fresh: false,
+};
+
+pub fn stop_capture() -> Result<()> {
+    run(&STOP_CAPTURE, &[], |_| ())?;
+    Ok(())
+}
+
+const CAPTURED_SINCE: Stmt = Stmt {
+    sql: "SELECT enabled_at FROM tenancy.change_capture WHERE disabled_at IS NULL",
+    args: &[],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// Since when capture has been on without a break (None when it is off).
+pub fn captured_since() -> Result<Option<pgrx::datum::TimestampWithTimeZone>> {
+    Ok(one(&CAPTURED_SINCE, &[], |r| r.get(1))?.flatten())
+}
+
+const CAPTURE_TABLES: Stmt = Stmt {
+    sql: "SELECT p.rel::pg_catalog.oid FROM tenancy.protected_tables p JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.rel \
+           WHERE NOT c.relispartition ORDER BY 1",
+    args: &[],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// The protected tables that carry the capture trigger themselves (partitions have their
+/// parent's clone).
+pub fn capture_tables() -> Result<Vec<pg_sys::Oid>> {
+    run(&CAPTURE_TABLES, &[], |r| r.get::<pg_sys::Oid>(1).unwrap_or(pg_sys::InvalidOid))
+}
+
+const IS_PARTITION: Stmt = Stmt {
+    sql: "SELECT relispartition FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::OIDOID],
+    who: Who::Caller,
+    fresh: false,
+};
+
+pub fn is_partition(rel: pg_sys::Oid) -> Result<bool> {
+    Ok(one(&IS_PARTITION, &[arg(rel)], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
+}
+
+const HAS_CAPTURE_TRIGGER: Stmt = Stmt {
+    sql: "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1 \
+                          AND tgname OPERATOR(pg_catalog.=) 'tenancy_capture' AND tgparentid OPERATOR(pg_catalog.=) 0)",
+    args: &[pg_sys::OIDOID],
+    who: Who::Caller,
+    fresh: false,
+};
+
+pub fn has_capture_trigger(rel: pg_sys::Oid) -> Result<bool> {
+    Ok(one(&HAS_CAPTURE_TRIGGER, &[arg(rel)], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
+}
+
+const RECORD_CHANGE: Stmt = Stmt {
+    sql: "INSERT INTO tenancy.changes (tenant, rel, op, old_row, new_row) VALUES ($1, $2, $3::pg_catalog.\"char\", $4, $5)",
+    args: &[pg_sys::TEXTOID, pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// One captured change (the capture trigger).
+pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: &str, old: Option<&str>, new: Option<&str>) -> Result<()> {
+    run(&RECORD_CHANGE, &[arg(tenant), arg(rel), arg(op), old.and_then(|o| o.into_datum()), new.and_then(|n| n.into_datum())], |_| ())?;
+    Ok(())
+}
+
+const FORGET_CHANGES: Stmt = Stmt {
+    sql: "DELETE FROM tenancy.changes WHERE tenant OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// Every captured change of `tenant` (shredding: they are plaintext copies of its rows).
+pub fn forget_changes(tenant: &str) -> Result<()> {
+    run(&FORGET_CHANGES, &[arg(tenant)], |_| ())?;
+    Ok(())
+}
+
+const LATEST: Stmt = Stmt {
+    sql: "SELECT id, snapshot, created_at FROM tenancy.backups WHERE tenant OPERATOR(pg_catalog.=) $1 \
+           ORDER BY created_at DESC, id LIMIT 1",
+    args: &[pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// The tenant's latest backup: (id, snapshot, created_at).
+pub fn latest(tenant: &str) -> Result<Option<(pgrx::Uuid, String, pgrx::datum::TimestampWithTimeZone)>> {
+    Ok(one(&LATEST, &[arg(tenant)], |r| Some((r.get(1)?, r.get(2)?, r.get(3)?)))?.flatten())
+}
+
+const CHAIN: Stmt = Stmt {
+    sql: "WITH RECURSIVE c(id, parent, depth) AS ( \
+              SELECT id, parent, 0 FROM tenancy.backups WHERE id OPERATOR(pg_catalog.=) $1 \
+              UNION ALL \
+              SELECT b.id, b.parent, c.depth OPERATOR(pg_catalog.+) 1 FROM tenancy.backups b JOIN c ON b.id OPERATOR(pg_catalog.=) c.parent \
+               WHERE c.depth OPERATOR(pg_catalog.<) 10000) \
+          SELECT id FROM c ORDER BY depth DESC",
+    args: &[pg_sys::UUIDOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// The registered chain that ends with `id`: from its full backup to it.
+pub fn chain(id: pgrx::Uuid) -> Result<Vec<pgrx::Uuid>> {
+    Ok(run(&CHAIN, &[arg(id)], |r| r.get::<pgrx::Uuid>(1))?.into_iter().flatten().collect())
+}
+
+/// One captured change, as an incremental backup reads it.
+pub struct Captured {
+    /// The table a backup covers (a partition's root).
+    pub rel: pg_sys::Oid,
+    pub op: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    /// Commit time, microseconds since 1970.
+    pub committed: i64,
+}
+
+const CAPTURED: Stmt = Stmt {
+    sql: "SELECT COALESCE(pg_catalog.pg_partition_root(c.rel::pg_catalog.regclass)::pg_catalog.oid, c.rel), c.op::pg_catalog.text, c.old_row, c.new_row, \
+                 (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(c.xid::pg_catalog.xid)) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8 \
+            FROM tenancy.changes c \
+           WHERE c.tenant OPERATOR(pg_catalog.=) $1 AND NOT pg_catalog.pg_visible_in_snapshot(c.xid, $2::pg_catalog.pg_snapshot) \
+           ORDER BY 5, c.id",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// The tenant's changes committed after the snapshot `since` (and visible now), in commit order.
+pub fn captured(tenant: &str, since: &str) -> Result<Vec<Captured>> {
+    run_in_statement_snapshot(&CAPTURED, &[arg(tenant), arg(since)], |r| Captured {
+        rel: r.get(1).unwrap_or(pg_sys::InvalidOid),
+        op: r.get(2).unwrap_or_default(),
+        old: r.get(3),
+        new: r.get(4),
+        committed: r.get(5).unwrap_or(0),
+    })
+}
+
+const FORGET_COVERED: Stmt = Stmt {
+    sql: "DELETE FROM tenancy.changes WHERE tenant OPERATOR(pg_catalog.=) $1 AND pg_catalog.pg_visible_in_snapshot(xid, $2::pg_catalog.pg_snapshot)",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// The tenant's changes a backup taken with `snapshot` covers (it holds them, or the rows they
+/// made): the next incremental starts after it.
+pub fn forget_covered(tenant: &str, snapshot: &str) -> Result<()> {
+    run(&FORGET_COVERED, &[arg(tenant), arg(snapshot)], |_| ())?;
+    Ok(())
+}
+
+const UNAPPROVED_CODE: Stmt = Stmt {
+    sql: "SELECT pg_catalog.string_agg(DISTINCT f.fn::pg_catalog.text, ', ') \
+            FROM (SELECT $1::pg_catalog.regclass AS relid UNION SELECT t.relid FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass) t) r \
+           CROSS JOIN LATERAL tenancy._row_functions(r.relid) f WHERE NOT f.approved",
+    args: &[pg_sys::OIDOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// The functions that run over the rows of `rel` or its partitions and that no superuser
+/// approved (as they are defined now), listed; None when there are none.
+pub fn unapproved_code(rel: pg_sys::Oid) -> Result<Option<String>> {
+    Ok(one(&UNAPPROVED_CODE, &[arg(rel)], |r| r.get::<String>(1))?.flatten())
+}
+
+const REFERENCING_OUTSIDE: Stmt = Stmt {
+    sql: "SELECT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE contype OPERATOR(pg_catalog.=) 'f' \
+             AND conparentid OPERATOR(pg_catalog.=) 0 AND confrelid OPERATOR(pg_catalog.=) ANY ($1) \
+             AND NOT conrelid OPERATOR(pg_catalog.=) ANY ($1))",
+    args: &[pg_sys::OIDARRAYOID],
+    who: Who::Caller,
+    fresh: false,
+};
+
+/// Whether a table not among `rels` has a foreign key into one of them.
+pub fn referencing_outside(rels: &[pg_sys::Oid]) -> Result<bool> {
+    Ok(one(&REFERENCING_OUTSIDE, &[arg(rels.to_vec())], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
+}
+
+const TENANT_STATUS: Stmt = Stmt {
+    sql: "SELECT status FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+pub fn tenant_status(tenant: &str) -> Result<Option<String>> {
+    Ok(one(&TENANT_STATUS, &[arg(tenant)], |r| r.get::<String>(1))?.flatten())
 }

@@ -326,7 +326,27 @@ pub fn run<T>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], f: impl FnMut(&Row) -
     Ok(run_as(stmt, args, owner, f))
 }
 
-fn run_as<T>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], owner: pg_sys::Oid, mut f: impl FnMut(&Row) -> T) -> Vec<T> {
+/// Run `stmt` read-only with the calling statement's snapshot (not a new one, even in READ
+/// COMMITTED): what a backup records must be what its reads saw.
+pub fn run_in_statement_snapshot<T>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], f: impl FnMut(&Row) -> T) -> Result<Vec<T>> {
+    let owner = match stmt.who {
+        Who::Owner => ids()?.owner,
+        Who::Caller => pg_sys::InvalidOid,
+    };
+    Ok(run_with(stmt, args, owner, true, f))
+}
+
+fn run_as<T>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], owner: pg_sys::Oid, f: impl FnMut(&Row) -> T) -> Vec<T> {
+    run_with(stmt, args, owner, false, f)
+}
+
+fn run_with<T>(
+    stmt: &Stmt,
+    args: &[Option<pg_sys::Datum>],
+    owner: pg_sys::Oid,
+    statement_snapshot: bool,
+    mut f: impl FnMut(&Row) -> T,
+) -> Vec<T> {
     assert_eq!(args.len(), stmt.args.len(), "statement arguments");
     let _path = PinnedSearchPath::new();
     let _user = (owner != pg_sys::InvalidOid).then(|| become_user(owner));
@@ -348,7 +368,7 @@ fn run_as<T>(stmt: &Stmt, args: &[Option<pg_sys::Datum>], owner: pg_sys::Oid, mu
                 nulls.as_ptr(),
                 snapshot,
                 std::ptr::null_mut(),
-                parallel,
+                parallel || statement_snapshot,
                 true,
                 0,
             );

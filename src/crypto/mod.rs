@@ -222,6 +222,8 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
         TenancyError::UnknownTenant.raise();
     }
     let n = catalog::keys::shred(tenant).or_raise();
+    // captured changes are plaintext copies of its rows
+    catalog::backups::forget_changes(tenant).or_raise();
     keystore::forget_keys();
     n
 }

@@ -24,6 +24,7 @@ use crate::audit::{self, Event};
 use crate::catalog::{self, protected as registry};
 use crate::error::{OrRaise, TenancyError};
 
+pub mod capture;
 pub mod explain;
 pub mod guard;
 pub mod param;
@@ -180,6 +181,7 @@ fn protect_oid(rel: pg_sys::Oid, column: &str, create_index: bool, out: &mut Vec
     let _exempt = Exempt::new(rel);
     // The DDL runs as the caller: PostgreSQL itself requires that the caller owns the table.
     run_steps(rel, policy::protect(&p.as_table()), out);
+    out.extend(capture::on_protect(rel));
     // SAFETY: GetUserId reads a backend-local variable.
     let invoker = unsafe { pg_sys::GetUserId() };
     registry::register(rel, column, p.type_oid, invoker).or_raise();
@@ -269,6 +271,7 @@ fn unprotect_oid(rel: pg_sys::Oid, out: &mut Vec<String>) {
     let Some(column) = registry::protected_column(rel).or_raise() else { return };
     let p = plan_unchecked(rel, &column);
     let _exempt = Exempt::new(rel);
+    out.extend(capture::on_unprotect(rel));
     run_steps(rel, policy::unprotect(&p.as_table()), out);
     registry::unregister(rel).or_raise();
 }

@@ -1,0 +1,178 @@
+//! Change capture for incremental backups: while it is on (`tenancy.enable_change_capture()`),
+//! every protected table (a partitioned one through its parent, whose row trigger PostgreSQL
+//! clones onto each partition) has the AFTER ROW trigger `tenancy_capture`, which records each
+//! insert, update and delete in `tenancy.changes` with its tenant, the row before and after (in
+//! record text form) and its transaction (whose commit time `track_commit_timestamp` keeps).
+//! The trigger is part of the protection while capture is on: the guard refuses dropping or
+//! disabling it, as it refuses dropping a policy.
+use pgrx::prelude::*;
+use std::ffi::CStr;
+
+use crate::catalog::{self, protected};
+use crate::error::{OrRaise, Result, TenancyError};
+
+pub const TRIGGER: &str = "tenancy_capture";
+
+fn create_sql(table: &str) -> String {
+    format!("CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy._capture()")
+}
+
+fn qualified(rel: pg_sys::Oid) -> Option<String> {
+    Some(catalog::relation_name(rel)).filter(|n| !n.is_empty())
+}
+
+/// After protect(): the capture trigger too, when capture is on (not on partitions: they have
+/// their parent's). Returns the statement run, if any.
+pub fn on_protect(rel: pg_sys::Oid) -> Option<String> {
+    if !catalog::backups::capture_on().or_raise() || catalog::backups::is_partition(rel).or_raise() {
+        return None;
+    }
+    let sql = create_sql(&qualified(rel)?);
+    super::run(&sql);
+    Some(sql)
+}
+
+/// Before unprotect(): the capture trigger goes with the protection.
+pub fn on_unprotect(rel: pg_sys::Oid) -> Option<String> {
+    if !catalog::backups::has_capture_trigger(rel).or_raise() {
+        return None;
+    }
+    let sql = format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {}", qualified(rel)?);
+    super::run(&sql);
+    Some(sql)
+}
+
+fn require_superuser() -> Result<()> {
+    // SAFETY: reads the current user's superuser flag.
+    if unsafe { pg_sys::superuser() } {
+        Ok(())
+    } else {
+        Err(TenancyError::Denied("change capture is a superuser's to turn on or off"))
+    }
+}
+
+/// Turn change capture on: the trigger on every protected table, and the time it started (an
+/// incremental backup needs capture on, without a break, since its parent). Needs
+/// `track_commit_timestamp = on` (each change's commit time). Returns the tables it now covers.
+#[pg_extern(volatile, parallel_unsafe)]
+fn enable_change_capture() -> i64 {
+    require_superuser().or_raise();
+    // SAFETY: reads a server setting.
+    if !unsafe { pg_sys::track_commit_timestamp } {
+        TenancyError::NotYet("change capture needs track_commit_timestamp = on (a server restart)").raise();
+    }
+    catalog::backups::start_capture().or_raise();
+    let mut n = 0;
+    for rel in catalog::backups::capture_tables().or_raise() {
+        let _exempt = super::guard::Exempt::new(rel);
+        if let Some(table) = qualified(rel) {
+            super::run(&create_sql(&table));
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Turn change capture off (the triggers go; incremental backups then need a new full backup
+/// first). Returns the tables it covered.
+#[pg_extern(volatile, parallel_unsafe)]
+fn disable_change_capture() -> i64 {
+    require_superuser().or_raise();
+    catalog::backups::stop_capture().or_raise();
+    let mut n = 0;
+    for rel in catalog::backups::capture_tables().or_raise() {
+        let _exempt = super::guard::Exempt::new(rel);
+        if let Some(table) = qualified(rel) {
+            super::run(&format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {table}"));
+            n += 1;
+        }
+    }
+    n
+}
+
+#[no_mangle]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_tenancy_capture() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The text output of a datum of type `typ`.
+///
+/// # Safety
+/// `value` is a valid datum of type `typ`.
+unsafe fn output(value: pg_sys::Datum, typ: pg_sys::Oid) -> String {
+    // SAFETY: as the caller promises; the output function returns a palloc'd C string.
+    unsafe {
+        let mut func = pg_sys::InvalidOid;
+        let mut varlena = false;
+        pg_sys::getTypeOutputInfo(typ, &mut func, &mut varlena);
+        CStr::from_ptr(pg_sys::OidOutputFunctionCall(func, value)).to_string_lossy().into_owned()
+    }
+}
+
+/// A row of `rel` in record text form.
+///
+/// # Safety
+/// `tuple` is a valid tuple of a relation whose descriptor is `desc`.
+unsafe fn row_text(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String {
+    // SAFETY: as the caller promises: the tuple as a composite datum of the relation's row type.
+    unsafe { output(pg_sys::heap_copy_tuple_as_datum(tuple, desc), pg_sys::RECORDOID) }
+}
+
+/// `tenancy._capture()`: the AFTER ROW trigger of change capture (declared in sql/backup.sql).
+///
+/// # Safety
+/// Called by PostgreSQL's trigger manager with a valid `fcinfo` whose context is TriggerData.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn tenancy_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY (whole body): fcinfo comes from the trigger manager; the context is checked to be
+    // TriggerData before it is read; tuples and descriptor are the trigger's own.
+    unsafe {
+        let context = (*fcinfo).context;
+        if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_TriggerData {
+            TenancyError::InvalidArgument("tenancy._capture() is a trigger").raise();
+        }
+        let td = context as *mut pg_sys::TriggerData;
+        let event = (*td).tg_event;
+        let rel = (*td).tg_relation;
+        let relid = (*rel).rd_id;
+        let desc = (*rel).rd_att;
+        let (op, old, new) = match event & pg_sys::TRIGGER_EVENT_OPMASK {
+            pg_sys::TRIGGER_EVENT_INSERT => ("I", None, Some((*td).tg_trigtuple)),
+            pg_sys::TRIGGER_EVENT_DELETE => ("D", Some((*td).tg_trigtuple), None),
+            pg_sys::TRIGGER_EVENT_UPDATE => ("U", Some((*td).tg_trigtuple), Some((*td).tg_newtuple)),
+            _ => return pg_sys::Datum::from(0),
+        };
+        let Some(attnum) = protected::protected(relid) else {
+            return pg_sys::Datum::from(0);
+        };
+        // the tenant of the row as it is now (of the row removed, for a delete)
+        let tagged = new.or(old).expect("a row");
+        let mut isnull = false;
+        let value = pg_sys::heap_getattr(tagged, attnum as i32, desc, &mut isnull);
+        if isnull {
+            return pg_sys::Datum::from(0);
+        }
+        let att = (*desc).attrs.as_slice((*desc).natts as usize)[attnum as usize - 1];
+        let tenant = output(value, att.atttypid);
+        let old_text = old.map(|t| row_text(t, desc));
+        let new_text = new.map(|t| row_text(t, desc));
+        // a row moved to another tenant (only a superuser can): the old tenant loses it
+        if let (Some(o), Some(_)) = (old, new) {
+            let mut onull = false;
+            let ov = pg_sys::heap_getattr(o, attnum as i32, desc, &mut onull);
+            if !onull {
+                let old_tenant = output(ov, att.atttypid);
+                if old_tenant != tenant {
+                    catalog::backups::record_change(&old_tenant, relid, "D", old_text.as_deref(), None).or_raise();
+                    catalog::backups::record_change(&tenant, relid, "I", None, new_text.as_deref()).or_raise();
+                    return pg_sys::Datum::from(0);
+                }
+            }
+        }
+        catalog::backups::record_change(&tenant, relid, op, old_text.as_deref(), new_text.as_deref()).or_raise();
+        pg_sys::Datum::from(0)
+    }
+}
