@@ -43,7 +43,7 @@ COMMENT ON TABLE tenancy.backup_archives IS
 CREATE TABLE tenancy.restores (
     id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant          text        NOT NULL REFERENCES tenancy.tenants (id),
-    backup          uuid        NOT NULL REFERENCES tenancy.backups (id),
+    backup          uuid        REFERENCES tenancy.backups (id) ON DELETE SET NULL,
     mode            text        NOT NULL,
     previous_status text        NOT NULL,
     pid             integer     NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
@@ -207,3 +207,52 @@ $$;
 CREATE FUNCTION tenancy._seconds_since(t0 timestamptz) RETURNS numeric
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 RETURN pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) t0)::pg_catalog.numeric, 3);
+
+-- Restore drills: the latest backup chain of a tenant restored into a throwaway sandbox and
+-- verified, the outcome recorded (the pre-go-live checklist's "restore tested" is a query on it).
+CREATE TABLE tenancy.drills (
+    id        bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant    text        NOT NULL REFERENCES tenancy.tenants (id),
+    backup    uuid        REFERENCES tenancy.backups (id) ON DELETE SET NULL,
+    at        timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    ok        boolean     NOT NULL,
+    row_count bigint,
+    seconds   numeric,
+    sqlstate  text
+);
+CREATE INDEX drills_tenant_idx ON tenancy.drills (tenant, at);
+COMMENT ON TABLE tenancy.drills IS 'Restore drills (tenancy.drill): which backup, when, whether it restored and verified.';
+
+CREATE FUNCTION tenancy.drill(tenant text) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    b uuid;
+    s name := pg_catalog.format('tenancy_drill_%s', pg_catalog.substr(pg_catalog.md5(pg_catalog.gen_random_uuid()::pg_catalog.text), 1, 12));
+    t0 timestamptz := pg_catalog.clock_timestamp();
+    staged jsonb;
+    n bigint;
+    err text;
+BEGIN
+    SELECT x.id INTO b FROM tenancy.backups x
+     WHERE x.tenant OPERATOR(pg_catalog.=) drill.tenant AND x.location OPERATOR(pg_catalog.<>) 'exported'
+     ORDER BY x.created_at DESC LIMIT 1;
+    IF b IS NULL THEN
+        RAISE EXCEPTION 'the tenant has no backup kept here to drill' USING ERRCODE = '42704',
+            HINT = 'Take one with tenancy.backup(tenant), or register one with tenancy.import().';
+    END IF;
+    PERFORM tenancy._restore_check(drill.tenant, b, 'sandbox', s);
+    BEGIN
+        staged := tenancy._restore_stage(drill.tenant, b, s, false, NULL);
+        SELECT pg_catalog.sum((x OPERATOR(pg_catalog.->>) 'rows')::pg_catalog.int8) INTO n
+          FROM pg_catalog.jsonb_array_elements(staged OPERATOR(pg_catalog.->) 'tables') x;
+        PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);
+        EXECUTE pg_catalog.format('DROP SCHEMA %I CASCADE', s);
+    EXCEPTION WHEN OTHERS THEN
+        err := SQLSTATE;
+    END;
+    INSERT INTO tenancy.drills (tenant, backup, ok, row_count, seconds, sqlstate)
+         VALUES (drill.tenant, b, err IS NULL, n, tenancy._seconds_since(t0), err);
+    RETURN pg_catalog.jsonb_build_object('tenant', drill.tenant, 'backup', b, 'ok', err IS NULL,
+                                         'rows', n, 'sqlstate', err, 'seconds', tenancy._seconds_since(t0));
+END
+$$;

@@ -101,14 +101,15 @@ COMMENT ON TABLE tenancy.change_capture IS
     'When change capture (for incremental backups) was on: an incremental backup needs it on since its parent.';
 
 CREATE TABLE tenancy.changes (
-    id       bigint      GENERATED ALWAYS AS IDENTITY,
     tenant   text        NOT NULL,
     rel      oid         NOT NULL,
     op       "char"      NOT NULL CONSTRAINT changes_op_check CHECK (op IN ('I', 'U', 'D')),
     old_row  text,
     new_row  text,
-    xid      xid8        NOT NULL DEFAULT pg_catalog.pg_current_xact_id()
+    xid      xid8        NOT NULL,
+    -- order within a transaction (a counter of the backend that wrote it)
+    seq      bigint      NOT NULL
 );
-CREATE INDEX changes_tenant_idx ON tenancy.changes (tenant, id);
+CREATE INDEX changes_tenant_idx ON tenancy.changes (tenant);
 COMMENT ON TABLE tenancy.changes IS
     'Row changes of protected tables captured for incremental backups (old and new row in record text form).';

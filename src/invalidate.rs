@@ -76,7 +76,7 @@ unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid)
     // because of the control file's `schema`, so it is not a member), so no schema invalidation
     // comes, and cached OIDs would name tables that are gone. These changes are rare (grants,
     // tenants, protect(), key states; not the encryption counter): start over.
-    if relid == ids.protected || relid == ids.tenants || relid == ids.grants || relid == ids.keys {
+    if relid == ids.protected || relid == ids.tenants || relid == ids.grants || relid == ids.keys || relid == ids.changes {
         forget_everything();
     }
 }

@@ -592,3 +592,40 @@ def test_resume_tenant_refuses_a_restore_still_running(bk):
     assert run(su, "SELECT state FROM tenancy.restores WHERE tenant = 'bk-c' ORDER BY id DESC LIMIT 1") == [("done",)]
     assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("active",)]
     blocker.close(), restorer.close(), su.close()
+
+
+def test_drills_and_retention(bk):
+    su = backup_conn()
+    full = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+    report = run(su, "SELECT tenancy.drill('bk-c')")[0][0]
+    assert report["ok"] is True and report["backup"] == str(full) and report["rows"] > 0
+    assert run(su, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenancy\\_drill\\_%%'") == [(0,)]
+    # "restore tested" is a query
+    assert run(su, """SELECT count(*) FROM tenancy.drills d WHERE d.tenant = 'bk-c' AND d.ok
+                      AND d.at > now() - interval '8 days'""")[0][0] >= 1
+    # a drill that fails is recorded, not hidden
+    path = run(su, "SELECT location FROM tenancy.backups WHERE id = %s", full)[0][0]
+    os.rename(path, path + ".moved")
+    report = run(su, "SELECT tenancy.drill('bk-c')")[0][0]
+    assert report["ok"] is False and report["sqlstate"] == "58030"
+    os.rename(path + ".moved", path)
+    assert sqlstate_of(su, "SELECT tenancy.drill('bk-b')") in (None,)
+    # retention: never under 30 days, and never a backup a kept incremental needs
+    assert run(su, "SELECT bool_and(expires_at >= created_at + interval '30 days') FROM tenancy.backups") == [(True,)]
+    try:
+        run(su, "SELECT tenancy.enable_change_capture()")
+        f = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+        run(su, "UPDATE app.bk_orders SET item = item WHERE tenant_id = 'bk-c' AND id IN (SELECT id FROM app.bk_orders WHERE tenant_id = 'bk-c' LIMIT 3)")
+        i = run(su, "SELECT tenancy.backup('bk-c', 'incremental')")[0][0]
+    finally:
+        run(su, "SELECT tenancy.disable_change_capture()")
+    fpath = run(su, "SELECT location FROM tenancy.backups WHERE id = %s", f)[0][0]
+    run(su, "UPDATE tenancy.backups SET expires_at = now() - interval '1 day' WHERE tenant = 'bk-c' AND id <> %s", i)
+    gone = {r[0] for r in run(su, "SELECT backup FROM tenancy.prune_backups()")}
+    assert full in gone and f not in gone and i not in gone      # f: the kept incremental's parent
+    assert not os.path.exists(path) and os.path.exists(fpath)
+    assert run(su, "SELECT count(*) FROM tenancy.drills WHERE backup IS NULL AND tenant = 'bk-c'")[0][0] >= 2
+    run(su, "UPDATE tenancy.backups SET expires_at = now() - interval '1 day' WHERE id = %s", i)
+    gone = {r[0] for r in run(su, "SELECT backup FROM tenancy.prune_backups()")}
+    assert {f, i} <= gone and not os.path.exists(fpath)
+    su.close()

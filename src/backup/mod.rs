@@ -857,3 +857,26 @@ fn _restore_error_is_ours(message: &str) -> bool {
         message == m || (m.ends_with(')') && message.starts_with(m.split('(').next().unwrap_or(&m)))
     })
 }
+
+/// Remove the backups past their retention (`expires_at`: at least 30 days, more when the
+/// tenant's config says `backup_retention_days`) that no kept backup depends on, with their
+/// archive files; returns what went.
+#[pg_extern(volatile, parallel_unsafe)]
+fn prune_backups() -> TableIterator<'static, (name!(backup, Uuid), name!(tenant, String), name!(kind, String))> {
+    require_superuser("backups are a superuser's").or_raise();
+    let gone = store::unregister_expired().or_raise();
+    let dir = gucs::backup_dir().unwrap_or_default();
+    let mut out = Vec::with_capacity(gone.len());
+    for (id, tenant, kind, location) in gone {
+        // only files this extension wrote: under the backup directory, named by the backup id
+        let path = std::path::Path::new(&location);
+        if !dir.is_empty()
+            && path.starts_with(&dir)
+            && path.file_name().and_then(|f| f.to_str()) == Some(&format!("{id}.pgtb"))
+        {
+            let _ = std::fs::remove_file(path);
+        }
+        out.push((id, tenant, kind));
+    }
+    TableIterator::new(out)
+}

@@ -582,16 +582,48 @@ pub fn has_capture_trigger(rel: pg_sys::Oid) -> Result<bool> {
     Ok(one(&HAS_CAPTURE_TRIGGER, &[arg(rel)], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
 }
 
-const RECORD_CHANGE: Stmt = Stmt {
-    sql: "INSERT INTO tenancy.changes (tenant, rel, op, old_row, new_row) VALUES ($1, $2, $3::pg_catalog.\"char\", $4, $5)",
-    args: &[pg_sys::TEXTOID, pg_sys::OIDOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID],
-    who: Who::Owner,
-    fresh: false,
-};
+/// The order of changes within a transaction (this backend's writes, counted).
+static SEQ: crate::util::Backend<std::cell::Cell<i64>> = crate::util::Backend::new(std::cell::Cell::new(0));
 
-/// One captured change (the capture trigger).
-pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: &str, old: Option<&str>, new: Option<&str>) -> Result<()> {
-    run(&RECORD_CHANGE, &[arg(tenant), arg(rel), arg(op), old.and_then(|o| o.into_datum()), new.and_then(|n| n.into_datum())], |_| ())?;
+/// One captured change (the capture trigger), inserted into `tenancy.changes` directly, without
+/// SQL: it is on the path of every write to a protected table while capture is on.
+pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: u8, old: Option<&str>, new: Option<&str>) -> Result<()> {
+    let ids = super::ids()?;
+    if ids.changes == pg_sys::InvalidOid {
+        return Err(TenancyError::NotInstalled);
+    }
+    let seq = SEQ.with(|s| {
+        s.set(s.get() + 1);
+        s.get()
+    });
+    let text = |v: &str| -> pg_sys::Datum {
+        let c = CString::new(v.replace('\0', "")).unwrap_or_default();
+        // SAFETY: a palloc'd text made from a NUL-terminated string.
+        pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text(c.as_ptr()) })
+    };
+    // SAFETY: the extension's own table (its OID from the catalog cache), opened and closed here
+    // with the lock writers take; the tuple matches its descriptor (7 columns, in order); the
+    // insert maintains its index. No permission check applies at this level: the caller is the
+    // extension's trigger on a protected table.
+    unsafe {
+        let relation = pg_sys::table_open(ids.changes, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let desc = (*relation).rd_att;
+        let xid = pg_sys::GetTopFullTransactionId();
+        let mut values = [
+            text(tenant),
+            pg_sys::Datum::from(rel),
+            pg_sys::Datum::from(op as i8),
+            old.map(text).unwrap_or(pg_sys::Datum::from(0)),
+            new.map(text).unwrap_or(pg_sys::Datum::from(0)),
+            pg_sys::Datum::from(xid.value),
+            pg_sys::Datum::from(seq),
+        ];
+        let mut nulls = [false, false, false, old.is_none(), new.is_none(), false, false];
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::CatalogTupleInsert(relation, tuple);
+        pg_sys::heap_freetuple(tuple);
+        pg_sys::table_close(relation, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    }
     Ok(())
 }
 
@@ -654,7 +686,7 @@ const CAPTURED: Stmt = Stmt {
                  (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(c.xid::pg_catalog.xid)) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8 \
             FROM tenancy.changes c \
            WHERE c.tenant OPERATOR(pg_catalog.=) $1 AND NOT pg_catalog.pg_visible_in_snapshot(c.xid, $2::pg_catalog.pg_snapshot) \
-           ORDER BY 5, c.id",
+           ORDER BY 5, c.xid, c.seq",
     args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
     who: Who::Owner,
     fresh: false,
@@ -723,4 +755,22 @@ const TENANT_STATUS: Stmt = Stmt {
 
 pub fn tenant_status(tenant: &str) -> Result<Option<String>> {
     Ok(one(&TENANT_STATUS, &[arg(tenant)], |r| r.get::<String>(1))?.flatten())
+}
+
+const EXPIRED: Stmt = Stmt {
+    sql: "WITH RECURSIVE needed(id) AS ( \
+              SELECT id FROM tenancy.backups WHERE expires_at OPERATOR(pg_catalog.>=) pg_catalog.now() \
+              UNION \
+              SELECT b.parent FROM tenancy.backups b JOIN needed n ON b.id OPERATOR(pg_catalog.=) n.id WHERE b.parent IS NOT NULL) \
+          DELETE FROM tenancy.backups b WHERE NOT EXISTS (SELECT FROM needed n WHERE n.id OPERATOR(pg_catalog.=) b.id) \
+          RETURNING b.id, b.tenant, b.kind, b.location",
+    args: &[],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// Unregister every backup past its expiry that no unexpired backup depends on (an incremental
+/// needs every backup before it); returns (id, tenant, kind, location) of each.
+pub fn unregister_expired() -> Result<Vec<(pgrx::Uuid, String, String, String)>> {
+    Ok(run(&EXPIRED, &[], |r| Some((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.into_iter().flatten().collect())
 }

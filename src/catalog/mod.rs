@@ -59,6 +59,8 @@ pub struct CatalogIds {
     pub grants: pg_sys::Oid,
     pub protected: pg_sys::Oid,
     pub keys: pg_sys::Oid,
+    /// `tenancy.changes` (change capture writes it directly).
+    pub changes: pg_sys::Oid,
     /// `tenancy.current_tenant(anyelement)`, which policies call (InvalidOid if absent).
     pub tenant_fn: pg_sys::Oid,
     /// The domains that mark the statement's tenant parameter: text, int4, int8, uuid.
@@ -94,7 +96,8 @@ const EXTENSION: Stmt = Stmt {
                  pg_catalog.to_regtype('tenancy._param_int4')::pg_catalog.oid, \
                  pg_catalog.to_regtype('tenancy._param_int8')::pg_catalog.oid, \
                  pg_catalog.to_regtype('tenancy._param_uuid')::pg_catalog.oid, \
-                 pg_catalog.to_regtype('tenancy._probe_mark')::pg_catalog.oid \
+                 pg_catalog.to_regtype('tenancy._probe_mark')::pg_catalog.oid, \
+                 pg_catalog.to_regclass('tenancy.changes')::pg_catalog.oid \
             FROM pg_catalog.pg_extension e \
             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace \
            WHERE e.extname OPERATOR(pg_catalog.=) 'pg_tenancy'",
@@ -121,13 +124,14 @@ pub fn ids() -> Result<CatalogIds> {
             optional(6),
             [optional(7), optional(8), optional(9), optional(10)],
             optional(11),
+            optional(12),
         )
     })
     .into_iter()
     .next();
     match row {
-        Some(((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys)), tenant_fn, param_types, probe_mark)) => {
-            let ids = CatalogIds { owner, tenants, grants, protected, keys, tenant_fn, param_types, probe_mark };
+        Some(((Some(owner), Some(tenants), Some(grants), Some(protected), Some(keys)), tenant_fn, param_types, probe_mark, changes)) => {
+            let ids = CatalogIds { owner, tenants, grants, protected, keys, changes, tenant_fn, param_types, probe_mark };
             IDS.with(|c| c.set(Some(ids)));
             Ok(ids)
         }

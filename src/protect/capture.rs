@@ -140,9 +140,9 @@ pub unsafe extern "C-unwind" fn tenancy_capture(fcinfo: pg_sys::FunctionCallInfo
         let relid = (*rel).rd_id;
         let desc = (*rel).rd_att;
         let (op, old, new) = match event & pg_sys::TRIGGER_EVENT_OPMASK {
-            pg_sys::TRIGGER_EVENT_INSERT => ("I", None, Some((*td).tg_trigtuple)),
-            pg_sys::TRIGGER_EVENT_DELETE => ("D", Some((*td).tg_trigtuple), None),
-            pg_sys::TRIGGER_EVENT_UPDATE => ("U", Some((*td).tg_trigtuple), Some((*td).tg_newtuple)),
+            pg_sys::TRIGGER_EVENT_INSERT => (b'I', None, Some((*td).tg_trigtuple)),
+            pg_sys::TRIGGER_EVENT_DELETE => (b'D', Some((*td).tg_trigtuple), None),
+            pg_sys::TRIGGER_EVENT_UPDATE => (b'U', Some((*td).tg_trigtuple), Some((*td).tg_newtuple)),
             _ => return pg_sys::Datum::from(0),
         };
         let Some(attnum) = protected::protected(relid) else {
@@ -166,8 +166,8 @@ pub unsafe extern "C-unwind" fn tenancy_capture(fcinfo: pg_sys::FunctionCallInfo
             if !onull {
                 let old_tenant = output(ov, att.atttypid);
                 if old_tenant != tenant {
-                    catalog::backups::record_change(&old_tenant, relid, "D", old_text.as_deref(), None).or_raise();
-                    catalog::backups::record_change(&tenant, relid, "I", None, new_text.as_deref()).or_raise();
+                    catalog::backups::record_change(&old_tenant, relid, b'D', old_text.as_deref(), None).or_raise();
+                    catalog::backups::record_change(&tenant, relid, b'I', None, new_text.as_deref()).or_raise();
                     return pg_sys::Datum::from(0);
                 }
             }
