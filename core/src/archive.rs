@@ -210,7 +210,10 @@ pub fn find_seal<S: AsRef<str>>(data: &[S]) -> Option<Vec<u8>> {
 /// One data line.
 pub fn data_line(table: usize, chunk: usize, payload: &[u8]) -> String {
     use base64::Engine;
-    format!("D {table} {chunk} {}", base64::engine::general_purpose::STANDARD.encode(payload))
+    let mut line = String::with_capacity(24 + payload.len().div_ceil(3) * 4);
+    line.push_str(&format!("D {table} {chunk} "));
+    base64::engine::general_purpose::STANDARD.encode_string(payload, &mut line);
+    line
 }
 
 /// A data line's table index, chunk index and payload.

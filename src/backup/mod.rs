@@ -151,17 +151,18 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
     for (index, (src, (mut data, rows))) in sources.iter().zip(datas).enumerate() {
         let chunks = archive::chunks(&data);
         let n = chunks.len();
+        let mut sealed = Vec::new();
         for (c, chunk) in chunks.into_iter().enumerate() {
-            let payload = match &key {
+            let payload: &[u8] = match &key {
                 Some((version, k)) => {
-                    let mut out = vec![0u8; chunk.len() + OVERHEAD];
+                    sealed.resize(chunk.len() + OVERHEAD, 0);
                     let context = archive::chunk_context(&id_text, index, c, n);
-                    envelope::seal(k, *version, keystore::random_nonce(), tenant, &context, chunk, &mut out);
-                    out
+                    envelope::seal(k, *version, keystore::random_nonce(), tenant, &context, chunk, &mut sealed);
+                    &sealed
                 }
-                None => chunk.to_vec(),
+                None => chunk,
             };
-            data_lines.push(archive::data_line(index, c, &payload));
+            data_lines.push(archive::data_line(index, c, payload));
         }
         tables.push(TableEntry {
             name: src.name.clone(),

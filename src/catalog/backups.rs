@@ -284,12 +284,15 @@ pub fn writers_in_flight() -> Result<bool> {
     Ok(one(&WRITERS_IN_FLIGHT, &[], |r| r.get::<bool>(1).unwrap_or(false))?.unwrap_or(false))
 }
 
-/// `SELECT t::text FROM [ONLY] table t WHERE tenant_column = tenant`: the tenant's rows in record
-/// text form, handed to `f` one by one, read with the calling statement's snapshot (one snapshot
-/// for every table of a backup). Returns the number of rows.
-pub fn tenant_rows(src: &Source, tenant: &str, mut f: impl FnMut(&[u8])) -> Result<u64> {
+/// `SELECT * FROM [ONLY] table t WHERE tenant_column = tenant`: the tenant's rows in record
+/// text form (the bytes `t::text` gives), handed to `f` one by one, read with the calling
+/// statement's snapshot (one snapshot for every table of a backup). Runs the executor with a
+/// receiver of its own (as COPY does): no row is copied into an SPI result, no composite datum is
+/// built per row, each column goes through its type's output function once. Returns the number of
+/// rows.
+pub fn tenant_rows(src: &Source, tenant: &str, f: impl FnMut(&[u8])) -> Result<u64> {
     let sql = format!(
-        "SELECT t::pg_catalog.text FROM {}{} t WHERE t.{} OPERATOR(pg_catalog.=) $1::pg_catalog.text::{}",
+        "SELECT * FROM {}{} t WHERE t.{} OPERATOR(pg_catalog.=) $1::pg_catalog.text::{}",
         if src.partitioned { "" } else { "ONLY " },
         src.name,
         quote_identifier(&src.tenant_column),
@@ -297,46 +300,161 @@ pub fn tenant_rows(src: &Source, tenant: &str, mut f: impl FnMut(&[u8])) -> Resu
     );
     let csql = CString::new(sql).map_err(|_| TenancyError::InvalidArgument("table name"))?;
     let _path = PinnedSearchPath::new();
-    let mut count = 0u64;
-    Spi::connect(|_| {
-        // SAFETY: an open SPI connection; a plan with one text parameter and arrays of that
-        // length; read_only = true, so the cursor reads with the active (calling statement's)
-        // snapshot. Rows are read while their tuple table is alive, then it is freed.
-        unsafe {
-            let mut types = [pg_sys::TEXTOID];
-            let plan = pg_sys::SPI_prepare(csql.as_ptr(), 1, types.as_mut_ptr());
-            if plan.is_null() {
-                let code = pg_sys::SPI_result;
-                pgrx::error!("pg_tenancy: could not prepare a backup read (SPI code {code})");
-            }
-            let mut values = [tenant.into_datum().expect("text datum")];
-            let nulls = [b' ' as c_char];
-            let portal = pg_sys::SPI_cursor_open(std::ptr::null(), plan, values.as_mut_ptr(), nulls.as_ptr(), true);
-            loop {
-                pg_sys::SPI_cursor_fetch(portal, true, 10_000);
-                let n = pg_sys::SPI_processed as usize;
-                let table = pg_sys::SPI_tuptable;
-                if n == 0 || table.is_null() {
-                    break;
+    let mut sink = RowSink {
+        receiver: pg_sys::DestReceiver {
+            receiveSlot: Some(sink_receive),
+            rStartup: Some(sink_startup),
+            rShutdown: Some(sink_noop),
+            rDestroy: Some(sink_noop),
+            mydest: pg_sys::CommandDest::DestNone,
+        },
+        outputs: Vec::new(),
+        row: Vec::with_capacity(256),
+        rows: 0,
+        context: std::ptr::null_mut(),
+        callback: Box::new(f),
+    };
+    // SAFETY: parse, analyze and plan one SELECT (the text built above from quoted names), run it
+    // with the active snapshot (the calling statement's) and our receiver, then shut the executor
+    // down; on an error PostgreSQL's abort releases what the executor holds. `sink` outlives the
+    // run; its receiver is the first field of a #[repr(C)] struct, so the executor's pointer to it
+    // is a pointer to the sink.
+    unsafe {
+        let raw = pg_sys::pg_parse_query(csql.as_ptr());
+        let raw = (*(*raw).elements).ptr_value as *mut pg_sys::RawStmt;
+        let types = [pg_sys::TEXTOID];
+        let queries = pg_sys::pg_analyze_and_rewrite_fixedparams(raw, csql.as_ptr(), types.as_ptr(), 1, std::ptr::null_mut());
+        let query = (*(*queries).elements).ptr_value as *mut pg_sys::Query;
+        let params = pg_sys::makeParamList(1);
+        let p = (*params).params.as_mut_slice(1);
+        p[0].value = tenant.into_datum().expect("text datum");
+        p[0].isnull = false;
+        p[0].pflags = pg_sys::PARAM_FLAG_CONST as u16;
+        p[0].ptype = pg_sys::TEXTOID;
+        let plan = pg_sys::pg_plan_query(query, csql.as_ptr(), 0, params);
+        sink.context = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"pg_tenancy backup row".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        let desc = pg_sys::CreateQueryDesc(
+            plan,
+            csql.as_ptr(),
+            pg_sys::GetActiveSnapshot(),
+            std::ptr::null_mut(),
+            &mut sink.receiver,
+            params,
+            std::ptr::null_mut(),
+            0,
+        );
+        pg_sys::ExecutorStart(desc, 0);
+        pg_sys::ExecutorRun(desc, pg_sys::ScanDirection::ForwardScanDirection, 0, true);
+        pg_sys::ExecutorFinish(desc);
+        pg_sys::ExecutorEnd(desc);
+        pg_sys::FreeQueryDesc(desc);
+        pg_sys::MemoryContextDelete(sink.context);
+    }
+    Ok(sink.rows)
+}
+
+/// The bytes that make `record_out` quote a column: `"`, `\`, parentheses, comma, whitespace.
+const RECORD_SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let special = [b'"', b'\\', b'(', b')', b',', b' ', b'\t', b'\n', 0x0b, 0x0c, b'\r'];
+    let mut i = 0;
+    while i < special.len() {
+        t[special[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// The receiver of `tenant_rows`: formats each row as `record_out` does.
+#[repr(C)]
+struct RowSink<'a> {
+    receiver: pg_sys::DestReceiver,
+    /// Output function of each column (None for dropped ones, which record text leaves out).
+    outputs: Vec<Option<pg_sys::FmgrInfo>>,
+    row: Vec<u8>,
+    rows: u64,
+    /// Reset after each row: what output functions allocate goes with it.
+    context: pg_sys::MemoryContext,
+    callback: Box<dyn FnMut(&[u8]) + 'a>,
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn sink_startup(receiver: *mut pg_sys::DestReceiver, _operation: i32, desc: pg_sys::TupleDesc) {
+    // SAFETY: `receiver` is the first field of a RowSink (see tenant_rows); `desc` describes the rows.
+    unsafe {
+        let sink = &mut *(receiver as *mut RowSink);
+        sink.outputs = (*desc)
+            .attrs
+            .as_slice((*desc).natts as usize)
+            .iter()
+            .map(|a| {
+                if a.attisdropped {
+                    return None;
                 }
-                for i in 0..n {
-                    let mut isnull = false;
-                    let d = pg_sys::SPI_getbinval(*(*table).vals.add(i), (*table).tupdesc, 1, &mut isnull);
-                    if isnull {
-                        continue;
-                    }
-                    let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                    let len = pgrx::varsize_any_exhdr(v);
-                    let data = std::slice::from_raw_parts(pgrx::vardata_any(v) as *const u8, len);
-                    f(data);
-                    count += 1;
-                }
-                pg_sys::SPI_freetuptable(table);
+                let (mut func, mut varlena) = (pg_sys::InvalidOid, false);
+                pg_sys::getTypeOutputInfo(a.atttypid, &mut func, &mut varlena);
+                let mut info = pg_sys::FmgrInfo::default();
+                pg_sys::fmgr_info(func, &mut info);
+                Some(info)
+            })
+            .collect();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn sink_noop(_receiver: *mut pg_sys::DestReceiver) {}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn sink_receive(slot: *mut pg_sys::TupleTableSlot, receiver: *mut pg_sys::DestReceiver) -> bool {
+    // SAFETY: `receiver` is the first field of a RowSink; the slot holds one row of the query,
+    // whose columns the startup callback described; values are read after slot_getallattrs.
+    unsafe {
+        let sink = &mut *(receiver as *mut RowSink);
+        pg_sys::slot_getallattrs(slot);
+        let values = std::slice::from_raw_parts((*slot).tts_values, sink.outputs.len());
+        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, sink.outputs.len());
+        let old = pg_sys::MemoryContextSwitchTo(sink.context);
+        sink.row.clear();
+        sink.row.push(b'(');
+        let mut first = true;
+        for (i, out) in sink.outputs.iter_mut().enumerate() {
+            let Some(out) = out else { continue };
+            if !first {
+                sink.row.push(b',');
             }
-            pg_sys::SPI_cursor_close(portal);
+            first = false;
+            if nulls[i] {
+                continue;
+            }
+            let text = std::ffi::CStr::from_ptr(pg_sys::OutputFunctionCall(out, values[i])).to_bytes();
+            // record_out's quoting (src/backend/utils/adt/rowtypes.c)
+            let quote = text.is_empty() || text.iter().any(|&c| RECORD_SPECIAL[c as usize]);
+            if !quote {
+                sink.row.extend_from_slice(text);
+                continue;
+            }
+            sink.row.push(b'"');
+            for &c in text {
+                if c == b'"' || c == b'\\' {
+                    sink.row.push(c);
+                }
+                sink.row.push(c);
+            }
+            sink.row.push(b'"');
         }
-    });
-    Ok(count)
+        sink.row.push(b')');
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::MemoryContextReset(sink.context);
+        (sink.callback)(&sink.row);
+        sink.rows += 1;
+        true
+    }
 }
 
 /// Run a statement built here (DDL or DML on staging and live tables) with arguments; returns the
