@@ -10,6 +10,7 @@ set -euo pipefail
 BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 ROOT=${PGT_ROOT:-/tmp/pg_tenancy}
 PORT=${PGT_PORT:-5499}
+# PGT_EXTRA_PRELOAD=pg_cron adds libraries after pg_tenancy (and points pg_cron at the postgres database).
 # PGT_PRELOAD=0 makes a cluster without shared_preload_libraries (the audit needs it; the
 # rest must keep working without it, which tests and the audit benchmark check).
 PRELOAD=${PGT_PRELOAD:-1}
@@ -26,13 +27,14 @@ start)
         as_pg "$BIN/initdb" -D "$DATA" -A trust -U postgres --no-sync >/dev/null
         cat >>"$DATA/postgresql.conf" <<CONF
 # pg_tenancy test cluster
-shared_preload_libraries = '$([ "$PRELOAD" = 1 ] && echo pg_tenancy)'
+shared_preload_libraries = '$([ "$PRELOAD" = 1 ] && echo pg_tenancy)${PGT_EXTRA_PRELOAD:+,$PGT_EXTRA_PRELOAD}'
 listen_addresses = '127.0.0.1'
 port = $PORT
 unix_socket_directories = '$SOCK'
 max_connections = 200
 fsync = off
 log_line_prefix = '%m [%p] %u@%d '
+$([ -n "${PGT_EXTRA_PRELOAD:-}" ] && echo "cron.database_name = 'postgres'")
 CONF
     fi
     # room for the benchmark's three 1M-row tables (bench/): its hot path is measured in memory;

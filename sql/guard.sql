@@ -38,11 +38,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET j
                           WHERE t.tgrelid = c.oid AND t.tgname = 'tenancy_truncate_guard'
                             AND t.tgenabled IN ('O', 'A'))
             THEN 'the TRUNCATE guard trigger was dropped or disabled'
-        WHEN NOT c.relispartition AND EXISTS (SELECT 1 FROM tenancy.change_capture k WHERE k.disabled_at IS NULL)
+        WHEN EXISTS (SELECT 1 FROM pg_trigger t
+                      WHERE t.tgrelid = c.oid AND t.tgfoid = 'tenancy._capture()'::regprocedure
+                        AND NOT (t.tgname = 'tenancy_capture' AND t.tgtype = 29 AND t.tgqual IS NULL
+                                 AND t.tgattr = ''::int2vector))
+            THEN 'a trigger other than pg_tenancy''s tenancy_capture calls tenancy._capture(), or it was redefined'
+        WHEN EXISTS (SELECT 1 FROM tenancy.change_capture k WHERE k.disabled_at IS NULL)
          AND NOT EXISTS (SELECT 1 FROM pg_trigger t
                           WHERE t.tgrelid = c.oid AND t.tgname = 'tenancy_capture'
-                            AND t.tgenabled IN ('O', 'A'))
-            THEN 'the change capture trigger was dropped or disabled (incremental backups would miss changes)'
+                            AND t.tgfoid = 'tenancy._capture()'::regprocedure AND t.tgenabled IN ('O', 'A'))
+            THEN 'the change capture trigger was dropped or disabled, or the partition detached (incremental backups would miss changes)'
         END
       FROM tenancy.protected_tables p
       LEFT JOIN pg_class c ON c.oid = p.rel

@@ -11,6 +11,7 @@
 //! | statements being planned (`protect::param`) | the planner hook | the abort of a (sub)transaction |
 //! | tenant parameter slot types (`protect::param`) | plans this backend made | never (only grows) |
 //! | statements whose parameters were filled (`protect::param`) | the executor hooks | ExecutorEnd; the end of the transaction |
+//! | partition roots of captured rows (`protect::capture`) | `pg_inherits` | any relcache invalidation |
 use pgrx::prelude::*;
 use std::ffi::{c_char, c_int, c_void};
 
@@ -59,6 +60,7 @@ fn forget_everything() {
 /// or a full reset.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    crate::protect::capture::forget_roots();
     if relid == pg_sys::InvalidOid {
         forget_everything();
         return;

@@ -325,9 +325,22 @@ pub fn chunks(data: &[u8]) -> Vec<&[u8]> {
 /// Group the data lines after the manifest by table, in chunk order, checking that every table
 /// of the manifest is present with all its chunks and no other table is.
 pub fn table_chunks<S: AsRef<str>>(m: &Manifest, data: &[S]) -> Result<Vec<Vec<Vec<u8>>>, ArchiveError> {
-    // (the counts come from the archive: bounded by the sizes before anything is allocated)
-    for t in &m.tables {
-        if t.chunks == 0 || t.chunks as u64 > t.size / CHUNK as u64 + 1 {
+    // (the counts come from the archive: bounded by the sizes and by the data lines actually
+    // there before anything is allocated)
+    let mut present = vec![0u64; m.tables.len()];
+    for line in data {
+        let line = line.as_ref();
+        if let Some(t) = line.strip_prefix("D ").and_then(|r| r.split(' ').next()).and_then(|t| t.parse::<usize>().ok()) {
+            if let Some(n) = present.get_mut(t) {
+                *n += 1;
+            }
+        }
+    }
+    for (t, n) in m.tables.iter().zip(present) {
+        if n == 0 {
+            return Err(ArchiveError::TableMissing(t.name.clone()));
+        }
+        if t.chunks as u64 != n || t.chunks as u64 > t.size / CHUNK as u64 + 1 {
             return Err(ArchiveError::SizeMismatch(t.name.clone()));
         }
     }

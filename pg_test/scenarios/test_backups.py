@@ -84,7 +84,7 @@ def test_round_trip_restores_exactly_and_touches_no_other_tenant(bk):
     b = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
     row = run(su, "SELECT tenant, kind, tables, row_count, key_version IS NOT NULL, location FROM tenancy.backups WHERE id = %s", b)[0]
     assert row[:3] == ("bk-a", "full", run(su, "SELECT count(*) FROM tenancy.protected_tables p JOIN pg_class c ON c.oid = p.rel WHERE NOT c.relispartition")[0][0])
-    assert row[4] is True and row[5].startswith(BACKUP_DIR + "/bk-a/")
+    assert row[4] is True and row[5].startswith(BACKUP_DIR + "/tenant-bk-a/")
     # the archive holds no plaintext of the rows
     with open(row[5]) as f:
         text = f.read()
@@ -211,6 +211,9 @@ def test_every_verification_failure_is_named(bk):
     chunks_line = next(i for i, l in enumerate(plain) if '"Chunks"' in l)
     fails(rechecksum(edit(plain, chunks_line, '"Chunks": 1', '"Chunks": 4294967295')), "22026")
     fails(rechecksum(edit(sealed, next(i for i, l in enumerate(sealed) if '"Chunks"' in l), '"Chunks": 1', '"Chunks": 4294967295')), "XX001")
+    size_line = next(i for i, l in enumerate(plain) if '"Size"' in l)
+    huge = edit(edit(plain, size_line, '"Size": ', '"Size": 46116860184'), chunks_line, '"Chunks": 1', '"Chunks": 4000000000')
+    fails(rechecksum(huge), "22026")
     # count mismatch (the manifest re-checksummed by whoever changed it)
     fails(rechecksum(edit(plain, rows_line, '"Rows": ', '"Rows": 1')), "21000")
     # an encrypted archive's manifest is sealed with the tenant's key: re-checksumming is not enough
@@ -629,3 +632,71 @@ def test_drills_and_retention(bk):
     gone = {r[0] for r in run(su, "SELECT backup FROM tenancy.prune_backups()")}
     assert {f, i} <= gone and not os.path.exists(fpath)
     su.close()
+
+
+def test_capture_cannot_be_stopped_bent_or_crashed_by_an_owner(bk):
+    su = backup_conn()
+    own = connect(user=OWNER)
+    try:
+        run(su, "SELECT tenancy.enable_change_capture()")
+        for ddl in [
+            "CREATE TRIGGER bk_st AFTER INSERT ON app.bk_orders FOR EACH STATEMENT EXECUTE FUNCTION tenancy._capture()",
+            "CREATE OR REPLACE TRIGGER tenancy_capture AFTER INSERT ON app.bk_orders FOR EACH ROW EXECUTE FUNCTION tenancy._capture()",
+            "CREATE OR REPLACE TRIGGER tenancy_capture AFTER INSERT OR UPDATE OR DELETE ON app.bk_orders FOR EACH ROW WHEN (false) EXECUTE FUNCTION tenancy._capture()",
+            "ALTER TABLE app.bk_events_1 DISABLE TRIGGER tenancy_capture",
+            "CREATE TRIGGER bk_before BEFORE INSERT ON app.bk_events_2 FOR EACH ROW EXECUTE FUNCTION tenancy._capture()",
+        ]:
+            assert sqlstate_of(own, ddl) == "42501", ddl
+        # a detached partition loses the cloned trigger: check() says so (and a chain that would
+        # need it refuses to restore: it is a table the full backup does not have)
+        run(own, "ALTER TABLE app.bk_events DETACH PARTITION app.bk_events_2")
+        problems = run(su, "SELECT problem FROM tenancy.check() WHERE object = 'app.bk_events_2'")
+        assert any("capture" in p[0] for p in problems), problems
+        run(su, "ALTER TABLE app.bk_events ATTACH PARTITION app.bk_events_2 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
+        # outside a protected table, or as anything but its own trigger, it refuses (never a crash)
+        run(own, "CREATE TABLE app.bk_free (tenant_id text, v int)")
+        run(own, "CREATE TRIGGER bk_st AFTER INSERT ON app.bk_free FOR EACH STATEMENT EXECUTE FUNCTION tenancy._capture()")
+        assert sqlstate_of(own, "INSERT INTO app.bk_free VALUES ('bk-a', 1)") == "42501"
+        assert run(su, "SELECT 1") == [(1,)]
+        # a writer's session settings do not change what is restored
+        full = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
+        app = connect(user=APP, autocommit=False)
+        run(app, "SET DateStyle = 'SQL, DMY'")
+        run(app, "SET extra_float_digits = -3")
+        run(app, "SELECT tenancy.set_tenant('bk-a')")
+        run(app, """INSERT INTO app.bk_events VALUES (DEFAULT, '2026-02-01', '{"f": 0.1234567890123}')""")
+        app.commit()
+        app.close()
+        i = run(su, "SELECT tenancy.backup('bk-a', 'incremental')")[0][0]
+        before = checksums(su)
+        run(su, "DELETE FROM app.bk_events WHERE tenant_id = 'bk-a'")
+        run(su, "CALL tenancy.restore('bk-a', %s)", i)
+        assert checksums(su) == before
+        # a column dropped and added again within the chain, a table protected after the full
+        # backup: the chain no longer describes the rows, the restore refuses
+        run(own, "CREATE TABLE app.bk_late (tenant_id text NOT NULL, v int)")
+        run(su, "INSERT INTO app.bk_late VALUES ('bk-a', 1)")
+        run(own, "SELECT count(*) FROM tenancy.protect('app.bk_late', create_index => true)")
+        i2 = run(su, "SELECT tenancy.backup('bk-a', 'incremental')")[0][0]
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-a', %s)", i2) == "23000"
+        assert run(su, "SELECT count(*) FROM app.bk_late") == [(1,)]
+        run(su, "DROP TABLE app.bk_late")
+        full = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
+        run(own, "ALTER TABLE app.bk_lines DROP COLUMN n")
+        run(own, "ALTER TABLE app.bk_lines ADD COLUMN n int")
+        run(su, "UPDATE app.bk_lines SET note = 'x', n = 2 WHERE tenant_id = 'bk-a' AND order_id IN (SELECT order_id FROM app.bk_lines WHERE tenant_id = 'bk-a' LIMIT 2)")
+        i3 = run(su, "SELECT tenancy.backup('bk-a', 'incremental')")[0][0]
+        assert sqlstate_of(su, "CALL tenancy.restore('bk-a', %s)", i3) == "23000"
+        # an export is not kept here: the next incremental continues from the last file backup
+        exported = [r[0] for r in run(su, "SELECT * FROM tenancy.export('bk-c')")]
+        full_c = run(su, "SELECT tenancy.backup('bk-c')")[0][0]
+        exported = [r[0] for r in run(su, "SELECT * FROM tenancy.export('bk-c')")]
+        run(su, "UPDATE app.bk_orders SET item = 'after export' WHERE tenant_id = 'bk-c' AND id = (SELECT min(id) FROM app.bk_orders WHERE tenant_id = 'bk-c')")
+        ic = run(su, "SELECT tenancy.backup('bk-c', 'incremental')")[0][0]
+        assert run(su, "SELECT parent FROM tenancy.backups WHERE id = %s", ic) == [(full_c,)]
+        assert run(su, "SELECT row_count FROM tenancy.backups WHERE id = %s", ic) == [(1,)]
+    finally:
+        run(su, "DROP TABLE IF EXISTS app.bk_free, app.bk_late")
+        run(su, "SELECT tenancy.disable_change_capture()")
+        own.close()
+        su.close()

@@ -119,6 +119,8 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
     };
     let sources = store::sources()?;
     let _quiet = audit::QuietBypassReads::new();
+    // text forms that read back the same in any session
+    let _settings = crate::protect::capture::canonical_output();
     // per table: its data (rows, or changes) and how many
     let mut datas: Vec<(Vec<u8>, u64)> = (0..sources.len()).map(|_| (Vec::new(), 0)).collect();
     let (mut first_change, mut last_change) = (None, None);
@@ -132,16 +134,18 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
             for c in store::captured(tenant, &b.snapshot)? {
                 // a change of a table no longer protected is not the tenant's to restore
                 let Some(i) = sources.iter().position(|s| s.rel == c.rel) else { continue };
+                // without its commit time a change cannot be put in order
+                let Some(committed) = c.committed else { return Err(TenancyError::BrokenChain) };
                 let change = archive::Change {
                     op: c.op.as_bytes().first().copied().unwrap_or(b'?'),
-                    committed: c.committed,
+                    committed,
                     old: c.old.as_deref().map(str::as_bytes),
                     new: c.new.as_deref().map(str::as_bytes),
                 };
                 archive::frame_change(&mut datas[i].0, &change);
                 datas[i].1 += 1;
-                first_change = Some(first_change.map_or(c.committed, |f: i64| f.min(c.committed)));
-                last_change = Some(last_change.map_or(c.committed, |l: i64| l.max(c.committed)));
+                first_change = Some(first_change.map_or(committed, |f: i64| f.min(committed)));
+                last_change = Some(last_change.map_or(committed, |l: i64| l.max(committed)));
             }
         }
     }
@@ -235,7 +239,11 @@ fn register(made: &Made, location: &str) -> Result<()> {
         first_change: made.first_change,
         last_change: made.last_change,
     })?;
-    // the tenant's captured changes this backup covers are no longer needed here
+    // the tenant's captured changes this backup covers are no longer needed here (not after an
+    // export: it is not kept here, so it cannot be the parent of the next incremental)
+    if location == "exported" {
+        return Ok(());
+    }
     store::forget_covered(&m.tenant, &m.snapshot)
 }
 
@@ -243,7 +251,8 @@ fn register(made: &Made, location: &str) -> Result<()> {
 /// temporary name, synced, then renamed (a crash leaves no half archive under the final name).
 fn write_file(made: &Made) -> Result<String> {
     let dir = gucs::backup_dir().filter(|d| !d.is_empty()).ok_or(TenancyError::NoBackupDir)?;
-    let dir = std::path::Path::new(&dir).join(&made.manifest.tenant);
+    // "tenant-<id>": an id may be "." or ".." (valid tenant ids), never a path of its own
+    let dir = std::path::Path::new(&dir).join(format!("tenant-{}", made.manifest.tenant));
     let unwritable = |_| TenancyError::ArchiveUnreadable("the backup directory is not writable by the server");
     std::fs::create_dir_all(&dir).map_err(unwritable)?;
     let path = dir.join(format!("{}.pgtb", made.id));
@@ -583,8 +592,14 @@ fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool, at_us
             TenancyError::InvalidArgument("at (it is earlier than the full backup the chain starts with)").raise();
         }
     }
-    // (a staging table has the tenant column: auto_protect must not register it)
-    let _settings = catalog::GucScope::new(&[(c"pg_tenancy.auto_protect", c"off")]);
+    // (a staging table has the tenant column: auto_protect must not register it; text forms
+    // are read as they were written, ISO dates whatever this session's style)
+    let _settings = catalog::GucScope::new(&[
+        (c"pg_tenancy.auto_protect", c"off"),
+        (c"DateStyle", c"ISO"),
+        (c"IntervalStyle", c"postgres"),
+        (c"extra_float_digits", c"3"),
+    ]);
     store::create_schema(schema).or_raise();
     let mut tables: Vec<Staged> = Vec::new();
     let mut used = std::collections::HashSet::new();
@@ -593,7 +608,13 @@ fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool, at_us
         let incremental = m.kind == "incremental";
         for (t, data) in m.tables.iter().zip(&checked.data) {
             let k = match tables.iter().position(|s| s.name == t.name) {
+                // its columns must be those of the full backup: changes are rows in that order
+                Some(k) if incremental && !same_columns(&tables[k].columns, &t.columns) => {
+                    TenancyError::BrokenChain.raise();
+                }
                 Some(k) => k,
+                // a table the full backup does not have: its rows from before are in no archive
+                None if incremental => TenancyError::BrokenChain.raise(),
                 None => {
                     let staged_as = if staging { format!("t{}", tables.len()) } else { sandbox_name(&t.name, &mut used) };
                     let columns = staging_columns(t, staging).or_raise();
@@ -658,6 +679,10 @@ fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool, at_us
     }
     STAGED.with(|st| *st.borrow_mut() = Some((backup, tables)));
     JsonB(serde_json::json!({"chain": chain.len(), "tables": report}))
+}
+
+fn same_columns(a: &[Column], b: &[Column]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name)
 }
 
 /// The columns of a staging table: the backup's names, with the live table's types (never a

@@ -542,14 +542,15 @@ pub fn insert_rows(schema: &str, name: &str, rows: Vec<&str>) -> Result<u64> {
 /// whole row when the table had no primary key); how many went (0 or 1).
 pub fn delete_staged_row(schema: &str, name: &str, key: &[String], old: &str) -> Result<u64> {
     let table = format!("{}.{}", quote_identifier(schema), quote_identifier(name));
+    // the old row as this session renders it (its text may come from another session's settings)
     let sql = if key.is_empty() {
-        format!("DELETE FROM {table} s WHERE s.ctid OPERATOR(pg_catalog.=) (SELECT x.ctid FROM {table} x WHERE x::pg_catalog.text OPERATOR(pg_catalog.=) $1 LIMIT 1)")
+        format!("DELETE FROM {table} s WHERE s.ctid OPERATOR(pg_catalog.=) (SELECT x.ctid FROM {table} x WHERE x::pg_catalog.text OPERATOR(pg_catalog.=) ($1::pg_catalog.text::{table})::pg_catalog.text LIMIT 1)")
     } else {
         let cols: Vec<String> = key.iter().map(String::as_str).map(quote_identifier).collect();
         let lhs: Vec<String> = cols.iter().map(|c| format!("x.{c}")).collect();
         let rhs: Vec<String> = cols.iter().map(|c| format!("o.{c}")).collect();
         format!(
-            "DELETE FROM {table} s WHERE s.ctid OPERATOR(pg_catalog.=) (SELECT x.ctid FROM {table} x, pg_catalog.unnest(ARRAY[$1::pg_catalog.text::{table}]) o WHERE ({}) = ({}) LIMIT 1)",
+            "DELETE FROM {table} s WHERE s.ctid OPERATOR(pg_catalog.=) (SELECT x.ctid FROM {table} x, pg_catalog.unnest(ARRAY[$1::pg_catalog.text::{table}]) o WHERE ({}) = ({}) AND x::pg_catalog.text OPERATOR(pg_catalog.=) o::pg_catalog.text LIMIT 1)",
             lhs.join(", "),
             rhs.join(", ")
         )
@@ -760,13 +761,15 @@ pub fn forget_changes(tenant: &str) -> Result<()> {
 
 const LATEST: Stmt = Stmt {
     sql: "SELECT id, snapshot, created_at FROM tenancy.backups WHERE tenant OPERATOR(pg_catalog.=) $1 \
+             AND location OPERATOR(pg_catalog.<>) ALL (ARRAY['exported', 'imported']) \
            ORDER BY created_at DESC, id LIMIT 1",
     args: &[pg_sys::TEXTOID],
     who: Who::Owner,
     fresh: false,
 };
 
-/// The tenant's latest backup: (id, snapshot, created_at).
+/// The tenant's latest backup written here (an exported one is not kept, an imported one's
+/// snapshot is another server's word): (id, snapshot, created_at).
 pub fn latest(tenant: &str) -> Result<Option<(pgrx::Uuid, String, pgrx::datum::TimestampWithTimeZone)>> {
     Ok(one(&LATEST, &[arg(tenant)], |r| Some((r.get(1)?, r.get(2)?, r.get(3)?)))?.flatten())
 }
@@ -795,8 +798,8 @@ pub struct Captured {
     pub op: String,
     pub old: Option<String>,
     pub new: Option<String>,
-    /// Commit time, microseconds since 1970.
-    pub committed: i64,
+    /// Commit time, microseconds since 1970 (None when track_commit_timestamp did not keep it).
+    pub committed: Option<i64>,
 }
 
 const CAPTURED: Stmt = Stmt {
@@ -817,7 +820,7 @@ pub fn captured(tenant: &str, since: &str) -> Result<Vec<Captured>> {
         op: r.get(2).unwrap_or_default(),
         old: r.get(3),
         new: r.get(4),
-        committed: r.get(5).unwrap_or(0),
+        committed: r.get(5),
     })
 }
 
@@ -891,4 +894,16 @@ const EXPIRED: Stmt = Stmt {
 /// needs every backup before it); returns (id, tenant, kind, location) of each.
 pub fn unregister_expired() -> Result<Vec<(pgrx::Uuid, String, String, String)>> {
     Ok(run(&EXPIRED, &[], |r| Some((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.into_iter().flatten().collect())
+}
+
+const PARTITION_ROOT: Stmt = Stmt {
+    sql: "SELECT pg_catalog.pg_partition_root($1::pg_catalog.regclass)::pg_catalog.oid",
+    args: &[pg_sys::OIDOID],
+    who: Who::Caller,
+    fresh: false,
+};
+
+/// The root of the partition tree `rel` belongs to (`rel` itself when it is not a partition).
+pub fn partition_root(rel: pg_sys::Oid) -> Result<pg_sys::Oid> {
+    Ok(one(&PARTITION_ROOT, &[arg(rel)], |r| r.get::<pg_sys::Oid>(1))?.flatten().unwrap_or(rel))
 }

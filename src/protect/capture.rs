@@ -17,6 +17,36 @@ fn create_sql(table: &str) -> String {
     format!("CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy._capture()")
 }
 
+/// ENABLE ALWAYS: `session_replication_role = replica` (logical replication's apply workers,
+/// restores of dumps) must not write unseen.
+fn always_sql(table: &str) -> String {
+    format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER}")
+}
+
+thread_local! {
+    /// The root of each partitioned table a captured row came from (rows are recorded in the
+    /// root's column order). Dropped at every relcache invalidation.
+    static ROOTS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, pg_sys::Oid>> = std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Forget the partition roots (a partition may have been detached or attached elsewhere).
+pub fn forget_roots() {
+    ROOTS.with(|r| {
+        if let Ok(mut r) = r.try_borrow_mut() {
+            r.clear();
+        }
+    });
+}
+
+fn root_of(partition: pg_sys::Oid) -> Result<pg_sys::Oid> {
+    if let Some(root) = ROOTS.with(|r| r.borrow().get(&partition).copied()) {
+        return Ok(root);
+    }
+    let root = catalog::backups::partition_root(partition)?;
+    ROOTS.with(|r| r.borrow_mut().insert(partition, root));
+    Ok(root)
+}
+
 fn qualified(rel: pg_sys::Oid) -> Option<String> {
     Some(catalog::relation_name(rel)).filter(|n| !n.is_empty())
 }
@@ -27,8 +57,10 @@ pub fn on_protect(rel: pg_sys::Oid) -> Option<String> {
     if !catalog::backups::capture_on().or_raise() || catalog::backups::is_partition(rel).or_raise() {
         return None;
     }
-    let sql = create_sql(&qualified(rel)?);
+    let table = qualified(rel)?;
+    let sql = create_sql(&table);
     super::run(&sql);
+    super::run(&always_sql(&table));
     Some(sql)
 }
 
@@ -67,6 +99,7 @@ fn enable_change_capture() -> i64 {
         let _exempt = super::guard::Exempt::new(rel);
         if let Some(table) = qualified(rel) {
             super::run(&create_sql(&table));
+            super::run(&always_sql(&table));
             n += 1;
         }
     }
@@ -120,6 +153,21 @@ unsafe fn row_text(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String 
     unsafe { output(pg_sys::heap_copy_tuple_as_datum(tuple, desc), pg_sys::RECORDOID) }
 }
 
+/// Output settings that make text forms read back as the same values in any session (ISO
+/// dates, PostgreSQL interval style, shortest exact floats), set only when the session has
+/// others (a GUC nest level costs more than the check).
+pub fn canonical_output() -> Option<catalog::GucScope> {
+    // SAFETY: plain reads of the settings' variables.
+    let canonical = unsafe {
+        pg_sys::DateStyle == pg_sys::USE_ISO_DATES as i32
+            && pg_sys::IntervalStyle == pg_sys::INTSTYLE_POSTGRES as i32
+            && pg_sys::extra_float_digits >= 1
+    };
+    (!canonical).then(|| {
+        catalog::GucScope::new(&[(c"DateStyle", c"ISO"), (c"IntervalStyle", c"postgres"), (c"extra_float_digits", c"3")])
+    })
+}
+
 /// `tenancy._capture()`: the AFTER ROW trigger of change capture (declared in sql/backup.sql).
 ///
 /// # Safety
@@ -136,18 +184,54 @@ pub unsafe extern "C-unwind" fn tenancy_capture(fcinfo: pg_sys::FunctionCallInfo
         }
         let td = context as *mut pg_sys::TriggerData;
         let event = (*td).tg_event;
+        // Only as the trigger capture makes: AFTER, FOR EACH ROW, named tenancy_capture (as a
+        // statement trigger there is no row; as a BEFORE trigger it would return no row and drop
+        // every write). The guard refuses other triggers that call it on protected tables.
+        let name = CStr::from_ptr((*(*td).tg_trigger).tgname);
+        if event & pg_sys::TRIGGER_EVENT_ROW == 0
+            || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
+            || name.to_bytes() != TRIGGER.as_bytes()
+        {
+            TenancyError::Guarded("tenancy._capture() runs only as pg_tenancy's AFTER ROW trigger tenancy_capture").raise();
+        }
         let rel = (*td).tg_relation;
         let relid = (*rel).rd_id;
-        let desc = (*rel).rd_att;
+        let mut desc = (*rel).rd_att;
         let (op, old, new) = match event & pg_sys::TRIGGER_EVENT_OPMASK {
             pg_sys::TRIGGER_EVENT_INSERT => (b'I', None, Some((*td).tg_trigtuple)),
             pg_sys::TRIGGER_EVENT_DELETE => (b'D', Some((*td).tg_trigtuple), None),
             pg_sys::TRIGGER_EVENT_UPDATE => (b'U', Some((*td).tg_trigtuple), Some((*td).tg_newtuple)),
             _ => return pg_sys::Datum::from(0),
         };
-        let Some(attnum) = protected::protected(relid) else {
+        let Some(mut attnum) = protected::protected(relid) else {
             return pg_sys::Datum::from(0);
         };
+        // a partition's rows in its root's column order (a partition may order them otherwise)
+        let (mut old, mut new) = (old, new);
+        let mut root_rel: pg_sys::Relation = std::ptr::null_mut();
+        if (*(*rel).rd_rel).relispartition {
+            let root = root_of(relid).or_raise();
+            if root != relid && root != pg_sys::InvalidOid {
+                root_rel = pg_sys::RelationIdGetRelation(root);
+                if !root_rel.is_null() {
+                    let map = pg_sys::convert_tuples_by_name(desc, (*root_rel).rd_att);
+                    if !map.is_null() {
+                        old = old.map(|t| pg_sys::execute_attr_map_tuple(t, map));
+                        new = new.map(|t| pg_sys::execute_attr_map_tuple(t, map));
+                        pg_sys::free_conversion_map(map);
+                    }
+                    desc = (*root_rel).rd_att;
+                    attnum = protected::protected(root).unwrap_or(attnum);
+                }
+            }
+        }
+        let _close = crate::util::OnDrop(|| {
+            if !root_rel.is_null() {
+                pg_sys::RelationClose(root_rel);
+            }
+        });
+        // text forms that read back the same whatever the writer's session settings
+        let _settings = canonical_output();
         // the tenant of the row as it is now (of the row removed, for a delete)
         let tagged = new.or(old).expect("a row");
         let mut isnull = false;
