@@ -66,3 +66,7 @@ bash ./crypto.sh
 
 echo
 bash ./audit.sh
+
+echo
+echo "backups (bench/backup.sh):"
+bash ./backup.sh
