@@ -91,6 +91,8 @@ pub enum TenancyError {
     NotYet(&'static str),
     #[error("the restore cannot go on")]
     RestoreBlocked(&'static str),
+    #[error("the tenant's own key cannot be read from the key store")]
+    TenantKeyUnavailable(&'static str),
 }
 
 impl TenancyError {
@@ -144,6 +146,7 @@ impl TenancyError {
             TenancyError::NoBackupDir => ERRCODE_CONFIG_FILE_ERROR,                    // F0000
             TenancyError::NotYet(_) => ERRCODE_FEATURE_NOT_SUPPORTED,                  // 0A000
             TenancyError::RestoreBlocked(_) => ERRCODE_LOCK_NOT_AVAILABLE,             // 55P03
+            TenancyError::TenantKeyUnavailable(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
         }
     }
 
@@ -175,7 +178,10 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             | ArchiveError::CountMismatch(t) | ArchiveError::ChecksumMismatch(t)) => Some(format!("table {t}")),
             TenancyError::Archive(ArchiveError::TableUnexpected(i)) => Some(format!("data for table number {i}")),
             TenancyError::Archive(ArchiveError::NewerVersion(v)) => Some(format!("format version {v}")),
-            TenancyError::ArchiveUnreadable(why) | TenancyError::NotYet(why) | TenancyError::RestoreBlocked(why) => Some((*why).to_string()),
+            TenancyError::ArchiveUnreadable(why)
+            | TenancyError::NotYet(why)
+            | TenancyError::RestoreBlocked(why)
+            | TenancyError::TenantKeyUnavailable(why) => Some((*why).to_string()),
             _ => None,
         }
     }
@@ -265,6 +271,9 @@ pg_tenancy.explain_analyze = 'hide'."
             TenancyError::NoBackupDir => "A superuser sets pg_tenancy.backup_dir, or use tenancy.export() to stream the archive to the client.",
             TenancyError::NotYet(_) => "See the README, \"Backups\", for what this version supports.",
             TenancyError::RestoreBlocked(_) => "The tenant's status was put back; retry when its long transactions are done (or raise pg_tenancy.restore_wait).",
+            TenancyError::TenantKeyUnavailable(_) => {
+                "A shred deleted it there (then its ciphertexts and backups are gone for good), or pg_tenancy.tenant_key_command cannot reach the store."
+            }
             TenancyError::AuditAppendOnly => {
                 "Rows are only added by pg_tenancy and only removed by tenancy.prune_audit(older_than). \
 Restoring a dump? Run it with PGOPTIONS='-c pg_tenancy.guard=off' as a superuser."

@@ -70,6 +70,10 @@ pub static MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CS
 pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// The master key being replaced, during tenancy.rotate_master_key().
 pub static PREVIOUS_MASTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Command printing a tenant's own key from the outside store (%t: the tenant id).
+pub static TENANT_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Command tenancy.shred() runs to delete a tenant's own key in the outside store.
+pub static TENANT_KEY_SHRED_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Where tenancy.backup() writes its archives.
 pub static BACKUP_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// How long a restore waits for the tenant's writes already under way (seconds).
@@ -222,6 +226,28 @@ pg_restore ...), then run SELECT * FROM tenancy.check().",
             None,
         );
         GucRegistry::define_string_guc_with_hooks(
+            c"pg_tenancy.tenant_key_command",
+            c"Shell command that prints a tenant's own 32-byte key from the outside key store; %t is the tenant id.",
+            c"When set, tenant keys are wrapped by the master key bound to the tenant's key (tenancy.rotate_master_key() rewraps existing ones): deleting the tenant's key in the store (tenancy.shred) makes every copy of its keys useless.",
+            &TENANT_KEY_COMMAND,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            None,
+            hooks.master_key,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_tenancy.tenant_key_shred_command",
+            c"Shell command tenancy.shred() runs to delete a tenant's own key in the outside key store; %t is the tenant id.",
+            c"If it fails, the shred fails and nothing is destroyed.",
+            &TENANT_KEY_SHRED_COMMAND,
+            GucContext::Suset,
+            GucFlags::SUPERUSER_ONLY,
+            None,
+            hooks.master_key,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
             c"pg_tenancy.previous_master_key_file",
             c"The master key being replaced, read while tenancy.rotate_master_key() rewraps the tenant keys.",
             c"Set it with the new key in master_key_file, run tenancy.rotate_master_key(), then clear it.",
@@ -360,6 +386,14 @@ pub fn tenant_claim() -> String {
 
 pub fn jwt_leeway() -> i64 {
     JWT_LEEWAY.get() as i64
+}
+
+pub fn tenant_key_command() -> Option<String> {
+    string(&TENANT_KEY_COMMAND)
+}
+
+pub fn tenant_key_shred_command() -> Option<String> {
+    string(&TENANT_KEY_SHRED_COMMAND)
 }
 
 pub fn backup_dir() -> Option<String> {

@@ -16,6 +16,26 @@ use crate::envelope::{NONCE_LEN, TAG_LEN};
 
 pub type Key = Zeroizing<[u8; 32]>;
 
+/// The key that wraps a tenant's keys when the tenant has a key of its own in an outside store
+/// (`pg_tenancy.tenant_key_command`): HMAC-SHA256 keyed by the master key over the tenant id and
+/// the tenant's key. Neither alone unwraps anything: deleting the tenant's key in the store
+/// makes every copy of its wrapped keys, anywhere, useless.
+pub fn tenant_kek(master: &[u8; 32], tenant: &str, tenant_key: &[u8; 32]) -> Key {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master).expect("HMAC takes any key length");
+    mac.update(b"pg_tenancy tenant kek v1\0");
+    mac.update(tenant.as_bytes());
+    mac.update(b"\0");
+    mac.update(tenant_key);
+    Zeroizing::new(mac.finalize().into_bytes().into())
+}
+
+/// A per-tenant command: `%t` replaced by the tenant id (a tenant id is letters, digits, '_',
+/// '-' and '.', so it is one shell word as it is).
+pub fn tenant_command(template: &str, tenant: &str) -> String {
+    template.replace("%t", tenant)
+}
+
 /// Bytes of a wrapped key.
 pub const WRAPPED_LEN: usize = NONCE_LEN + 32 + TAG_LEN;
 

@@ -702,3 +702,95 @@ def test_capture_cannot_be_stopped_bent_or_crashed_by_an_owner(bk):
         run(su, "SELECT tenancy.disable_change_capture()")
         own.close()
         su.close()
+
+
+def test_a_shred_reaches_copies_when_tenants_have_their_own_keys(bk):
+    """With pg_tenancy.tenant_key_command, a tenant's keys are wrapped by the master key bound to
+    the tenant's own key in an outside store (here: files). A shred deletes that key there
+    (tenant_key_shred_command): a copy of the database made before the shred (as a physical
+    backup, a replica or old WAL would be) can no longer read the tenant's backups or
+    ciphertexts, though it holds the wrapped keys and the master key still works."""
+    db, copy = "pg_tenancy_tk", "pg_tenancy_tk_copy"
+    store = f"{ROOT}/tenant-keys"
+    os.makedirs(store, exist_ok=True)
+    shutil.chown(store, "postgres", "postgres")
+    master = f"{ROOT}/tk-master"
+    with open(master, "w") as f:
+        f.write(os.urandom(32).hex())
+    os.chmod(master, 0o600)
+    shutil.chown(master, "postgres", "postgres")
+    for t in ("tk-a", "tk-b"):
+        with open(f"{store}/{t}.key", "w") as f:
+            f.write(os.urandom(32).hex())
+        shutil.chown(f"{store}/{t}.key", "postgres", "postgres")
+    admin = connect(dbname="postgres")
+    for d in (copy, db):
+        run(admin, f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
+    run(admin, f"CREATE DATABASE {db}")
+    settings = [f"SET pg_tenancy.master_key_file = '{master}'", f"SET pg_tenancy.backup_dir = '{BACKUP_DIR}'"]
+    bound = [f"SET pg_tenancy.tenant_key_command = 'cat {store}/%t.key'",
+             f"SET pg_tenancy.tenant_key_shred_command = 'rm {store}/%t.key'"]
+
+    def session(name, own_keys=True):
+        c = connect(dbname=name)
+        for s in settings + (bound if own_keys else []):
+            run(c, s)
+        return c
+    try:
+        c = session(db, own_keys=False)
+        run(c, "CREATE EXTENSION pg_tenancy")
+        run(c, "SELECT tenancy.create_tenant('tk-a', 'A'), tenancy.create_tenant('tk-b', 'B')")
+        run(c, "CREATE TABLE t (tenant_id text NOT NULL, v text)")
+        run(c, "SELECT count(*) FROM tenancy.protect('t', create_index => true)")
+        run(c, "INSERT INTO t VALUES ('tk-a', 'a1'), ('tk-b', 'b1')")
+        # tk-b's key made before tenants had keys of their own: rotate_master_key() binds it
+        run(c, "SELECT tenancy.backup('tk-b')")
+        assert "+tenant:" not in run(c, "SELECT kek_id FROM tenancy.keys WHERE tenant = 'tk-b'")[0][0]
+        c.close()
+        c = session(db)
+        assert run(c, "SELECT tenancy.rotate_master_key()")[0][0] >= 1
+        assert "+tenant:" in run(c, "SELECT kek_id FROM tenancy.keys WHERE tenant = 'tk-b'")[0][0]
+        b = run(c, "SELECT tenancy.backup('tk-a')")[0][0]
+        run(c, "BEGIN")
+        run(c, "SELECT tenancy.set_tenant('tk-a')")
+        ct = run(c, "SELECT tenancy.encrypt('secret of a')")[0][0]
+        run(c, "COMMIT")
+        assert run(c, "SELECT bool_and(kek_id LIKE '%%+tenant:%%') FROM tenancy.keys") == [(True,)]
+        c.close()
+        # the copy, made before the shred
+        run(admin, f"CREATE DATABASE {copy} TEMPLATE {db}")
+        cc = session(copy)
+        assert run(cc, "SELECT (tenancy.verify_backup(%s))->>'tenant'", b) == [("tk-a",)]
+        cc.close()
+        # without the tenant's own key, even the original cannot unwrap
+        c = session(db, own_keys=False)
+        assert sqlstate_of(c, "SELECT tenancy.verify_backup(%s)", b) == "55000"
+        c.close()
+        # the shred deletes the tenant's key in the store
+        c = session(db)
+        run(c, "SELECT tenancy.shred('tk-a', 'tk-a')")
+        assert not os.path.exists(f"{store}/tk-a.key") and os.path.exists(f"{store}/tk-b.key")
+        c.close()
+        cc = session(copy)
+        assert sqlstate_of(cc, "SELECT tenancy.verify_backup(%s)", b) == "55000"
+        run(cc, "BEGIN")
+        run(cc, "SELECT tenancy.set_tenant('tk-a')")
+        try:
+            run(cc, "SELECT tenancy.decrypt_text(%s)", ct)
+            pytest.fail("the copy decrypted a shredded tenant's ciphertext")
+        except psycopg2.Error as e:
+            assert e.pgcode == "55000"
+        cc.rollback() if not cc.autocommit else run(cc, "ROLLBACK")
+        # the other tenant is untouched, in the copy too
+        assert run(cc, "SELECT (tenancy.verify_backup(id))->>'tenant' FROM tenancy.backups WHERE tenant = 'tk-b'") == [("tk-b",)]
+        cc.close()
+        # a shred whose store command fails destroys nothing
+        c = session(db)
+        run(c, f"SET pg_tenancy.tenant_key_shred_command = 'exit 1'")
+        assert sqlstate_of(c, "SELECT tenancy.shred('tk-b', 'tk-b')") == "55000"
+        assert run(c, "SELECT count(*) FROM tenancy.keys WHERE tenant = 'tk-b' AND wrapped IS NOT NULL")[0][0] >= 1
+        c.close()
+    finally:
+        for d in (copy, db):
+            run(admin, f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")
+        admin.close()

@@ -137,18 +137,22 @@ pub fn shred(tenant: &str) -> Result<i64> {
     Ok(n)
 }
 
-const KEYS_NOT_WRAPPED_BY: Stmt = Stmt {
-    sql: "SELECT tenant, kind, version FROM tenancy.keys \
-           WHERE wrapped IS NOT NULL AND kek_id OPERATOR(pg_catalog.<>) $1 ORDER BY 1, 2, 3",
-    args: &[pg_sys::TEXTOID],
+const LIVE_KEYS: Stmt = Stmt {
+    sql: "SELECT tenant, kind, version, kek_id FROM tenancy.keys WHERE wrapped IS NOT NULL ORDER BY 1, 2, 3",
+    args: &[],
     who: Who::Owner,
     fresh: true,
 };
 
-/// (tenant, kind, version) of every live key not wrapped by master key `kek_id`.
-pub fn keys_not_wrapped_by(kek_id: &str) -> Result<Vec<(String, String, i32)>> {
-    run(&KEYS_NOT_WRAPPED_BY, &[arg(kek_id)], |r| {
-        (r.get::<String>(1).unwrap_or_default(), r.get::<String>(2).unwrap_or_default(), r.get::<i32>(3).unwrap_or(0))
+/// (tenant, kind, version, kek_id) of every live key.
+pub fn live_keys() -> Result<Vec<(String, String, i32, String)>> {
+    run(&LIVE_KEYS, &[], |r| {
+        (
+            r.get::<String>(1).unwrap_or_default(),
+            r.get::<String>(2).unwrap_or_default(),
+            r.get::<i32>(3).unwrap_or(0),
+            r.get::<String>(4).unwrap_or_default(),
+        )
     })
 }
 

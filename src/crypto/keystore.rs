@@ -107,16 +107,61 @@ fn previous_kek() -> Option<Rc<Kek>> {
     gucs::previous_master_key_file().and_then(|f| load_kek(&f, false).ok())
 }
 
+/// The key that wraps `tenant`'s keys now: the master key, or, with
+/// `pg_tenancy.tenant_key_command`, the master key bound to the tenant's own key.
+pub fn kek_for(tenant: &str) -> Result<Rc<Kek>> {
+    let master = current_kek()?;
+    match gucs::tenant_key_command() {
+        None => Ok(master),
+        Some(template) => bind(&master, tenant, &template),
+    }
+}
+
+/// The master key bound to the tenant's own key (read with the command, once per backend).
+fn bind(master: &Kek, tenant: &str, template: &str) -> Result<Rc<Kek>> {
+    let cache_key = format!("tenant:{}:{template}:{tenant}", master.id);
+    if let Some(k) = KEKS.with(|k| k.borrow().get(&cache_key).cloned()) {
+        return Ok(k);
+    }
+    if !pg_tenancy_core::tenant_id::valid(tenant) {
+        return Err(TenancyError::InvalidTenantId);
+    }
+    let raw = master_key::run_command(&master_key::tenant_command(template, tenant), &COMMAND_LIMITS)
+        .map_err(|_| TenancyError::TenantKeyUnavailable("the tenant key command failed (its key may have been deleted by a shred)"))?;
+    let own = master_key::parse(&raw).map_err(|_| TenancyError::TenantKeyUnavailable("the tenant key command did not print a 32-byte key"))?;
+    let kek = Rc::new(Kek {
+        key: master_key::tenant_kek(&master.key, tenant, &own),
+        id: format!("{}+tenant:{}", master.id, master_key::id(&own)),
+    });
+    KEKS.with(|k| k.borrow_mut().insert(cache_key, kek.clone()));
+    Ok(kek)
+}
+
 pub fn wrap(kek: &Kek, dek: &[u8; 32], tenant: &str, kind: KeyKind, version: i32) -> Vec<u8> {
     master_key::wrap(&kek.key, dek, tenant, kind.as_str(), version, random_nonce())
 }
 
 pub fn unwrap(kek_id_stored: &str, wrapped: &[u8], tenant: &str, kind: KeyKind, version: i32) -> Result<Key> {
+    let (master_id, bound) = match kek_id_stored.split_once("+tenant:") {
+        Some((m, _)) => (m, true),
+        None => (kek_id_stored, false),
+    };
     let current = current_kek()?;
-    let kek = if current.id == kek_id_stored {
+    let master = if current.id == master_id {
         current
     } else {
-        previous_kek().filter(|k| k.id == kek_id_stored).ok_or(TenancyError::MasterKeyMismatch)?
+        previous_kek().filter(|k| k.id == master_id).ok_or(TenancyError::MasterKeyMismatch)?
+    };
+    let kek = if bound {
+        let template = gucs::tenant_key_command()
+            .ok_or(TenancyError::TenantKeyUnavailable("the key is bound to the tenant's own key and pg_tenancy.tenant_key_command is not set"))?;
+        let kek = bind(&master, tenant, &template)?;
+        if kek.id != kek_id_stored {
+            return Err(TenancyError::TenantKeyUnavailable("the key store returned another key for the tenant"));
+        }
+        kek
+    } else {
+        master
     };
     master_key::unwrap(&kek.key, wrapped, tenant, kind.as_str(), version).ok_or(TenancyError::MasterKeyMismatch)
 }
@@ -160,7 +205,7 @@ pub enum Create {
 }
 
 pub fn create_key(tenant: &str, kind: KeyKind, mode: Create) -> Result<i32> {
-    let kek = current_kek()?;
+    let kek = kek_for(tenant)?;
     if !catalog::keys::lock_tenant(tenant)? {
         return Err(TenancyError::UnknownTenant);
     }

@@ -224,7 +224,14 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
     let n = catalog::keys::shred(tenant).or_raise();
     // captured changes are plaintext copies of its rows
     catalog::backups::forget_changes(tenant).or_raise();
-    keystore::forget_keys();
+    // its own key in the outside store: without it no copy of its wrapped keys unwraps (if the
+    // command fails, so does the shred, and nothing was destroyed)
+    if let Some(template) = crate::gucs::tenant_key_shred_command() {
+        pg_tenancy_core::master_key::run_command(&pg_tenancy_core::master_key::tenant_command(&template, tenant), &pg_tenancy_core::master_key::COMMAND_LIMITS)
+            .map_err(|_| TenancyError::TenantKeyUnavailable("the tenant key shred command failed: nothing was destroyed"))
+            .or_raise();
+    }
+    keystore::forget_master_keys();
     n
 }
 
@@ -232,10 +239,16 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
 /// `pg_tenancy.previous_master_key_file`). Data rows are not touched. Returns how many.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_master_key() -> i64 {
-    let kek = keystore::current_kek().or_raise();
-    let rows = catalog::keys::keys_not_wrapped_by(&kek.id).or_raise();
+    keystore::current_kek().or_raise();
+    // every live key not wrapped by what wraps its tenant's keys now (a new master key, or the
+    // master key newly bound to the tenants' own keys by pg_tenancy.tenant_key_command)
+    let rows = catalog::keys::live_keys().or_raise();
     let mut n = 0;
-    for (tenant, kind, version) in rows {
+    for (tenant, kind, version, kek_id) in rows {
+        let kek = keystore::kek_for(&tenant).or_raise();
+        if kek.id == kek_id {
+            continue;
+        }
         let kind = KeyKind::parse(&kind).unwrap_or(KeyKind::Data);
         let row = keystore::fetch_key(&tenant, kind, Some(version)).or_raise().ok_or(TenancyError::MasterKeyMismatch).or_raise();
         let key = keystore::unwrap(&row.kek_id, row.wrapped.as_deref().unwrap_or_default(), &tenant, kind, version).or_raise();
