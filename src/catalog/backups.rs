@@ -386,10 +386,26 @@ struct RowSink<'a> {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn sink_startup(receiver: *mut pg_sys::DestReceiver, _operation: i32, desc: pg_sys::TupleDesc) {
-    // SAFETY: `receiver` is the first field of a RowSink (see tenant_rows); `desc` describes the rows.
+    // SAFETY: `receiver` is the first field of a RowSink (see tenant_rows); `desc` describes the
+    // rows; the functions are looked up in the current (query) context, which outlives the run.
     unsafe {
         let sink = &mut *(receiver as *mut RowSink);
-        sink.outputs = (*desc)
+        sink.outputs = output_functions(desc, pg_sys::CurrentMemoryContext);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn sink_noop(_receiver: *mut pg_sys::DestReceiver) {}
+
+/// The output functions of a row type's columns (None for dropped ones, which record text
+/// leaves out), looked up in `context`.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor; `context` lives as long as the result is used.
+pub unsafe fn output_functions(desc: pg_sys::TupleDesc, context: pg_sys::MemoryContext) -> Vec<Option<pg_sys::FmgrInfo>> {
+    // SAFETY: as the caller promises.
+    unsafe {
+        (*desc)
             .attrs
             .as_slice((*desc).natts as usize)
             .iter()
@@ -400,15 +416,48 @@ unsafe extern "C-unwind" fn sink_startup(receiver: *mut pg_sys::DestReceiver, _o
                 let (mut func, mut varlena) = (pg_sys::InvalidOid, false);
                 pg_sys::getTypeOutputInfo(a.atttypid, &mut func, &mut varlena);
                 let mut info = pg_sys::FmgrInfo::default();
-                pg_sys::fmgr_info(func, &mut info);
+                pg_sys::fmgr_info_cxt(func, &mut info, context);
                 Some(info)
             })
-            .collect();
+            .collect()
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn sink_noop(_receiver: *mut pg_sys::DestReceiver) {}
+/// Append a row in record text form (what `record_out` writes for it) to `row`.
+///
+/// # Safety
+/// `values` and `nulls` are a row of the type whose columns `outputs` describes.
+pub unsafe fn append_record(row: &mut Vec<u8>, values: &[pg_sys::Datum], nulls: &[bool], outputs: &mut [Option<pg_sys::FmgrInfo>]) {
+    row.push(b'(');
+    let mut first = true;
+    for (i, out) in outputs.iter_mut().enumerate() {
+        let Some(out) = out else { continue };
+        if !first {
+            row.push(b',');
+        }
+        first = false;
+        if nulls[i] {
+            continue;
+        }
+        // SAFETY: the column's output function on a non-null value of its type.
+        let text = unsafe { std::ffi::CStr::from_ptr(pg_sys::OutputFunctionCall(out, values[i])) }.to_bytes();
+        // record_out's quoting (src/backend/utils/adt/rowtypes.c)
+        let quote = text.is_empty() || text.iter().any(|&c| RECORD_SPECIAL[c as usize]);
+        if !quote {
+            row.extend_from_slice(text);
+            continue;
+        }
+        row.push(b'"');
+        for &c in text {
+            if c == b'"' || c == b'\\' {
+                row.push(c);
+            }
+            row.push(c);
+        }
+        row.push(b'"');
+    }
+    row.push(b')');
+}
 
 #[pg_guard]
 unsafe extern "C-unwind" fn sink_receive(slot: *mut pg_sys::TupleTableSlot, receiver: *mut pg_sys::DestReceiver) -> bool {
@@ -421,34 +470,7 @@ unsafe extern "C-unwind" fn sink_receive(slot: *mut pg_sys::TupleTableSlot, rece
         let nulls = std::slice::from_raw_parts((*slot).tts_isnull, sink.outputs.len());
         let old = pg_sys::MemoryContextSwitchTo(sink.context);
         sink.row.clear();
-        sink.row.push(b'(');
-        let mut first = true;
-        for (i, out) in sink.outputs.iter_mut().enumerate() {
-            let Some(out) = out else { continue };
-            if !first {
-                sink.row.push(b',');
-            }
-            first = false;
-            if nulls[i] {
-                continue;
-            }
-            let text = std::ffi::CStr::from_ptr(pg_sys::OutputFunctionCall(out, values[i])).to_bytes();
-            // record_out's quoting (src/backend/utils/adt/rowtypes.c)
-            let quote = text.is_empty() || text.iter().any(|&c| RECORD_SPECIAL[c as usize]);
-            if !quote {
-                sink.row.extend_from_slice(text);
-                continue;
-            }
-            sink.row.push(b'"');
-            for &c in text {
-                if c == b'"' || c == b'\\' {
-                    sink.row.push(c);
-                }
-                sink.row.push(c);
-            }
-            sink.row.push(b'"');
-        }
-        sink.row.push(b')');
+        append_record(&mut sink.row, values, nulls, &mut sink.outputs);
         pg_sys::MemoryContextSwitchTo(old);
         pg_sys::MemoryContextReset(sink.context);
         (sink.callback)(&sink.row);
@@ -706,7 +728,7 @@ static SEQ: crate::util::Backend<std::cell::Cell<i64>> = crate::util::Backend::n
 
 /// One captured change (the capture trigger), inserted into `tenancy.changes` directly, without
 /// SQL: it is on the path of every write to a protected table while capture is on.
-pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: u8, old: Option<&str>, new: Option<&str>) -> Result<()> {
+pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: u8, old: Option<&[u8]>, new: Option<&[u8]>) -> Result<()> {
     let ids = super::ids()?;
     if ids.changes == pg_sys::InvalidOid {
         return Err(TenancyError::NotInstalled);
@@ -715,10 +737,9 @@ pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: u8, old: Option<&str>, 
         s.set(s.get() + 1);
         s.get()
     });
-    let text = |v: &str| -> pg_sys::Datum {
-        let c = CString::new(v.replace('\0', "")).unwrap_or_default();
-        // SAFETY: a palloc'd text made from a NUL-terminated string.
-        pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text(c.as_ptr()) })
+    let text = |v: &[u8]| -> pg_sys::Datum {
+        // SAFETY: a palloc'd text copied from `v`.
+        pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(v.as_ptr().cast(), v.len() as i32) })
     };
     // SAFETY: the extension's own table (its OID from the catalog cache), opened and closed here
     // with the lock writers take; the tuple matches its descriptor (7 columns, in order); the
@@ -729,7 +750,7 @@ pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: u8, old: Option<&str>, 
         let desc = (*relation).rd_att;
         let xid = pg_sys::GetTopFullTransactionId();
         let mut values = [
-            text(tenant),
+            text(tenant.as_bytes()),
             pg_sys::Datum::from(rel),
             pg_sys::Datum::from(op as i8),
             old.map(text).unwrap_or(pg_sys::Datum::from(0)),

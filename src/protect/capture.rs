@@ -27,15 +27,74 @@ thread_local! {
     /// The root of each partitioned table a captured row came from (rows are recorded in the
     /// root's column order). Dropped at every relcache invalidation.
     static ROOTS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, pg_sys::Oid>> = std::cell::RefCell::new(std::collections::HashMap::new());
+    /// Output functions of the columns of each table whose rows were captured (looked up once,
+    /// in a context of their own). Dropped at every relcache invalidation.
+    static OUTPUTS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, Vec<Option<pg_sys::FmgrInfo>>>> = std::cell::RefCell::new(std::collections::HashMap::new());
+    static OUTPUTS_CONTEXT: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
 }
 
-/// Forget the partition roots (a partition may have been detached or attached elsewhere).
+/// Forget the partition roots and the output functions (a table changed, a partition may have
+/// been detached or attached elsewhere).
 pub fn forget_roots() {
     ROOTS.with(|r| {
         if let Ok(mut r) = r.try_borrow_mut() {
             r.clear();
         }
     });
+    OUTPUTS.with(|o| {
+        if let Ok(mut o) = o.try_borrow_mut() {
+            if !o.is_empty() {
+                o.clear();
+                OUTPUTS_CONTEXT.with(|c| {
+                    if !c.get().is_null() {
+                        // SAFETY: the context made below, whose FmgrInfos were just dropped.
+                        unsafe { pg_sys::MemoryContextReset(c.get()) };
+                    }
+                });
+            }
+        }
+    });
+}
+
+/// The record text of `tuple` (a row of `relid`, described by `desc`) appended to `out`.
+///
+/// # Safety
+/// `tuple` is a valid tuple described by `desc`, the descriptor of `relid` now.
+unsafe fn append_row(relid: pg_sys::Oid, desc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple, out: &mut Vec<u8>) {
+    // SAFETY: as the caller promises; the functions live in a context of this backend's own,
+    // reset only when the cache is dropped.
+    unsafe {
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        OUTPUTS.with(|o| {
+            let mut o = o.borrow_mut();
+            let outputs = o.entry(relid).or_insert_with(|| {
+                let context = OUTPUTS_CONTEXT.with(|c| {
+                    if c.get().is_null() {
+                        c.set(pg_sys::AllocSetContextCreateExtended(
+                            pg_sys::TopMemoryContext,
+                            c"pg_tenancy capture".as_ptr(),
+                            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+                        ));
+                    }
+                    c.get()
+                });
+                catalog::backups::output_functions(desc, context)
+            });
+            if outputs.len() == natts {
+                catalog::backups::append_record(out, &values, &nulls, outputs);
+            } else {
+                // the table changed shape since the cache was filled (its invalidation not yet
+                // seen): look the functions up for this row
+                let mut fresh = catalog::backups::output_functions(desc, pg_sys::CurrentMemoryContext);
+                catalog::backups::append_record(out, &values, &nulls, &mut fresh);
+            }
+        });
+    }
 }
 
 fn root_of(partition: pg_sys::Oid) -> Result<pg_sys::Oid> {
@@ -144,15 +203,6 @@ unsafe fn output(value: pg_sys::Datum, typ: pg_sys::Oid) -> String {
     }
 }
 
-/// A row of `rel` in record text form.
-///
-/// # Safety
-/// `tuple` is a valid tuple of a relation whose descriptor is `desc`.
-unsafe fn row_text(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> String {
-    // SAFETY: as the caller promises: the tuple as a composite datum of the relation's row type.
-    unsafe { output(pg_sys::heap_copy_tuple_as_datum(tuple, desc), pg_sys::RECORDOID) }
-}
-
 /// Output settings that make text forms read back as the same values in any session (ISO
 /// dates, PostgreSQL interval style, shortest exact floats), set only when the session has
 /// others (a GUC nest level costs more than the check).
@@ -241,8 +291,17 @@ pub unsafe extern "C-unwind" fn tenancy_capture(fcinfo: pg_sys::FunctionCallInfo
         }
         let att = (*desc).attrs.as_slice((*desc).natts as usize)[attnum as usize - 1];
         let tenant = output(value, att.atttypid);
-        let old_text = old.map(|t| row_text(t, desc));
-        let new_text = new.map(|t| row_text(t, desc));
+        let owner = if root_rel.is_null() { relid } else { (*root_rel).rd_id };
+        let mut old_text = Vec::new();
+        let mut new_text = Vec::new();
+        if let Some(t) = old {
+            append_row(owner, desc, t, &mut old_text);
+        }
+        if let Some(t) = new {
+            append_row(owner, desc, t, &mut new_text);
+        }
+        let old_text = old.map(|_| old_text.as_slice());
+        let new_text = new.map(|_| new_text.as_slice());
         // a row moved to another tenant (only a superuser can): the old tenant loses it
         if let (Some(o), Some(_)) = (old, new) {
             let mut onull = false;
@@ -250,13 +309,13 @@ pub unsafe extern "C-unwind" fn tenancy_capture(fcinfo: pg_sys::FunctionCallInfo
             if !onull {
                 let old_tenant = output(ov, att.atttypid);
                 if old_tenant != tenant {
-                    catalog::backups::record_change(&old_tenant, relid, b'D', old_text.as_deref(), None).or_raise();
-                    catalog::backups::record_change(&tenant, relid, b'I', None, new_text.as_deref()).or_raise();
+                    catalog::backups::record_change(&old_tenant, relid, b'D', old_text, None).or_raise();
+                    catalog::backups::record_change(&tenant, relid, b'I', None, new_text).or_raise();
                     return pg_sys::Datum::from(0);
                 }
             }
         }
-        catalog::backups::record_change(&tenant, relid, op, old_text.as_deref(), new_text.as_deref()).or_raise();
+        catalog::backups::record_change(&tenant, relid, op, old_text, new_text).or_raise();
         pg_sys::Datum::from(0)
     }
 }
