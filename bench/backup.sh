@@ -7,6 +7,7 @@
 #   4. what change capture costs writers: a simple-update transaction (pgbench -N's, on protected
 #      tables, as an application role) with capture off and on, interleaved.
 # Usage: bench/backup.sh [rounds] [seconds per pgbench round]
+# (BK_SECTIONS=4 runs only the writers' part, e.g. with more rounds.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/cluster.sh env)"
@@ -18,6 +19,8 @@ mkdir -p "$DIR" && chown postgres:postgres "$DIR"
 KEY=${DIR}/master-key
 [ -s "$KEY" ] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY"; chown postgres "$KEY"; chmod 600 "$KEY"; }
 PGB=/usr/lib/postgresql/15/bin/pgbench
+SECTIONS=${BK_SECTIONS:-1234}
+section() { [[ $SECTIONS == *$1* ]]; }
 
 if [ "$(psql -X -qAt -d "$DB" -c "SELECT count(*) FROM bk.big" 2>/dev/null)" != 10000000 ]; then
     echo "bench: loading (once): 1M rows over 10 tenants, a 10M-row table, pgbench-like tables"
@@ -61,6 +64,7 @@ ms() { # run SQL in one psql session with \timing; print the milliseconds of the
 }
 median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
+if section 1; then
 echo "== 1. one 100k-row tenant (t1): backup and restore against COPY of the same rows (its rows of every"
 echo "   protected table: bk.orders and bk.acc hold 100k each), $ROUNDS rounds, interleaved"
 TABLES="bk.orders bk.acc bk.hist bk.big"
@@ -84,14 +88,18 @@ done
 awk '{ printf "%f %f\n", $1 / $2, $3 / $4 }' /tmp/bk_ratios > /tmp/bk_r2
 echo "median speed ratios: backup = $(cut -d' ' -f1 /tmp/bk_r2 | median)x COPY out (target >= 0.7), restore = $(cut -d' ' -f2 /tmp/bk_r2 | median)x DELETE + COPY in (target >= 0.5)"
 rm -f "$DIR"/t1/*.pgtb
+fi
 
+if section 2; then
 echo "== 2. a 1,000-row tenant of a 10M-row table (target: backup under 100 ms)"
 for r in $(seq "$ROUNDS"); do
     echo "round $r: backup $(ms -c "SELECT tenancy.backup('small')") ms, COPY out $(ms -c "COPY (SELECT * FROM bk.big WHERE tenant_id = 'small') TO '$DIR/copy-small.txt'") ms"
 done
 b=$(psql -X -qAt -d "$DB" -c "SELECT id FROM tenancy.backups WHERE tenant = 'small' ORDER BY created_at DESC LIMIT 1")
 echo "restore of 'small': $(ms -c "CALL tenancy.restore('small', '$b')") ms"
+fi
 
+if section 3; then
 echo "== 3. RTO of a 1M-row tenant ('big', in the 10M-row table)"
 t_backup=$(ms -c "SELECT tenancy.backup('big')")
 b=$(psql -X -qAt -d "$DB" -c "SELECT id FROM tenancy.backups WHERE tenant = 'big' ORDER BY created_at DESC LIMIT 1")
@@ -100,7 +108,9 @@ t_restore=$(ms -c "CALL tenancy.restore('big', '$b')")
 echo "backup $t_backup ms, verify $t_verify ms, restore (pause, stage, verify, swap, resume) $t_restore ms (runbook RTO: 2 hours)"
 psql -X -qAt -d "$DB" -c "SELECT pg_size_pretty(archive_bytes) || ' archive for ' || row_count || ' rows' FROM tenancy.backups WHERE id = '$b'"
 rm -f "$DIR"/big/*.pgtb "$DIR"/small/*.pgtb
+fi
 
+if section 4; then
 echo "== 4. writers: simple-update transactions on protected tables, 2 clients, ${SECS} s per round, capture off/on interleaved"
 cat > /tmp/bk_simple_update.sql <<'PGB'
 \set aid random(1, 100000)
@@ -125,3 +135,4 @@ for r in $(seq "$ROUNDS"); do
 done
 psql -X -qAt -d "$DB" -c "SELECT tenancy.disable_change_capture()" -c "TRUNCATE tenancy.changes" >/dev/null
 echo "median ratio capture on/off: $(awk '{ print $1 / $2 }' /tmp/bk_writers | median) (target >= 0.95)"
+fi
