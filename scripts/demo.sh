@@ -13,7 +13,10 @@ chown postgres:postgres "$SECRET_FILE" && chmod 600 "$SECRET_FILE"
 MASTER_KEY_FILE=${PGT_ROOT:-/tmp/pg_tenancy}/demo-master-key   # stands in for Vault
 [ -s "$MASTER_KEY_FILE" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$MASTER_KEY_FILE"
 chown postgres:postgres "$MASTER_KEY_FILE" && chmod 600 "$MASTER_KEY_FILE"
-psql -X -d "$DB" -v DBNAME="$DB" -v SECRET_FILE="$SECRET_FILE" -v MASTER_KEY_FILE="$MASTER_KEY_FILE" -f demo/tour.sql
+BACKUP_DIR=${PGT_ROOT:-/tmp/pg_tenancy}/demo-backups
+mkdir -p "$BACKUP_DIR" && chown postgres:postgres "$BACKUP_DIR"
+psql -X -d "$DB" -v DBNAME="$DB" -v SECRET_FILE="$SECRET_FILE" -v MASTER_KEY_FILE="$MASTER_KEY_FILE" \
+     -v BACKUP_DIR="$BACKUP_DIR" -f demo/tour.sql
 cat <<MSG
 
 The demo cluster is running with pg_tenancy preloaded. Connect with:
