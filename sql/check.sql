@@ -283,6 +283,39 @@ WITH prot AS (
      WHERE t.tgrelid = to_regclass('tenancy.audit_log')
        AND t.tgname IN ('audit_log_append_only', 'audit_log_no_truncate') AND t.tgenabled <> 'A'
     UNION ALL
+    -- backups (once the database uses them): every tenant backed up and its restore drilled
+    SELECT 'WARNING', 'tenant ' || t.id, 'no backup of the tenant kept here in the last 8 days',
+           format('SELECT tenancy.backup(%L);  -- and schedule it (docs/BACKUPS.md)', t.id)
+      FROM tenancy.tenants t
+     WHERE t.status IN ('active', 'read_only') AND EXISTS (SELECT 1 FROM tenancy.backups)
+       AND NOT EXISTS (SELECT 1 FROM tenancy.backups b WHERE b.tenant = t.id AND b.location NOT IN ('exported', 'imported')
+                          AND b.created_at > now() - interval '8 days')
+    UNION ALL
+    SELECT 'WARNING', 'tenant ' || t.id, 'no successful restore drill of the tenant in the last 8 days',
+           format('SELECT tenancy.drill(%L);  -- and schedule it weekly', t.id)
+      FROM tenancy.tenants t
+     WHERE t.status IN ('active', 'read_only') AND EXISTS (SELECT 1 FROM tenancy.drills)
+       AND NOT EXISTS (SELECT 1 FROM tenancy.drills d WHERE d.tenant = t.id AND d.ok AND d.at > now() - interval '8 days')
+    UNION ALL
+    SELECT 'ERROR', 'tenant ' || r.tenant,
+           format('a restore started %s did not finish (its session ended): the tenant stays %s', r.started_at, t.status),
+           format('SELECT tenancy.resume_tenant(%L);', r.tenant)
+      FROM tenancy.restores r JOIN tenancy.tenants t ON t.id = r.tenant
+     WHERE r.state = 'running' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.pid AND a.backend_start <= r.started_at)
+    UNION ALL
+    SELECT 'WARNING', 'setting pg_tenancy.tenant_key_command',
+           format('%s tenant keys are not bound to their tenant''s own key: a shred would not reach copies of them', count(*)),
+           'SELECT tenancy.rotate_master_key();'
+      FROM tenancy.keys k
+     WHERE coalesce(current_setting('pg_tenancy.tenant_key_command', true), '') <> ''
+       AND k.wrapped IS NOT NULL AND k.kek_id NOT LIKE '%+tenant:%'
+    HAVING count(*) > 0
+    UNION ALL
+    SELECT 'ERROR', 'setting track_commit_timestamp', 'change capture is on but commit times are not kept: incremental backups will be refused',
+           'ALTER SYSTEM SET track_commit_timestamp = on;  -- then restart the server'
+     WHERE EXISTS (SELECT 1 FROM tenancy.change_capture WHERE disabled_at IS NULL)
+       AND current_setting('track_commit_timestamp') = 'off'
+    UNION ALL
     SELECT 'INFO', 'setting pg_tenancy.context_mode',
            'the tenant context can be set with a plain tenant id (open mode)',
            'ALTER SYSTEM SET pg_tenancy.context_mode = ''signed''; -- once the gateway mints tokens'

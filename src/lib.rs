@@ -68,15 +68,10 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["guard", audit::sql::_audit_log_guard]);
 extension_sql_file!(
-    "../sql/check.sql",
-    name = "check",
-    requires = ["audit", audit::sql::_audit_available, audit::sql::_audit_overflowed]
-);
-extension_sql_file!(
     "../sql/backup.sql",
     name = "backup",
     requires = [
-        "check",
+        "audit",
         backup::_restore_check,
         backup::_restore_stage,
         backup::_restore_swap,
@@ -84,6 +79,11 @@ extension_sql_file!(
         backup::_record_restore,
         backup::_restore_error_is_ours,
     ]
+);
+extension_sql_file!(
+    "../sql/check.sql",
+    name = "check",
+    requires = ["backup", audit::sql::_audit_available, audit::sql::_audit_overflowed]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

@@ -425,6 +425,9 @@ def test_kill_9_in_the_middle_of_a_restore_leaves_live_data_as_it_was(bk):
         assert checksums(su) == before, step
         assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("read_only",)], step
         assert run(su, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenancy\\_restore\\_%%'") == [(0,)]
+        # check() says so, with the one documented call
+        assert run(su, "SELECT severity, fix FROM tenancy.check() WHERE object = 'tenant bk-c' AND problem LIKE 'a restore started%%'") \
+            == [("ERROR", "SELECT tenancy.resume_tenant('bk-c');")]
         # the one documented call
         assert run(su, "SELECT tenancy.resume_tenant('bk-c')") == [("active",)]
         assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-c'") == [("active",)]
@@ -605,6 +608,10 @@ def test_drills_and_retention(bk):
     report = run(su, "SELECT tenancy.drill('bk-c')")[0][0]
     assert report["ok"] is True and report["backup"] == str(full) and report["rows"] > 0
     assert run(su, "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenancy\\_drill\\_%%'") == [(0,)]
+    # check() lists tenants without a recent backup or drill once the database uses them
+    findings = run(su, "SELECT object, problem FROM tenancy.check() WHERE severity = 'WARNING' AND object LIKE 'tenant %%'")
+    assert ("tenant bk-c", "no backup of the tenant kept here in the last 8 days") not in findings
+    assert any(p == "no successful restore drill of the tenant in the last 8 days" for _, p in findings)
     # "restore tested" is a query
     assert run(su, """SELECT count(*) FROM tenancy.drills d WHERE d.tenant = 'bk-c' AND d.ok
                       AND d.at > now() - interval '8 days'""")[0][0] >= 1
