@@ -99,7 +99,10 @@ unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c
 /// an error boundary; what does work runs in `on_abort`.)
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
-    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
+    if event == XACT_EVENT_PRE_COMMIT {
+        // SAFETY: a #[pg_guard] function of ours (it may raise: the commit then fails).
+        unsafe { on_pre_commit() };
+    } else if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
         param::forget_runs();
     } else if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
         param::forget_runs();
@@ -109,7 +112,13 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
 }
 
 #[pg_guard]
+unsafe extern "C-unwind" fn on_pre_commit() {
+    crate::crypto::run_pending_shreds();
+}
+
+#[pg_guard]
 unsafe extern "C-unwind" fn on_abort() {
+    crate::crypto::forget_pending_shreds(0);
     keystore::forget_keys();
     explain::done();
     param::reset_planning();
@@ -123,6 +132,8 @@ unsafe extern "C-unwind" fn on_subxact(
     _arg: *mut c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // SAFETY: reads the nesting level of the subtransaction being aborted.
+        crate::crypto::forget_pending_shreds(unsafe { pg_sys::GetCurrentTransactionNestLevel() });
         keystore::forget_keys();
         explain::done();
         param::reset_planning();

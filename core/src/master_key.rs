@@ -30,10 +30,14 @@ pub fn tenant_kek(master: &[u8; 32], tenant: &str, tenant_key: &[u8; 32]) -> Key
     Zeroizing::new(mac.finalize().into_bytes().into())
 }
 
-/// A per-tenant command: `%t` replaced by the tenant id (a tenant id is letters, digits, '_',
-/// '-' and '.', so it is one shell word as it is).
-pub fn tenant_command(template: &str, tenant: &str) -> String {
-    template.replace("%t", tenant)
+/// A per-tenant command: `%t` replaced by the tenant id. A tenant id is letters, digits, '_',
+/// '-' and '.', so it is one shell word as it is; one that starts with '-' or '.' could still be
+/// read as an option or a path step (`-rf`, `..`), so those ids get no command (None).
+pub fn tenant_command(template: &str, tenant: &str) -> Option<String> {
+    if tenant.is_empty() || tenant.starts_with('-') || tenant.starts_with('.') {
+        return None;
+    }
+    Some(template.replace("%t", tenant))
 }
 
 /// Bytes of a wrapped key.
@@ -189,6 +193,20 @@ unsafe extern "C" {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tenant_commands_and_bound_keys() {
+        assert_eq!(tenant_command("cat /keys/%t.key", "acme").as_deref(), Some("cat /keys/acme.key"));
+        for id in ["-rf", "..", ".", ".hidden", ""] {
+            assert_eq!(tenant_command("cat /keys/%t.key", id), None, "{id}");
+        }
+        let (m, t1, t2) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        assert_ne!(*tenant_kek(&m, "a", &t1), *tenant_kek(&m, "b", &t1));
+        assert_ne!(*tenant_kek(&m, "a", &t1), *tenant_kek(&m, "a", &t2));
+        assert_ne!(*tenant_kek(&m, "a", &t1), *tenant_kek(&[4u8; 32], "a", &t1));
+        assert_eq!(*tenant_kek(&m, "a", &t1), *tenant_kek(&m, "a", &t1));
+    }
+
     use super::*;
 
     #[test]

@@ -667,6 +667,21 @@ def test_capture_cannot_be_stopped_bent_or_crashed_by_an_owner(bk):
         run(own, "CREATE TRIGGER bk_st AFTER INSERT ON app.bk_free FOR EACH STATEMENT EXECUTE FUNCTION tenancy._capture()")
         assert sqlstate_of(own, "INSERT INTO app.bk_free VALUES ('bk-a', 1)") == "42501"
         assert run(su, "SELECT 1") == [(1,)]
+        # a table retyped by another session while this one's cached output functions are in
+        # use: the invalidation is not lost (it once made capture run text output on an int)
+        run(own, "CREATE TABLE app.bk_retype (tenant_id text NOT NULL, v text)")
+        run(own, "SELECT count(*) FROM tenancy.protect('app.bk_retype', create_index => true)")
+        s1 = connect()
+        run(s1, "INSERT INTO app.bk_retype VALUES ('bk-a', '7')")
+        th = threading.Thread(target=lambda: run(s1, "UPDATE app.bk_orders SET item = item WHERE tenant_id = 'bk-a' AND id = (SELECT min(id) FROM app.bk_orders WHERE tenant_id = 'bk-a') AND pg_sleep(2) IS NOT NULL"))
+        th.start()
+        time.sleep(0.5)
+        run(own, "ALTER TABLE app.bk_retype ALTER COLUMN v TYPE int USING v::int")
+        th.join()
+        run(s1, "INSERT INTO app.bk_retype VALUES ('bk-a', 42)")
+        assert run(su, "SELECT new_row FROM tenancy.changes WHERE rel = 'app.bk_retype'::regclass ORDER BY xid DESC, seq DESC LIMIT 1") == [("(bk-a,42)",)]
+        s1.close()
+        run(su, "DROP TABLE app.bk_retype")
         # a writer's session settings do not change what is restored
         full = run(su, "SELECT tenancy.backup('bk-a')")[0][0]
         app = connect(user=APP, autocommit=False)
@@ -791,7 +806,20 @@ def test_a_shred_reaches_copies_when_tenants_have_their_own_keys(bk):
         # the other tenant is untouched, in the copy too
         assert run(cc, "SELECT (tenancy.verify_backup(id))->>'tenant' FROM tenancy.backups WHERE tenant = 'tk-b'") == [("tk-b",)]
         cc.close()
-        # a shred whose store command fails destroys nothing
+        # a shred rolled back (or in a savepoint rolled back) never touches the store
+        c = session(db)
+        run(c, "BEGIN")
+        run(c, "SELECT tenancy.shred('tk-b', 'tk-b')")
+        run(c, "ROLLBACK")
+        run(c, "BEGIN")
+        run(c, "SAVEPOINT s")
+        run(c, "SELECT tenancy.shred('tk-b', 'tk-b')")
+        run(c, "ROLLBACK TO SAVEPOINT s")
+        run(c, "COMMIT")
+        assert os.path.exists(f"{store}/tk-b.key")
+        assert run(c, "SELECT (tenancy.verify_backup(id))->>'tenant' FROM tenancy.backups WHERE tenant = 'tk-b'") == [("tk-b",)]
+        c.close()
+        # a shred whose store command fails (at commit) destroys nothing
         c = session(db)
         run(c, f"SET pg_tenancy.tenant_key_shred_command = 'exit 1'")
         assert sqlstate_of(c, "SELECT tenancy.shred('tk-b', 'tk-b')") == "55000"

@@ -737,8 +737,12 @@ pub fn record_change(tenant: &str, rel: pg_sys::Oid, op: u8, old: Option<&[u8]>,
         s.set(s.get() + 1);
         s.get()
     });
+    let too_long = [old, new].iter().flatten().any(|v| v.len() >= 0x3fff_ffff);
+    if too_long {
+        return Err(TenancyError::ValueTooLarge);
+    }
     let text = |v: &[u8]| -> pg_sys::Datum {
-        // SAFETY: a palloc'd text copied from `v`.
+        // SAFETY: a palloc'd text copied from `v` (shorter than 1 GB: checked above).
         pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(v.as_ptr().cast(), v.len() as i32) })
     };
     // SAFETY: the extension's own table (its OID from the catalog cache), opened and closed here

@@ -126,7 +126,9 @@ fn bind(master: &Kek, tenant: &str, template: &str) -> Result<Rc<Kek>> {
     if !pg_tenancy_core::tenant_id::valid(tenant) {
         return Err(TenancyError::InvalidTenantId);
     }
-    let raw = master_key::run_command(&master_key::tenant_command(template, tenant), &COMMAND_LIMITS)
+    let command = master_key::tenant_command(template, tenant)
+        .ok_or(TenancyError::TenantKeyUnavailable("a tenant id that starts with '-' or '.' is never put into a key store command"))?;
+    let raw = master_key::run_command(&command, &COMMAND_LIMITS)
         .map_err(|_| TenancyError::TenantKeyUnavailable("the tenant key command failed (its key may have been deleted by a shred)"))?;
     let own = master_key::parse(&raw).map_err(|_| TenancyError::TenantKeyUnavailable("the tenant key command did not print a 32-byte key"))?;
     let kek = Rc::new(Kek {

@@ -224,15 +224,43 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
     let n = catalog::keys::shred(tenant).or_raise();
     // captured changes are plaintext copies of its rows
     catalog::backups::forget_changes(tenant).or_raise();
-    // its own key in the outside store: without it no copy of its wrapped keys unwraps (if the
-    // command fails, so does the shred, and nothing was destroyed)
+    // its own key in the outside store: without it no copy of its wrapped keys unwraps. The
+    // command cannot be undone, so it runs when the transaction commits (if it fails, the commit
+    // fails and nothing was destroyed; a rolled-back shred never runs it).
     if let Some(template) = crate::gucs::tenant_key_shred_command() {
-        pg_tenancy_core::master_key::run_command(&pg_tenancy_core::master_key::tenant_command(&template, tenant), &pg_tenancy_core::master_key::COMMAND_LIMITS)
-            .map_err(|_| TenancyError::TenantKeyUnavailable("the tenant key shred command failed: nothing was destroyed"))
+        let command = pg_tenancy_core::master_key::tenant_command(&template, tenant)
+            .ok_or(TenancyError::TenantKeyUnavailable("a tenant id that starts with '-' or '.' is never put into a key store command"))
             .or_raise();
+        // SAFETY: reads the backend's transaction nesting level.
+        let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+        PENDING_SHREDS.with(|p| p.borrow_mut().push((level, command)));
     }
     keystore::forget_master_keys();
     n
+}
+
+static PENDING_SHREDS: crate::util::Backend<std::cell::RefCell<Vec<(i32, String)>>> =
+    crate::util::Backend::new(std::cell::RefCell::new(Vec::new()));
+
+/// At commit: run the key store commands of the shreds this transaction made; one that fails
+/// fails the commit (the shred is rolled back with it).
+pub fn run_pending_shreds() {
+    let pending = PENDING_SHREDS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    for (_, command) in pending {
+        if pg_tenancy_core::master_key::run_command(&command, &pg_tenancy_core::master_key::COMMAND_LIMITS).is_err() {
+            PENDING_SHREDS.with(|p| p.borrow_mut().clear());
+            TenancyError::TenantKeyUnavailable("the tenant key shred command failed: the shred is rolled back, nothing was destroyed").raise();
+        }
+    }
+}
+
+/// At the abort of a (sub)transaction at nesting `level`: its shreds' commands never run.
+pub fn forget_pending_shreds(level: i32) {
+    PENDING_SHREDS.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            p.retain(|(l, _)| *l < level);
+        }
+    });
 }
 
 /// Rewrap every tenant key that the current master key did not wrap (those wrapped by
@@ -244,8 +272,18 @@ fn rotate_master_key() -> i64 {
     // master key newly bound to the tenants' own keys by pg_tenancy.tenant_key_command)
     let rows = catalog::keys::live_keys().or_raise();
     let mut n = 0;
+    let mut skipped = 0;
     for (tenant, kind, version, kek_id) in rows {
-        let kek = keystore::kek_for(&tenant).or_raise();
+        // a tenant whose own key cannot be read (shredded in the store, a store outage) is
+        // skipped and reported, not a reason to leave every other tenant unrotated
+        let kek = match keystore::kek_for(&tenant) {
+            Ok(k) => k,
+            Err(TenancyError::TenantKeyUnavailable(_)) => {
+                skipped += 1;
+                continue;
+            }
+            Err(e) => e.raise(),
+        };
         if kek.id == kek_id {
             continue;
         }
@@ -255,6 +293,9 @@ fn rotate_master_key() -> i64 {
         let wrapped = keystore::wrap(&kek, &key, &tenant, kind, version);
         catalog::keys::rewrap_key(&tenant, kind.as_str(), version, &wrapped, &kek.id).or_raise();
         n += 1;
+    }
+    if skipped > 0 {
+        pgrx::warning!("pg_tenancy: {skipped} tenant keys were not rewrapped: their tenant's own key cannot be read from the key store");
     }
     n
 }

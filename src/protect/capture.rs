@@ -23,19 +23,30 @@ fn always_sql(table: &str) -> String {
     format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER}")
 }
 
+/// Output functions of one table's columns, and the column types they are for.
+struct Outputs {
+    types: Vec<(pg_sys::Oid, i32)>,
+    functions: Vec<Option<pg_sys::FmgrInfo>>,
+}
+
 thread_local! {
     /// The root of each partitioned table a captured row came from (rows are recorded in the
     /// root's column order). Dropped at every relcache invalidation.
     static ROOTS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, pg_sys::Oid>> = std::cell::RefCell::new(std::collections::HashMap::new());
     /// Output functions of the columns of each table whose rows were captured (looked up once,
-    /// in a context of their own). Dropped at every relcache invalidation.
-    static OUTPUTS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, Vec<Option<pg_sys::FmgrInfo>>>> = std::cell::RefCell::new(std::collections::HashMap::new());
+    /// in a context of their own). An entry is taken out of the map while it is used (output
+    /// functions may process invalidations), put back only if no invalidation came meanwhile,
+    /// and checked against the columns' types before use.
+    static OUTPUTS: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, Outputs>> = std::cell::RefCell::new(std::collections::HashMap::new());
     static OUTPUTS_CONTEXT: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    /// Counts relcache invalidations: an entry in use when one comes is not put back.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Forget the partition roots and the output functions (a table changed, a partition may have
 /// been detached or attached elsewhere).
 pub fn forget_roots() {
+    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
     ROOTS.with(|r| {
         if let Ok(mut r) = r.try_borrow_mut() {
             r.clear();
@@ -43,11 +54,14 @@ pub fn forget_roots() {
     });
     OUTPUTS.with(|o| {
         if let Ok(mut o) = o.try_borrow_mut() {
-            if !o.is_empty() {
-                o.clear();
+            // (their FmgrInfos live in OUTPUTS_CONTEXT, which only grows by one set per table
+            // and invalidation; it is reset when nothing refers to it any more)
+            let had = !o.is_empty();
+            o.clear();
+            if had {
                 OUTPUTS_CONTEXT.with(|c| {
-                    if !c.get().is_null() {
-                        // SAFETY: the context made below, whose FmgrInfos were just dropped.
+                    if !c.get().is_null() && IN_USE.with(|u| u.get()) == 0 {
+                        // SAFETY: the context made below; no FmgrInfo of it is referenced.
                         unsafe { pg_sys::MemoryContextReset(c.get()) };
                     }
                 });
@@ -56,44 +70,58 @@ pub fn forget_roots() {
     });
 }
 
+thread_local! {
+    /// Entries taken out of OUTPUTS and being used (their functions live in OUTPUTS_CONTEXT).
+    static IN_USE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The column types of `desc`.
+///
+/// # Safety
+/// `desc` is a valid tuple descriptor.
+unsafe fn column_types(desc: pg_sys::TupleDesc) -> Vec<(pg_sys::Oid, i32)> {
+    // SAFETY: as the caller promises.
+    unsafe { (*desc).attrs.as_slice((*desc).natts as usize).iter().map(|a| (if a.attisdropped { pg_sys::InvalidOid } else { a.atttypid }, a.atttypmod)).collect() }
+}
+
 /// The record text of `tuple` (a row of `relid`, described by `desc`) appended to `out`.
 ///
 /// # Safety
 /// `tuple` is a valid tuple described by `desc`, the descriptor of `relid` now.
 unsafe fn append_row(relid: pg_sys::Oid, desc: pg_sys::TupleDesc, tuple: pg_sys::HeapTuple, out: &mut Vec<u8>) {
-    // SAFETY: as the caller promises; the functions live in a context of this backend's own,
-    // reset only when the cache is dropped.
+    // SAFETY: as the caller promises; functions looked up here live in a context of this
+    // backend's own that is not reset while an entry is in use.
     unsafe {
         let natts = (*desc).natts as usize;
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        OUTPUTS.with(|o| {
-            let mut o = o.borrow_mut();
-            let outputs = o.entry(relid).or_insert_with(|| {
-                let context = OUTPUTS_CONTEXT.with(|c| {
-                    if c.get().is_null() {
-                        c.set(pg_sys::AllocSetContextCreateExtended(
-                            pg_sys::TopMemoryContext,
-                            c"pg_tenancy capture".as_ptr(),
-                            pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
-                            pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
-                            pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
-                        ));
-                    }
-                    c.get()
-                });
-                catalog::backups::output_functions(desc, context)
-            });
-            if outputs.len() == natts {
-                catalog::backups::append_record(out, &values, &nulls, outputs);
-            } else {
-                // the table changed shape since the cache was filled (its invalidation not yet
-                // seen): look the functions up for this row
-                let mut fresh = catalog::backups::output_functions(desc, pg_sys::CurrentMemoryContext);
-                catalog::backups::append_record(out, &values, &nulls, &mut fresh);
+        let types = column_types(desc);
+        let generation = GENERATION.with(|g| g.get());
+        let cached = OUTPUTS.with(|o| o.borrow_mut().remove(&relid)).filter(|e| e.types == types);
+        let context = OUTPUTS_CONTEXT.with(|c| {
+            if c.get().is_null() {
+                c.set(pg_sys::AllocSetContextCreateExtended(
+                    pg_sys::TopMemoryContext,
+                    c"pg_tenancy capture".as_ptr(),
+                    pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+                    pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+                    pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+                ));
             }
+            c.get()
         });
+        IN_USE.with(|u| u.set(u.get() + 1));
+        let _done = crate::util::OnDrop(|| IN_USE.with(|u| u.set(u.get() - 1)));
+        let mut entry = match cached {
+            Some(e) => e,
+            None => Outputs { functions: catalog::backups::output_functions(desc, context), types },
+        };
+        catalog::backups::append_record(out, &values, &nulls, &mut entry.functions);
+        // back in the map only if nothing was invalidated while it was in use
+        if GENERATION.with(|g| g.get()) == generation {
+            OUTPUTS.with(|o| o.borrow_mut().insert(relid, entry));
+        }
     }
 }
 
