@@ -64,11 +64,7 @@ def database():
     os.chmod(secret_file, 0o600)
     shutil.chown(secret_file, "postgres", "postgres")
     run(su, f"ALTER DATABASE {DB} SET pg_tenancy.jwt_secret_file = '{secret_file}'")
-    master_key = f"{ROOT}/scenario-master-key"
-    with open(master_key, "w") as f:
-        f.write(os.urandom(32).hex() + "\n")
-    os.chmod(master_key, 0o600)
-    shutil.chown(master_key, "postgres", "postgres")
+    master_key = new_key_file(f"{ROOT}/scenario-master-key")
     run(su, f"ALTER DATABASE {DB} SET pg_tenancy.master_key_file = '{master_key}'")
     own = connect(user=OWNER)
     run(own, """CREATE TABLE app.orders (
@@ -97,6 +93,15 @@ def app(database):
     assert row == [(False, False)]
     yield conn
     conn.close()
+
+
+def new_key_file(path):
+    """A fresh random 32-byte key (64 hex digits) that only the server's OS user reads."""
+    with open(path, "w") as f:
+        f.write(os.urandom(32).hex() + "\n")
+    os.chmod(path, 0o600)
+    shutil.chown(path, "postgres", "postgres")
+    return path
 
 
 def sign(su_conn, payload):

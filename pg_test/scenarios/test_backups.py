@@ -14,7 +14,7 @@ import time
 import psycopg2
 import pytest
 
-from conftest import APP, DB, OWNER, PORT, ROOT, SOCK, connect, run, sqlstate_of
+from conftest import APP, DB, OWNER, PORT, ROOT, SOCK, connect, new_key_file, run, sqlstate_of
 
 BACKUP_DIR = f"{ROOT}/backups"
 TABLES = ["app.bk_orders", "app.bk_lines", "app.bk_events"]
@@ -736,15 +736,9 @@ def test_a_shred_reaches_copies_when_tenants_have_their_own_keys(bk):
     store = f"{ROOT}/tenant-keys"
     os.makedirs(store, exist_ok=True)
     shutil.chown(store, "postgres", "postgres")
-    master = f"{ROOT}/tk-master"
-    with open(master, "w") as f:
-        f.write(os.urandom(32).hex())
-    os.chmod(master, 0o600)
-    shutil.chown(master, "postgres", "postgres")
+    master = new_key_file(f"{ROOT}/tk-master")
     for t in ("tk-a", "tk-b"):
-        with open(f"{store}/{t}.key", "w") as f:
-            f.write(os.urandom(32).hex())
-        shutil.chown(f"{store}/{t}.key", "postgres", "postgres")
+        new_key_file(f"{store}/{t}.key")
     admin = connect(dbname="postgres")
     for d in (copy, db):
         run(admin, f"DROP DATABASE IF EXISTS {d} WITH (FORCE)")

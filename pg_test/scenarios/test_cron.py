@@ -9,7 +9,7 @@ import time
 import psycopg2
 import pytest
 
-from conftest import ROOT, PORT, connect, run
+from conftest import ROOT, PORT, connect, new_key_file, run
 
 CRON_ROOT = ROOT + "-cron"
 CRON_PORT = PORT - 5
@@ -38,11 +38,7 @@ def test_scheduled_backups_and_drills_run(cron_cluster):
     backups = f"{CRON_ROOT}/backups"
     os.makedirs(backups, exist_ok=True)
     shutil.chown(backups, "postgres", "postgres")
-    key = f"{CRON_ROOT}/master-key"
-    with open(key, "w") as f:
-        f.write(os.urandom(32).hex())
-    os.chmod(key, 0o600)
-    shutil.chown(key, "postgres", "postgres")
+    key = new_key_file(f"{CRON_ROOT}/master-key")
     run(admin, f"ALTER DATABASE cronapp SET pg_tenancy.master_key_file = '{key}'")
     run(admin, f"ALTER DATABASE cronapp SET pg_tenancy.backup_dir = '{backups}'")
     app = pg("cronapp")

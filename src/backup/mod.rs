@@ -68,11 +68,6 @@ impl Made {
     fn archive_bytes(&self) -> i64 {
         self.lines.iter().map(|l| l.len() as i64 + 1).sum()
     }
-    fn manifest_sha256(&self) -> String {
-        // the checksum line's value: the manifest's own checksum
-        let (m, _) = archive::parse_manifest(&self.lines).expect("an archive just made parses");
-        m.checksum
-    }
 }
 
 /// What an incremental backup starts from: its parent and the chain up to it.
@@ -203,10 +198,12 @@ fn make(tenant: &str, kind: &str, encrypted: bool) -> Result<Made> {
         tables,
         checksum: String::new(),
     };
+    let mut manifest = manifest;
     let mut lines = archive::render_manifest(&manifest);
+    // the checksum the rendering wrote (registered, and sealed with the tenant's key)
+    manifest.checksum = archive::parse_manifest(&lines).map_err(TenancyError::Archive)?.0.checksum;
     if let Some((version, k)) = &key {
-        let (parsed, _) = archive::parse_manifest(&lines).map_err(TenancyError::Archive)?;
-        lines.push(archive::seal_line(&seal(k, *version, tenant, &manifest.id, &parsed.checksum)));
+        lines.push(archive::seal_line(&seal(k, *version, tenant, &manifest.id, &manifest.checksum)));
     }
     lines.extend(data_lines);
     Ok(Made { id, lines, manifest, parent: base.map(|b| b.parent), rows: rows_total, data_bytes: bytes_total, first_change, last_change })
@@ -234,7 +231,7 @@ fn register(made: &Made, location: &str) -> Result<()> {
         data_bytes: made.data_bytes,
         archive_bytes: made.archive_bytes(),
         key_version: m.encryption.as_ref().map(|e| e.key_version),
-        manifest_sha256: &made.manifest_sha256(),
+        manifest_sha256: &made.manifest.checksum,
         created: &m.created,
         first_change: made.first_change,
         last_change: made.last_change,
@@ -601,6 +598,7 @@ fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool, at_us
         (c"extra_float_digits", c"3"),
     ]);
     store::create_schema(schema).or_raise();
+    let live_sources = store::sources().or_raise();
     let mut tables: Vec<Staged> = Vec::new();
     let mut used = std::collections::HashSet::new();
     let mut applied = Vec::new();
@@ -617,7 +615,7 @@ fn _restore_stage(tenant: &str, backup: Uuid, schema: &str, staging: bool, at_us
                 None if incremental => TenancyError::BrokenChain.raise(),
                 None => {
                     let staged_as = if staging { format!("t{}", tables.len()) } else { sandbox_name(&t.name, &mut used) };
-                    let columns = staging_columns(t, staging).or_raise();
+                    let columns = staging_columns(t, staging, &live_sources).or_raise();
                     store::create_table(schema, &staged_as, &columns).or_raise();
                     tables.push(Staged {
                         name: t.name.clone(),
@@ -692,11 +690,11 @@ fn same_columns(a: &[Column], b: &[Column]) -> bool {
 /// Refused as well: a backup whose tenant column is missing or computed, and a live table over
 /// whose rows runs code no superuser approved (now: an approval lapses when its function is
 /// redefined).
-fn staging_columns(t: &TableEntry, in_place: bool) -> Result<Vec<(String, String)>> {
+fn staging_columns(t: &TableEntry, in_place: bool, sources: &[store::Source]) -> Result<Vec<(String, String)>> {
     if !t.columns.iter().any(|c| c.name == t.tenant_column && !c.generated) {
         return Err(TenancyError::Archive(ArchiveError::Unparsable));
     }
-    let live = store::source_named(&t.name)?;
+    let live = sources.iter().find(|s| s.name == t.name);
     if in_place {
         match &live {
             None => {
@@ -720,7 +718,7 @@ fn staging_columns(t: &TableEntry, in_place: bool) -> Result<Vec<(String, String
             ));
         }
     }
-    let now: Vec<Column> = live.as_ref().map(|s| serde_json::from_str(&s.columns_json).unwrap_or_default()).unwrap_or_default();
+    let now: Vec<Column> = live.map(|s| serde_json::from_str(&s.columns_json).unwrap_or_default()).unwrap_or_default();
     t.columns
         .iter()
         .map(|c| {
@@ -764,9 +762,10 @@ fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
     if staged != backup {
         TenancyError::RestoreBlocked("the staged backup is another one").raise();
     }
+    let mut sources = store::sources().or_raise();
     let mut live = Vec::new();
     for t in &tables {
-        let Some(src) = store::source_named(&t.name).or_raise() else {
+        let Some(src) = sources.iter().position(|s| s.name == t.name).map(|i| sources.swap_remove(i)) else {
             TenancyError::RestoreBlocked("a table of the backup is no longer a protected table: restore into a sandbox (mode => 'sandbox')").raise();
         };
         if src.tenant_column != t.tenant_column {

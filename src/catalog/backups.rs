@@ -59,12 +59,6 @@ pub fn sources() -> Result<Vec<Source>> {
     })
 }
 
-/// The live table a manifest names, if it is still protected: (oid, partitioned, tenant
-/// column, its type, columns as JSON).
-pub fn source_named(name: &str) -> Result<Option<Source>> {
-    Ok(sources()?.into_iter().find(|s| s.name == name))
-}
-
 const FOREIGN_KEYS: Stmt = Stmt {
     sql: "SELECT conrelid, confrelid FROM pg_catalog.pg_constraint \
            WHERE contype OPERATOR(pg_catalog.=) 'f' AND conparentid OPERATOR(pg_catalog.=) 0 \
