@@ -22,10 +22,10 @@ SRC = os.path.join(ROOT, "src")
 # Floors, lowest first. A module may import any module of a lower floor.
 FLOORS = [
     {"util", "error", "gucs"},
-    {"catalog"},
+    {"catalog", "stats"},
     {"audit"},
     {"context"},
-    {"crypto", "protect"},
+    {"crypto", "protect", "usage"},
     {"backup"},
     {"hooks", "invalidate"},
 ]

@@ -11,6 +11,7 @@ BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 ROOT=${PGT_ROOT:-/tmp/pg_tenancy}
 PORT=${PGT_PORT:-5499}
 # PGT_EXTRA_PRELOAD=pg_cron adds libraries after pg_tenancy (and points pg_cron at the postgres database).
+# PGT_EXTRA_CONF='setting = value' adds a line to postgresql.conf when the cluster is created.
 # PGT_PRELOAD=0 makes a cluster without shared_preload_libraries (the audit needs it; the
 # rest must keep working without it, which tests and the audit benchmark check).
 PRELOAD=${PGT_PRELOAD:-1}
@@ -35,6 +36,7 @@ max_connections = 200
 fsync = off
 log_line_prefix = '%m [%p] %u@%d '
 $([ -n "${PGT_EXTRA_PRELOAD:-}" ] && echo "cron.database_name = 'postgres'")
+${PGT_EXTRA_CONF:-}
 CONF
     fi
     # room for the benchmark's three 1M-row tables (bench/): its hot path is measured in memory;

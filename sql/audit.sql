@@ -7,7 +7,8 @@ CREATE TABLE tenancy.audit_log (
     event             text        NOT NULL CONSTRAINT audit_log_event_check CHECK (event IN (
                           'no_context', 'cross_tenant_write', 'cross_tenant_probe',
                           'forbidden_tenant', 'bypass_read', 'policy_tamper',
-                          'read_only_write', 'wrong_tenant_key', 'protected_ddl', 'tenant_restored')),
+                          'read_only_write', 'wrong_tenant_key', 'protected_ddl', 'tenant_restored',
+                          'limit_exceeded')),
     database          name        NOT NULL,
     role              name        NOT NULL,
     session_tenant    text,

@@ -41,8 +41,11 @@ GRANT EXECUTE ON FUNCTION
     tenancy.active_key_version(),
     tenancy.cipher_implementation(),
     tenancy.reencrypt(regclass, name, text, integer),
-    tenancy._write_denied(text)
+    tenancy._write_denied(text),
+    tenancy.meter(text, bigint)
 TO PUBLIC;
+-- Usage statistics span every tenant: monitoring reads them (pg_monitor), not applications.
+GRANT EXECUTE ON FUNCTION tenancy._stats(), tenancy.metrics(), tenancy.stats_status() TO pg_monitor;
 
 -- Per-relation statistics count rows a session's own scans read, the other tenants' included
 -- (an index scan on another column reads them before the tenant filter drops them): in this

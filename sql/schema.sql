@@ -3,10 +3,52 @@
 -- would tell every tenant who the others are. Functions that need these tables read them as
 -- the schema owner (src/catalog.rs).
 
+-- Metered allowances: a JSON object of meter name (lowercase letters, digits, '_') to a count
+-- per day (an integer of 0 or more).
+CREATE FUNCTION tenancy._valid_meters(m jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    SELECT jsonb_typeof(m) = 'object' AND NOT EXISTS (
+        SELECT 1 FROM jsonb_each(m) e
+         WHERE e.key !~ '^[a-z][a-z0-9_]{0,62}$' OR jsonb_typeof(e.value) <> 'number'
+            OR e.value::text !~ '^[0-9]{1,18}$')
+$$;
+
+-- Plans: what a tenant may use (seed section 3). NULL limits are no limit. A tenant's own
+-- overrides are in tenancy.limits; tenancy.effective_limits shows what applies.
+CREATE TABLE tenancy.plans (
+    name                    text        PRIMARY KEY
+                            CONSTRAINT plans_name_check CHECK (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+    client_type             text        NOT NULL DEFAULT 'farmer'
+                            CONSTRAINT plans_client_type_check
+                            CHECK (client_type IN ('farmer', 'cooperative', 'institutional')),
+    statements_per_second   double precision CONSTRAINT plans_rate_check CHECK (statements_per_second > 0),
+    burst                   double precision CONSTRAINT plans_burst_check CHECK (burst >= 1),
+    max_concurrent          integer     CONSTRAINT plans_max_concurrent_check CHECK (max_concurrent > 0),
+    storage_bytes           bigint      CONSTRAINT plans_storage_check CHECK (storage_bytes >= 0),
+    webhook_events_per_day  bigint      CONSTRAINT plans_webhook_check CHECK (webhook_events_per_day >= 0),
+    egress_bytes_per_day    bigint      CONSTRAINT plans_egress_check CHECK (egress_bytes_per_day >= 0),
+    meters                  jsonb       NOT NULL DEFAULT '{}'
+                            CONSTRAINT plans_meters_check CHECK (tenancy._valid_meters(meters)),
+    backup_retention_days   integer     NOT NULL DEFAULT 30
+                            CONSTRAINT plans_retention_check CHECK (backup_retention_days >= 1),
+    sla_p99_ms              integer     CONSTRAINT plans_sla_check CHECK (sla_p99_ms > 0),
+    monthly_price           numeric(12,2) NOT NULL DEFAULT 0
+                            CONSTRAINT plans_price_check CHECK (monthly_price >= 0),
+    pinned_stats            boolean     NOT NULL DEFAULT false,
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    updated_at              timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tenancy.plans IS
+    'Plans: statement rate and burst, concurrent statements, storage, metered allowances per day (webhook_events, egress_bytes, and any named meter in meters), backup retention, SLA p99, price. NULL = no limit.';
+INSERT INTO tenancy.plans (name, client_type) VALUES ('standard', 'farmer');
+-- (the plan CREATE EXTENSION makes is not dumped: it is made again)
+SELECT pg_catalog.pg_extension_config_dump('tenancy.plans', 'WHERE name <> ''standard''');
+
 CREATE TABLE tenancy.tenants (
     id          text        PRIMARY KEY,
     name        text        NOT NULL,
-    plan        text        NOT NULL DEFAULT 'standard',
+    plan        text        NOT NULL DEFAULT 'standard'
+                REFERENCES tenancy.plans (name) ON UPDATE CASCADE,
     region      text        NOT NULL DEFAULT 'default',
     status      text        NOT NULL DEFAULT 'active'
                 CONSTRAINT tenants_status_check
@@ -18,6 +60,37 @@ CREATE TABLE tenancy.tenants (
 );
 COMMENT ON TABLE tenancy.tenants IS
     'One row per tenant. config holds feature flags (config->''flags''), SLA and anything per tenant.';
+
+-- A tenant's own limits (tenancy.set_limit): a non-NULL column overrides the plan's (a heavy
+-- tenant's own rate; 'Infinity' lifts a rate limit). meters: allowances per day by meter name.
+CREATE TABLE tenancy.limits (
+    tenant                  text        PRIMARY KEY REFERENCES tenancy.tenants (id),
+    statements_per_second   double precision CONSTRAINT limits_rate_check CHECK (statements_per_second > 0),
+    burst                   double precision CONSTRAINT limits_burst_check CHECK (burst >= 1),
+    max_concurrent          integer     CONSTRAINT limits_max_concurrent_check CHECK (max_concurrent > 0),
+    storage_bytes           bigint      CONSTRAINT limits_storage_check CHECK (storage_bytes >= 0),
+    meters                  jsonb       NOT NULL DEFAULT '{}'
+                            CONSTRAINT limits_meters_check CHECK (tenancy._valid_meters(meters)),
+    reason                  text,
+    set_by                  regrole,
+    set_at                  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tenancy.limits IS
+    'Per-tenant overrides of the plan''s limits (tenancy.set_limit, tenancy.clear_limit).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.limits', '');
+
+-- What tenancy.meter() counted, per tenant, meter and UTC day.
+CREATE TABLE tenancy.meter_usage (
+    tenant      text        NOT NULL REFERENCES tenancy.tenants (id),
+    meter       text        NOT NULL,
+    day         date        NOT NULL,
+    used        bigint      NOT NULL CONSTRAINT meter_usage_used_check CHECK (used >= 0),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, meter, day)
+);
+COMMENT ON TABLE tenancy.meter_usage IS
+    'Metered usage per tenant, meter and UTC day, counted by tenancy.meter(name, amount).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.meter_usage', '');
 
 -- Which roles may enter which tenants. tenant = '*' is the explicit all-tenants grant.
 CREATE TABLE tenancy.grants (

@@ -23,6 +23,19 @@ CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE O
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
 CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.protected_tables
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
+-- A tenant's limits are read with its verification: a change of plans or overrides drops every
+-- verification, as a change of tenants does (the next statement sees the new limits).
+CREATE FUNCTION tenancy._limits_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM tenancy._invalidate('tenancy.tenants'::pg_catalog.regclass);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._limits_changed();
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.limits
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._limits_changed();
 CREATE TRIGGER tenancy_invalidate AFTER INSERT OR DELETE OR TRUNCATE ON tenancy.keys
     FOR EACH STATEMENT EXECUTE FUNCTION tenancy._catalog_changed();
 -- (counting encryptions updates keys often; only changes that matter to cached keys invalidate)
@@ -36,7 +49,7 @@ CREATE TRIGGER tenancy_invalidate_update AFTER UPDATE ON tenancy.keys
 -- Tenants
 ------------------------------------------------------------------------------------------------
 CREATE FUNCTION tenancy.create_tenant(
-    id text, name text, plan text DEFAULT 'standard', region text DEFAULT 'default',
+    id text, name text DEFAULT NULL, plan text DEFAULT 'standard', region text DEFAULT 'default',
     config jsonb DEFAULT '{}')
 RETURNS tenancy.tenants
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -49,13 +62,18 @@ BEGIN
             DETAIL = 'A tenant id is 1 to 63 characters: letters, digits, ''_'', ''-'' and ''.''; one that reads as an integer or a UUID is written in that type''s canonical form (no leading zeros; a lowercase UUID with hyphens).',
             HINT = 'Write 7, not 007; a UUID as lowercase 8-4-4-4-12. Two spellings of one integer or UUID would name the same rows of an integer or uuid tenant column.';
     END IF;
-    IF name IS NULL OR btrim(name) = '' THEN
+    name := coalesce(name, id);
+    IF btrim(name) = '' THEN
         RAISE EXCEPTION 'tenant name must not be empty' USING ERRCODE = '22023',
-            HINT = 'Pass a display name as the second argument.';
+            HINT = 'Pass a display name as the second argument, or omit it to use the id.';
     END IF;
     IF plan IS NULL OR region IS NULL THEN
         RAISE EXCEPTION 'tenant plan and region must not be null' USING ERRCODE = '22023',
             HINT = 'Omit them to get ''standard'' and ''default''.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM tenancy.plans p WHERE p.name = plan) THEN
+        RAISE EXCEPTION 'plan does not exist' USING ERRCODE = '42704',
+            HINT = 'Plans are rows of tenancy.plans (INSERT INTO tenancy.plans (name, ...) VALUES (...)).';
     END IF;
     IF config IS NULL OR jsonb_typeof(config) <> 'object' THEN
         RAISE EXCEPTION 'tenant config must be a JSON object' USING ERRCODE = '22023',
@@ -110,6 +128,10 @@ BEGIN
     IF config IS NOT NULL AND jsonb_typeof(config) <> 'object' THEN
         RAISE EXCEPTION 'tenant config must be a JSON object' USING ERRCODE = '22023',
             HINT = 'config replaces the whole object; merge with old_config || patch first.';
+    END IF;
+    IF plan IS NOT NULL AND NOT EXISTS (SELECT 1 FROM tenancy.plans p WHERE p.name = plan) THEN
+        RAISE EXCEPTION 'plan does not exist' USING ERRCODE = '42704',
+            HINT = 'Plans are rows of tenancy.plans (INSERT INTO tenancy.plans (name, ...) VALUES (...)).';
     END IF;
     UPDATE tenancy.tenants t
        SET name = coalesce(name, t.name), plan = coalesce(plan, t.plan),

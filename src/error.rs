@@ -93,6 +93,11 @@ pub enum TenancyError {
     RestoreBlocked(&'static str),
     #[error("the tenant's own key cannot be read from the key store")]
     TenantKeyUnavailable(&'static str),
+    /// A plan limit: what is limited, the tenant's plan, and what the limit is.
+    #[error("tenant {0} limit exceeded")]
+    LimitExceeded(&'static str, String, String),
+    #[error("invalid meter name")]
+    InvalidMeter,
 }
 
 impl TenancyError {
@@ -147,6 +152,8 @@ impl TenancyError {
             TenancyError::NotYet(_) => ERRCODE_FEATURE_NOT_SUPPORTED,                  // 0A000
             TenancyError::RestoreBlocked(_) => ERRCODE_LOCK_NOT_AVAILABLE,             // 55P03
             TenancyError::TenantKeyUnavailable(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
+            TenancyError::LimitExceeded(..) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,    // 53400
+            TenancyError::InvalidMeter => ERRCODE_INVALID_PARAMETER_VALUE,              // 22023
         }
     }
 
@@ -182,12 +189,29 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             | TenancyError::NotYet(why)
             | TenancyError::RestoreBlocked(why)
             | TenancyError::TenantKeyUnavailable(why) => Some((*why).to_string()),
+            TenancyError::LimitExceeded(_, _, limit) => Some(limit.clone()),
+            TenancyError::InvalidMeter => {
+                Some("A meter name is 1 to 63 characters: lowercase letters, digits and '_', starting with a letter.".into())
+            }
             _ => None,
         }
     }
 
-    pub fn hint(&self) -> &'static str {
+    pub fn hint(&self) -> std::borrow::Cow<'static, str> {
         match self {
+            TenancyError::LimitExceeded(_, plan, _) => format!(
+                "The tenant's plan is \"{plan}\". Retry later; a superuser raises the tenant's own limit with \
+tenancy.set_limit(tenant, ...) or moves it to another plan with tenancy.alter_tenant(tenant, plan => ...)."
+            )
+            .into(),
+            other => other.static_hint().into(),
+        }
+    }
+
+    fn static_hint(&self) -> &'static str {
+        match self {
+            TenancyError::LimitExceeded(..) => "",
+            TenancyError::InvalidMeter => "For example tenancy.meter('webhook_events', 1).",
             TenancyError::NoContext => {
                 "Call tenancy.set_tenant(...) or tenancy.set_tenant_token(...) in this transaction."
             }
@@ -303,7 +327,7 @@ Restoring a dump? Run it with PGOPTIONS='-c pg_tenancy.guard=off' as a superuser
             if let Some(detail) = self.detail() {
                 pg_sys::GUC_check_errdetail_string = pstrdup(&detail);
             }
-            pg_sys::GUC_check_errhint_string = pstrdup(self.hint());
+            pg_sys::GUC_check_errhint_string = pstrdup(&self.hint());
         }
     }
 }

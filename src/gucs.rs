@@ -82,6 +82,12 @@ pub static RESTORE_WAIT: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static KEY_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(180 * 24 * 3600);
 
 /// Encryptions under one data key version after which it is rotated automatically.
+/// Tenants whose usage shared memory tracks exactly (postmaster: sizes the segment).
+pub static STATS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(16_000);
+pub static TRACK_STATS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static ENFORCE_LIMITS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Milliseconds a statement over its tenant's concurrency cap waits for a place.
+pub static CONCURRENCY_WAIT: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
 
 /// The column name `tenancy.check()` and auto-protection look for.
@@ -314,6 +320,48 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
         GucContext::Suset,
         GucFlags::default(),
     );
+    // (a server setting can only be defined while the postmaster loads the library: loaded
+    // later, pg_tenancy keeps no usage statistics and its default stands)
+    // SAFETY: reads a flag the postmaster sets while it loads shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_int_guc(
+            c"pg_tenancy.stats_max_tenants",
+            c"Tenants whose usage (statements, latency, errors, denials, limits) shared memory tracks one by one.",
+            c"About 440 bytes each, reserved at server start. Past it, new tenants are counted together under tenant=\"(other)\"; \
+    a tenth of the places is kept for tenants whose plan has pinned_stats.",
+            &STATS_MAX_TENANTS,
+            100,
+            1_000_000,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"pg_tenancy.track_stats",
+        c"Count each top-level statement run under a tenant context in the tenant's usage statistics.",
+        c"tenancy.stats and tenancy.metrics() read them.",
+        &TRACK_STATS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tenancy.enforce_limits",
+        c"Enforce the tenants' plan limits (statement rate, concurrent statements).",
+        c"Off only for maintenance by a superuser: the limits protect the other tenants.",
+        &ENFORCE_LIMITS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.concurrency_wait",
+        c"How long a statement over its tenant's cap on concurrent statements waits for a place before it is refused.",
+        c"The cap is the plan's max_concurrent (or the tenant's own, tenancy.set_limit).",
+        &CONCURRENCY_WAIT,
+        0,
+        60_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
     // SAFETY: called from _PG_init with a static NUL-terminated string.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_tenancy".as_ptr()) };
 }
@@ -426,4 +474,20 @@ pub fn explain_analyze() -> ExplainAnalyze {
 
 pub fn guard() -> bool {
     GUARD.get()
+}
+
+pub fn stats_max_tenants() -> usize {
+    STATS_MAX_TENANTS.get().max(100) as usize
+}
+
+pub fn track_stats() -> bool {
+    TRACK_STATS.get()
+}
+
+pub fn enforce_limits() -> bool {
+    ENFORCE_LIMITS.get()
+}
+
+pub fn concurrency_wait_ms() -> i32 {
+    CONCURRENCY_WAIT.get()
 }

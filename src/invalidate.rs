@@ -12,6 +12,9 @@
 //! | tenant parameter slot types (`protect::param`) | plans this backend made | never (only grows) |
 //! | statements whose parameters were filled (`protect::param`) | the executor hooks | ExecutorEnd; the end of the transaction |
 //! | partition roots of captured rows (`protect::capture`) | `pg_inherits` | any relcache invalidation |
+//! | the statement being counted, its concurrent place (`stats`) | the executor hooks | ExecutorEnd of the statement; its error report; the end of the transaction; the next top-level statement |
+//! | tenants' places in shared memory (`stats`) | the shared index | never (places are kept for the life of the server) |
+//! | tenants' limits (in verified contexts) | `tenancy.plans`, `tenancy.limits` | their triggers invalidate `tenancy.tenants` |
 use pgrx::prelude::*;
 use std::ffi::{c_char, c_int, c_void};
 
@@ -104,6 +107,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
         unsafe { on_pre_commit() };
     } else if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
         param::forget_runs();
+        // (not a COMMIT inside a procedure: the CALL is still running)
+        if crate::stats::nesting::depth() == 0 {
+            crate::stats::transaction_ended();
+        }
     } else if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
         param::forget_runs();
         // SAFETY: a #[pg_guard] function of ours.
@@ -118,6 +125,9 @@ unsafe extern "C-unwind" fn on_pre_commit() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_abort() {
+    if crate::stats::nesting::depth() == 0 {
+        crate::stats::transaction_ended();
+    }
     crate::crypto::forget_pending_shreds(0);
     keystore::forget_keys();
     explain::done();

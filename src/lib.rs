@@ -26,6 +26,8 @@ pub mod gucs;
 pub mod hooks;
 pub mod invalidate;
 pub mod protect;
+pub mod stats;
+pub mod usage;
 pub mod util;
 
 ::pgrx::pg_module_magic!();
@@ -85,6 +87,11 @@ extension_sql_file!(
     name = "check",
     requires = ["backup", audit::sql::_audit_available, audit::sql::_audit_overflowed]
 );
+extension_sql_file!(
+    "../sql/usage.sql",
+    name = "usage",
+    requires = ["check", usage::_stats, usage::reset_stats, usage::metrics, usage::meter, usage::stats_status]
+);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
@@ -104,6 +111,7 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
     hooks::install();
     audit::init();
+    stats::init();
 }
 
 /// Required by `cargo pgrx test`.

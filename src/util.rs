@@ -57,6 +57,54 @@ impl std::hash::Hasher for FnvHasher {
 
 pub type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
 
+/// Shared memory segments of the modules that keep one (the audit queue, the usage statistics).
+pub mod shmem {
+    use pgrx::pg_sys;
+    use std::ffi::CStr;
+
+    /// Ask for `size` bytes and one LWLock of `tranche` (from a `shmem_request_hook`).
+    ///
+    /// # Safety
+    /// Called by the postmaster while it sizes shared memory.
+    pub unsafe fn request(size: usize, tranche: &CStr) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            pg_sys::RequestAddinShmemSpace(size);
+            pg_sys::RequestNamedLWLockTranche(tranche.as_ptr(), 1);
+        }
+    }
+
+    /// Find the segment `name` of `size` bytes, or make it: zeroed, then `init` on it. Returns it
+    /// and the lock of `tranche`. Under AddinShmemInitLock, as PostgreSQL's own modules do.
+    ///
+    /// # Safety
+    /// Called from a `shmem_startup_hook`, after [`request`] asked for them.
+    pub unsafe fn attach(name: &CStr, size: usize, tranche: &CStr, init: impl FnOnce(*mut u8)) -> (*mut u8, *mut pg_sys::LWLock) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
+            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let mut found = false;
+            let base = pg_sys::ShmemInitStruct(name.as_ptr(), size, &mut found).cast::<u8>();
+            if !found {
+                std::ptr::write_bytes(base, 0, size);
+                init(base);
+            }
+            let lock = &raw mut (*pg_sys::GetNamedLWLockTranche(tranche.as_ptr())).lock;
+            pg_sys::LWLockRelease(init_lock);
+            (base, lock)
+        }
+    }
+}
+
+/// Copy `s` into a fixed, NUL-padded field of shared memory, whole UTF-8 characters only (cut
+/// short if it does not fit).
+pub fn put_str(dst: &mut [u8], s: &str) {
+    dst.fill(0);
+    let s = truncate(s, dst.len());
+    dst[..s.len()].copy_from_slice(s.as_bytes());
+}
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     let mut n = s.len().min(max);

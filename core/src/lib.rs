@@ -6,9 +6,12 @@
 //! - [`master_key`]: the master key's formats, identity, the wrapping of tenant keys, and the
 //!   bounded command that reads it;
 //! - [`policy`]: the statements that protect and unprotect a table, rendered from `sql/`;
-//! - [`archive`]: the tenant backup archive (manifest, checksums, chunks).
+//! - [`archive`]: the tenant backup archive (manifest, checksums, chunks);
+//! - [`metrics`]: per-tenant usage (latency buckets and quantiles, the rate limit's token
+//!   bucket, error classes, the Prometheus text format).
 pub mod archive;
 pub mod envelope;
+pub mod metrics;
 pub mod master_key;
 pub mod model;
 pub mod policy;

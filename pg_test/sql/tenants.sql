@@ -2,6 +2,8 @@
 \set VERBOSITY default
 \set SHOW_CONTEXT never
 CREATE EXTENSION pg_tenancy;
+INSERT INTO tenancy.plans (name, client_type, statements_per_second, monthly_price)
+VALUES ('enterprise', 'institutional', 500, 2000), ('pro', 'cooperative', 100, 300);
 
 SELECT id, name, plan, region, status, config
   FROM tenancy.create_tenant('acme', 'Acme Corp', 'enterprise', 'eu-west',
@@ -9,6 +11,10 @@ SELECT id, name, plan, region, status, config
 SELECT id, plan, region, status FROM tenancy.create_tenant('globex', 'Globex');
 SELECT id FROM tenancy.create_tenant('7c9e6679-7425-40de-944b-e07fc1f90ae7', 'UUID tenant');
 SELECT id FROM tenancy.create_tenant('a.b_c-1', 'Punctuated');
+-- the display name defaults to the id; the plan must exist
+SELECT id, name, plan FROM tenancy.create_tenant('initech');
+SELECT tenancy.create_tenant('hooli', plan => 'platinum');
+SELECT tenancy.create_tenant('hooli', '  ');
 
 -- invalid ids, names, configs, duplicates
 SELECT tenancy.create_tenant('', 'empty');
@@ -38,6 +44,7 @@ SELECT tenancy.set_status('gone', 'active');
 SELECT id, name, plan, region, config FROM tenancy.alter_tenant('globex', plan => 'pro');
 SELECT tenancy.alter_tenant('globex', config => '"flat"');
 SELECT tenancy.alter_tenant('nobody', plan => 'pro');
+SELECT tenancy.alter_tenant('globex', plan => 'platinum');
 
 -- the catalog is for pg_tenancy only: applications cannot read or change it
 CREATE ROLE regress_nobody;

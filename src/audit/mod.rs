@@ -39,6 +39,7 @@ pub enum Event {
     WrongTenantKey = 8,
     ProtectedDdl = 9,
     TenantRestored = 10,
+    LimitExceeded = 11,
 }
 
 impl Event {
@@ -54,6 +55,7 @@ impl Event {
             Event::WrongTenantKey => "wrong_tenant_key",
             Event::ProtectedDdl => "protected_ddl",
             Event::TenantRestored => "tenant_restored",
+            Event::LimitExceeded => "limit_exceeded",
         }
     }
     fn from_u8(v: u8) -> Option<Event> {
@@ -68,6 +70,7 @@ impl Event {
             8 => Event::WrongTenantKey,
             9 => Event::ProtectedDdl,
             10 => Event::TenantRestored,
+            11 => Event::LimitExceeded,
             _ => return None,
         })
     }
@@ -216,6 +219,9 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
     }
     let _reset = crate::util::OnDrop(|| RECORDING.with(|r| r.set(false)));
     let tenant = session_tenant();
+    if !matches!(event, Event::TenantRestored | Event::ProtectedDdl | Event::LimitExceeded) {
+        crate::stats::count_denial(&tenant);
+    }
     let attempted = attempted.map(loggable_tenant).unwrap_or_default();
     let relation = catalog::relation_name(rel);
     let command = current_command();

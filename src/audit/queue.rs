@@ -159,8 +159,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         if let Some(prev) = PREV.get().and_then(|p| p.request) {
             pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
         }
-        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Queue>());
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
+        crate::util::shmem::request(std::mem::size_of::<Queue>(), TRANCHE);
     }
 }
 
@@ -172,17 +171,9 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if let Some(prev) = PREV.get().and_then(|p| p.startup) {
             pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock; // AddinShmemInitLock
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let q = pg_sys::ShmemInitStruct(c"pg_tenancy audit queue".as_ptr(), std::mem::size_of::<Queue>(), &mut found)
-            .cast::<Queue>();
-        if !found {
-            std::ptr::write_bytes(q.cast::<u8>(), 0, std::mem::size_of::<Queue>());
-        }
-        SEGMENT.queue.store(q, Ordering::Relaxed);
-        SEGMENT.lock.store(&raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock, Ordering::Relaxed);
-        pg_sys::LWLockRelease(init_lock);
+        let (q, lock) = crate::util::shmem::attach(c"pg_tenancy audit queue", std::mem::size_of::<Queue>(), TRANCHE, |_| ());
+        SEGMENT.queue.store(q.cast::<Queue>(), Ordering::Relaxed);
+        SEGMENT.lock.store(lock, Ordering::Relaxed);
     }
 }
 
@@ -220,13 +211,7 @@ impl Drop for Locked {
 
 
 pub(super) fn put(dst: &mut [u8], s: &str) {
-    dst.fill(0);
-    // Keep whole UTF-8 characters only.
-    let mut n = s.len().min(dst.len());
-    while n > 0 && !s.is_char_boundary(n) {
-        n -= 1;
-    }
-    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+    crate::util::put_str(dst, s)
 }
 
 pub(super) fn get(src: &[u8]) -> String {

@@ -30,6 +30,7 @@ pub mod keys;
 pub mod pg;
 pub mod protected;
 pub mod tenants;
+pub mod usage;
 
 /// Who a statement runs as.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

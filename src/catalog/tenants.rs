@@ -14,6 +14,8 @@ pub struct TenantAccess {
     /// membership (1 read, 2 read_write, 3 admin); `None` without one. Grants of roles that no
     /// longer exist do not count, nor do any for a role that no longer exists.
     pub best_scope: Option<i32>,
+    /// The tenant's plan and the limits that apply to it (its own overrides, else its plan's).
+    pub limits: crate::stats::Limits,
 }
 
 const TENANT_ACCESS: Stmt = Stmt {
@@ -26,9 +28,14 @@ const TENANT_ACCESS: Stmt = Stmt {
                              WHERE a.oid OPERATOR(pg_catalog.=) g.role::pg_catalog.oid) \
                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_authid a \
                              WHERE a.oid OPERATOR(pg_catalog.=) $2) \
-                AND pg_catalog.pg_has_role($2, g.role::pg_catalog.oid, 'USAGE')) \
+                AND pg_catalog.pg_has_role($2, g.role::pg_catalog.oid, 'USAGE')), \
+            t.plan, COALESCE(l.statements_per_second, p.statements_per_second), \
+            COALESCE(l.burst, p.burst), COALESCE(l.max_concurrent, p.max_concurrent), \
+            p.pinned_stats \
        FROM (SELECT 1) AS one \
-       LEFT JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) $1",
+       LEFT JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) $1 \
+       LEFT JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
+       LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id",
     args: &[pg_sys::TEXTOID, pg_sys::OIDOID],
     who: Who::Owner,
     fresh: true,
@@ -39,8 +46,15 @@ pub fn tenant_access(tenant: &str, role: pg_sys::Oid) -> Result<TenantAccess> {
         status: r.get::<String>(1),
         config: r.get::<String>(2),
         best_scope: r.get::<i32>(3),
+        limits: crate::stats::Limits {
+            plan: r.get::<String>(4).unwrap_or_default(),
+            rate: r.get::<f64>(5).filter(|r| r.is_finite()).unwrap_or(0.0),
+            burst: r.get::<f64>(6).filter(|b| b.is_finite()).unwrap_or(0.0),
+            max_concurrent: r.get::<i32>(7).unwrap_or(0),
+            pinned: r.get::<bool>(8).unwrap_or(false),
+        },
     })?;
-    Ok(row.unwrap_or(TenantAccess { status: None, config: None, best_scope: None }))
+    Ok(row.unwrap_or(TenantAccess { status: None, config: None, best_scope: None, limits: Default::default() }))
 }
 
 const TENANT_EXISTS: Stmt = Stmt {

@@ -46,6 +46,11 @@ pub struct Verified {
     pub config: Option<String>,
     /// `exp` of the token the context came from, re-checked at every use.
     exp: Option<i64>,
+    /// The tenant's plan and limits, as of this verification (a change of plans, limits or
+    /// tenants drops every verification: the next statement sees it).
+    pub limits: crate::stats::Limits,
+    /// The role it was verified for is a superuser (a change of roles drops every verification).
+    pub superuser: bool,
 }
 
 impl Verified {
@@ -92,6 +97,14 @@ pub fn peek_tenant() -> Option<String> {
     with_context(|v| v.tenant.clone()).ok()
 }
 
+/// The verified context, shared, without recording a refusal: for counting a statement and
+/// enforcing its tenant's limits, which are not a use of the context (the statement itself is
+/// verified, and refused and recorded, where it reads or writes a protected table).
+pub fn verified_quietly() -> Result<Rc<Verified>> {
+    QUIET.with(|q| q.set(true));
+    let _loud = crate::util::OnDrop(|| QUIET.with(|q| q.set(false)));
+    verified()
+}
 
 /// Drop every cached verification (called by the invalidate module when an input changed): at
 /// the next use, never while one is being read.
@@ -177,7 +190,7 @@ fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
         Some(Some(Status::Suspended)) => return Err(TenancyError::Unavailable("suspended")),
         Some(_) => return Err(TenancyError::Unavailable("offboarded")),
     };
-    Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp })
+    Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp, limits: access.limits, superuser: is_super })
 }
 
 fn check_expiry(v: &Verified, now: i64) -> Result<()> {
@@ -338,6 +351,19 @@ pub fn verified() -> Result<Rc<Verified>> {
 /// The verified context for the role running the current statement.
 pub fn resolve() -> Result<Verified> {
     with_context(|v| v.clone())
+}
+
+/// The tenant of the context, if this backend verified the value in place for the role running
+/// now the last time it looked (no query, no check of expiry: for attributing an error report,
+/// where nothing may be run). None otherwise.
+pub fn last_verified_tenant<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
+    let raw = raw_value()?;
+    let user = crate::util::pg::user();
+    LAST.with(|l| {
+        let l = l.try_borrow().ok()?;
+        let v = l.as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw)?;
+        Some(f(&v.tenant))
+    })
 }
 
 /// Whether a context value is set at all (not whether it verifies).

@@ -42,6 +42,7 @@ use crate::catalog::{self, list_ptrs};
 use crate::context::{self, cursors};
 use crate::error::TenancyError;
 use crate::protect::{explain, guard, param, probe};
+use crate::stats::nesting;
 
 /// PostgreSQL's standard implementations, declared here without pgrx's error boundary (see the
 /// module documentation): an error they raise must pass through untouched.
@@ -122,6 +123,14 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
         if !edata.is_null() && (*edata).elevel < pg_sys::PGERROR as c_int && guard::shield_up() {
             (*edata).output_to_client = false;
             (*edata).output_to_server = false;
+        }
+        if !edata.is_null() && (*edata).elevel >= pg_sys::PGERROR as c_int {
+            if crate::stats::counting_any() {
+                crate::stats::failed((*edata).sqlerrcode);
+            } else if !REFUSING.with(|r| r.replace(false)) && context::is_set() {
+                let code = (*edata).sqlerrcode;
+                context::last_verified_tenant(|t| crate::stats::failed_unstarted(t, code));
+            }
         }
         if let Some(prev) = PREV_EMIT_LOG {
             prev(edata);
@@ -294,6 +303,9 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
             TOUCHED.with(|t| t.set(Touched::NONE));
             false
         };
+        if context::is_set() && top_level(query_desc) {
+            begin_statement(query_desc as usize, query_desc);
+        }
         match PREV_EXECUTOR_START {
             Some(prev) => prev(query_desc, eflags),
             None => standard::standard_ExecutorStart(query_desc, eflags),
@@ -301,6 +313,119 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
         if explain || TOUCHED.with(|t| t.get().protected) || param::may_need_filling(query_desc) {
             after_executor_start(query_desc, eflags, explain);
         }
+    }
+}
+
+/// A statement the client sent, not one run by another (inside a function, a procedure, a
+/// trigger, a foreign-key check, COPY, EXPLAIN): counted once, at top level.
+///
+/// # Safety
+/// `query_desc` is the QueryDesc being started.
+unsafe fn top_level(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: reads a backend-global and the QueryDesc's receiver (always set).
+    unsafe {
+        nesting::depth() == 0
+            && pg_sys::ParallelWorkerNumber < 0
+            && (*(*query_desc).dest).mydest != pg_sys::CommandDest::DestSQLFunction
+    }
+}
+
+/// The memory context of a started executor (its runs are nested in it).
+///
+/// # Safety
+/// `query_desc` has been started.
+unsafe fn query_cx(query_desc: *mut pg_sys::QueryDesc) -> pg_sys::MemoryContext {
+    // SAFETY: a started QueryDesc has its EState.
+    unsafe {
+        let estate = (*query_desc).estate;
+        if estate.is_null() { std::ptr::null_mut() } else { (*estate).es_query_cxt }
+    }
+}
+
+/// Enforce the tenant's limits on a top-level statement and start counting it
+/// ([`crate::stats`]). A context that does not verify is left to the statement's own checks.
+#[pg_guard]
+unsafe extern "C-unwind" fn begin_statement(key: usize, query_desc: *mut pg_sys::QueryDesc) {
+    let enforce = crate::gucs::enforce_limits();
+    let track = crate::gucs::track_stats();
+    // (verifying a context may run statements of its own: they are not the client's)
+    if (!enforce && !track) || BEGINNING.with(|b| b.replace(true)) {
+        return;
+    }
+    let _done = crate::util::OnDrop(|| BEGINNING.with(|b| b.set(false)));
+    REFUSING.with(|r| r.set(false));
+    // SAFETY: the QueryDesc being started (or null for a utility statement).
+    if !query_desc.is_null() && unsafe { switches_context_only(query_desc) } {
+        return;
+    }
+    let Ok(v) = context::verified_quietly() else { return };
+    // SAFETY: reads the statement's start time (set by PostgreSQL for every client message).
+    let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    let exempt = || v.superuser;
+    if let Err((why, place)) = crate::stats::begin(&v.tenant, &v.limits, enforce, track, key, now, exempt) {
+        let (what, limit) = match why {
+            crate::stats::Refusal::Concurrency => (
+                "concurrent statements",
+                format!("The limit is {} statements of the tenant at a time.", v.limits.max_concurrent),
+            ),
+            _ => ("statement rate", format!("The limit is {} statements per second.", v.limits.rate)),
+        };
+        let e = TenancyError::LimitExceeded(what, v.limits.plan.clone(), limit);
+        if crate::stats::audit_refusal_due(place, now) {
+            audit::record(Event::LimitExceeded, pg_sys::InvalidOid, Some(&v.tenant), &e.sqlstate_text(), what);
+        }
+        // (counted as a refusal, not as an error of the tenant)
+        REFUSING.with(|r| r.set(true));
+        e.raise();
+    }
+}
+
+static BEGINNING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// A limit is refusing the statement: its error report is not an error of the tenant.
+static REFUSING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+
+/// Whether the statement only enters or leaves a tenant (`SELECT tenancy.set_tenant(...)`,
+/// `set_tenant_token`, `reset_tenant`, and nothing else, on no table): not a statement of the
+/// tenant it leaves (not counted), and never refused by its limits, so that a connection can
+/// always go on to serve another.
+///
+/// # Safety
+/// `query_desc` is the QueryDesc being started.
+unsafe fn switches_context_only(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: the planned statement of a QueryDesc, its range table and plan tree, read only;
+    // syscache lookups of the functions' names.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        if stmt.is_null() || (*stmt).commandType != pg_sys::CmdType::CMD_SELECT {
+            return false;
+        }
+        for rte in list_ptrs((*stmt).rtable) {
+            if (*rte.cast::<pg_sys::RangeTblEntry>()).rtekind != pg_sys::RTEKind::RTE_RESULT {
+                return false;
+            }
+        }
+        let plan = (*stmt).planTree;
+        if plan.is_null() || (*plan).type_ != pg_sys::NodeTag::T_Result || !(*plan).lefttree.is_null() {
+            return false;
+        }
+        let targets = list_ptrs((*plan).targetlist);
+        !targets.is_empty()
+            && targets.into_iter().all(|te| {
+                let expr = (*te.cast::<pg_sys::TargetEntry>()).expr;
+                if expr.is_null() || (*expr).type_ != pg_sys::NodeTag::T_FuncExpr {
+                    return false;
+                }
+                let f = expr.cast::<pg_sys::FuncExpr>();
+                let nsp = pg_sys::get_namespace_name(pg_sys::get_func_namespace((*f).funcid));
+                let name = pg_sys::get_func_name((*f).funcid);
+                !nsp.is_null()
+                    && !name.is_null()
+                    && std::ffi::CStr::from_ptr(nsp).to_bytes() == b"tenancy"
+                    && matches!(std::ffi::CStr::from_ptr(name).to_bytes(), b"set_tenant" | b"set_tenant_token" | b"reset_tenant")
+                    && list_ptrs((*f).args).into_iter().all(|a| {
+                        matches!((*a.cast::<pg_sys::Node>()).type_, pg_sys::NodeTag::T_Const | pg_sys::NodeTag::T_Param)
+                    })
+            })
     }
 }
 
@@ -355,10 +480,13 @@ unsafe extern "C-unwind" fn executor_run(
             standard::AcceptInvalidationMessages();
             before_executor_run(query_desc);
         }
+        let cx = query_cx(query_desc);
+        nesting::enter(cx);
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count, execute_once),
             None => standard::standard_ExecutorRun(query_desc, direction, count, execute_once),
         }
+        nesting::leave(cx);
     }
 }
 
@@ -369,9 +497,14 @@ unsafe extern "C-unwind" fn before_executor_run(query_desc: *mut pg_sys::QueryDe
 
 /// (No `#[pg_guard]`: see the module documentation.)
 unsafe extern "C-unwind" fn executor_end(query_desc: *mut pg_sys::QueryDesc) {
-    // SAFETY: as in executor_start (forgetting a statement only touches a cell).
+    // SAFETY: as in executor_start (forgetting a statement only touches a cell; counting it only
+    // atomics in shared memory).
     unsafe {
         param::ended(query_desc);
+        if crate::stats::counting(query_desc as usize) {
+            let estate = (*query_desc).estate;
+            crate::stats::end(if estate.is_null() { 0 } else { (*estate).es_processed });
+        }
         match PREV_EXECUTOR_END {
             Some(prev) => prev(query_desc),
             None => standard::standard_ExecutorEnd(query_desc),
@@ -383,10 +516,13 @@ unsafe extern "C-unwind" fn executor_end(query_desc: *mut pg_sys::QueryDesc) {
 unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
     // SAFETY: as in executor_start.
     unsafe {
+        let cx = query_cx(query_desc);
+        nesting::enter(cx);
         match PREV_EXECUTOR_FINISH {
             Some(prev) => prev(query_desc),
             None => standard::standard_ExecutorFinish(query_desc),
         }
+        nesting::leave(cx);
         if explain::hiding() {
             after_executor_finish(query_desc);
         }
@@ -424,14 +560,30 @@ unsafe extern "C-unwind" fn process_utility(
         if !node.is_null()
             && matches!(
                 (*node).type_,
-                pg_sys::NodeTag::T_TransactionStmt
-                    | pg_sys::NodeTag::T_VariableSetStmt
-                    | pg_sys::NodeTag::T_VariableShowStmt
-                    | pg_sys::NodeTag::T_CallStmt
-                    | pg_sys::NodeTag::T_DoStmt
+                pg_sys::NodeTag::T_TransactionStmt | pg_sys::NodeTag::T_VariableSetStmt | pg_sys::NodeTag::T_VariableShowStmt
             )
         {
+            match PREV_PROCESS_UTILITY {
+                Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+                None => standard::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            }
+            return;
+        }
+        // CALL, DO and COPY sent by the client are statements of the tenant: counted and limited
+        // (what they run inside is not counted again).
+        let counted = !node.is_null()
+            && matches!((*node).type_, pg_sys::NodeTag::T_CallStmt | pg_sys::NodeTag::T_DoStmt | pg_sys::NodeTag::T_CopyStmt)
+            && context::is_set()
+            && nesting::depth() == 0
+            && pg_sys::ParallelWorkerNumber < 0;
+        if counted {
+            begin_statement(pstmt as usize, std::ptr::null_mut());
+        }
+        if !node.is_null() && matches!((*node).type_, pg_sys::NodeTag::T_CallStmt | pg_sys::NodeTag::T_DoStmt) {
             next_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+            if counted && crate::stats::counting(pstmt as usize) {
+                crate::stats::end(if qc.is_null() { 0 } else { (*qc).nprocessed });
+            }
             return;
         }
         let noted = before_utility(node);
@@ -443,6 +595,9 @@ unsafe extern "C-unwind" fn process_utility(
         }
         if noted {
             after_utility(node);
+        }
+        if counted && crate::stats::counting(pstmt as usize) {
+            crate::stats::end(if qc.is_null() { 0 } else { (*qc).nprocessed });
         }
     }
 }
@@ -508,10 +663,13 @@ unsafe fn next_process_utility(
 ) {
     // SAFETY: see above; an error raised passes through.
     unsafe {
+        let cx = pg_sys::CurrentMemoryContext;
+        nesting::enter(cx);
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
             None => standard::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         }
+        nesting::leave(cx);
     }
 }
 

@@ -1,0 +1,423 @@
+"""Plans, limits and per-tenant usage (issue 14): the statement rate limit holds under load from
+many sessions and refuses only the heavy tenant; the cap on concurrent statements; meters are
+exact under concurrency; p95/p99 match a known latency distribution within one bucket; what is
+counted (top level only, once) and by whom (the verified context, a token's too); 10,000
+tenants tracked exactly and what happens past the bound; the Prometheus text parses with a real
+parser; reset_stats; privileges. Every tenant statement runs as the application role."""
+import os
+import subprocess
+import threading
+import time
+
+import psycopg2
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import APP, PORT, ROOT, connect, run, sign, sqlstate_of, unique
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLUSTER = os.path.join(HERE, "..", "..", "scripts", "cluster.sh")
+
+
+@pytest.fixture(scope="module")
+def plans(database):
+    su = connect()
+    run(su, "DELETE FROM tenancy.limits")
+    run(su, "UPDATE tenancy.tenants SET plan = 'standard'")
+    run(su, "DELETE FROM tenancy.plans WHERE name LIKE 'us\\_%'")
+    run(su, """INSERT INTO tenancy.plans (name, client_type, statements_per_second, burst,
+                                          webhook_events_per_day, meters, sla_p99_ms, monthly_price)
+               VALUES ('us_small', 'farmer', 20, 20, 1000, '{"api_calls": 500}', 2000, 29),
+                      ('us_capped', 'cooperative', NULL, NULL, NULL, '{}', NULL, 99)""")
+    run(su, "UPDATE tenancy.plans SET max_concurrent = 1 WHERE name = 'us_capped'")
+    yield su
+    run(su, "DELETE FROM tenancy.limits")
+    run(su, "UPDATE tenancy.tenants SET plan = 'standard'")
+    su.close()
+
+
+def tenant(su, plan="standard"):
+    t = unique("us")
+    run(su, "SELECT tenancy.create_tenant(%s, plan => %s)", t, plan)
+    run(su, "SELECT tenancy.grant_tenant(%s, %s, 'read_write')", APP, t)
+    return t
+
+
+def entered(t, **kw):
+    conn = connect(user=APP, **kw)
+    run(conn, "SELECT tenancy.set_tenant(%s, true)", t)
+    return conn
+
+
+def stats(su, t):
+    rows = run(su, """SELECT statements, rows, errors, errors_by_class, denials, refused_rate,
+                             refused_concurrency, refused_meter, p95_ms, p99_ms, histogram
+                        FROM tenancy.stats WHERE tenant = %s""", t)
+    keys = ("statements", "rows", "errors", "errors_by_class", "denials", "refused_rate",
+            "refused_concurrency", "refused_meter", "p95_ms", "p99_ms", "histogram")
+    return dict(zip(keys, rows[0])) if rows else None
+
+
+def hammer(t, seconds, results, key):
+    conn = entered(t)
+    ok = refused = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            run(conn, "SELECT 1")
+            ok += 1
+        except psycopg2.Error as e:
+            assert e.pgcode == "53400", e
+            refused += 1
+    conn.close()
+    results.append((key, ok, refused))
+
+
+def test_rate_limit_holds_under_load_and_refuses_only_the_heavy_tenant(plans):
+    su = plans
+    heavy, light = tenant(su, "us_small"), tenant(su)
+    results = []
+    seconds = 3.0
+    threads = [threading.Thread(target=hammer, args=(heavy, seconds, results, "heavy")) for _ in range(4)]
+    threads += [threading.Thread(target=hammer, args=(light, seconds, results, "light")) for _ in range(2)]
+    start = time.monotonic()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.monotonic() - start
+    heavy_ok = sum(r[1] for r in results if r[0] == "heavy")
+    heavy_refused = sum(r[2] for r in results if r[0] == "heavy")
+    light_ok = sum(r[1] for r in results if r[0] == "light")
+    light_refused = sum(r[2] for r in results if r[0] == "light")
+    # 20/s with a burst of 20 over ~3 s: at most 20 + 20 * elapsed (tolerance: 5 statements)
+    allowed = 20 + 20 * elapsed
+    assert heavy_ok <= allowed + 5, (heavy_ok, allowed)
+    assert heavy_ok >= 20 + 20 * seconds * 0.8, (heavy_ok, allowed)
+    assert heavy_refused > 100
+    assert light_refused == 0 and light_ok > 200
+    s = stats(su, heavy)
+    assert s["refused_rate"] == heavy_refused
+    # a refusal is neither a statement nor an error of the tenant
+    assert s["statements"] == heavy_ok and s["errors"] == 0
+    assert stats(su, light)["refused_rate"] == 0
+    # the refusals are audited, at most about one a second (a flood cannot fill the queue)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        n = run(su, "SELECT count(*) FROM tenancy.audit_log WHERE event = 'limit_exceeded' AND session_tenant = %s", heavy)[0][0]
+        if n:
+            break
+        time.sleep(0.2)
+    assert 1 <= n <= seconds + 3, n
+
+
+def test_refusal_names_the_plan_and_context_switches_are_never_refused(plans):
+    su = plans
+    heavy, other = tenant(su, "us_small"), tenant(su)
+    conn = entered(heavy)
+    err = None
+    for _ in range(100):
+        try:
+            run(conn, "SELECT 1")
+        except psycopg2.Error as e:
+            err = e
+            break
+    assert err is not None and err.pgcode == "53400"
+    assert "rate limit" in err.diag.message_primary
+    assert '"us_small"' in err.diag.message_hint
+    assert "20 statements per second" in err.diag.message_detail
+    # the bucket is empty: leaving the tenant (for another client of a pooled connection) works
+    for _ in range(5):
+        assert run(conn, "SELECT tenancy.set_tenant(%s, true)", other) == [(other,)]
+        assert run(conn, "SELECT tenancy.set_tenant(%s, true)", heavy) == [(heavy,)]
+    run(conn, "SELECT tenancy.reset_tenant()")
+    # but a statement that does anything else besides is a statement of the tenant
+    run(conn, "SELECT tenancy.set_tenant(%s, true)", heavy)
+    assert sqlstate_of(conn, "SELECT tenancy.set_tenant(%s, true), count(*) FROM pg_class", other) == "53400"
+    conn.close()
+
+
+def test_plan_and_limit_changes_apply_at_the_next_statement(plans):
+    su = plans
+    heavy = tenant(su, "us_small")
+    conn = entered(heavy)
+    while sqlstate_of(conn, "SELECT 1") is None:
+        pass
+    # a heavy tenant's own rate, set by the operator, applies to the open session at once
+    run(su, "SELECT tenancy.set_limit(%s, statements_per_second => 'Infinity', reason => 'incident 42')", heavy)
+    assert all(sqlstate_of(conn, "SELECT 1") is None for _ in range(200))
+    assert run(su, "SELECT overridden, override_reason FROM tenancy.effective_limits WHERE tenant = %s", heavy) == [(True, "incident 42")]
+    assert run(su, "SELECT tenancy.clear_limit(%s)", heavy) == [(True,)]
+    # back to the plan's 20/s
+    codes = [sqlstate_of(conn, "SELECT 1") for _ in range(100)]
+    assert "53400" in codes
+    # a plan change too
+    run(su, "SELECT tenancy.alter_tenant(%s, plan => 'standard')", heavy)
+    assert all(sqlstate_of(conn, "SELECT 1") is None for _ in range(200))
+    conn.close()
+    # bad input to set_limit
+    assert sqlstate_of(su, "SELECT tenancy.set_limit('no-such-tenant', statements_per_second => 5)") == "42704"
+    assert sqlstate_of(su, "SELECT tenancy.set_limit(%s, statements_per_second => -1)", heavy) == "23514"
+    assert sqlstate_of(su, "SELECT tenancy.set_limit(%s, meters => '{\"Bad\": 1}')", heavy) == "22023"
+    assert sqlstate_of(su, "SELECT tenancy.set_limit(%s, meters => '{\"api_calls\": -1}')", heavy) == "22023"
+
+
+def test_concurrency_cap_waits_then_refuses_and_failed_statements_give_back_their_place(plans):
+    su = plans
+    capped, other = tenant(su, "us_capped"), tenant(su, "us_capped")
+    a, b, c = entered(capped), entered(capped), entered(other)
+    t = threading.Thread(target=run, args=(a, "SELECT pg_sleep(1.5)"))
+    t.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert sqlstate_of(b, "SELECT 1") == "53400"
+    waited = time.monotonic() - started
+    assert 0.15 <= waited < 1.2, waited  # pg_tenancy.concurrency_wait: 200 ms
+    assert sqlstate_of(c, "SELECT 1") is None  # another tenant on the same plan is not affected
+    t.join()
+    assert sqlstate_of(b, "SELECT 1") is None
+    # a statement that fails gives its place back
+    assert sqlstate_of(a, "SELECT 1/0") == "22012"
+    assert sqlstate_of(b, "SELECT 1") is None
+    # so does one whose transaction is rolled back, or whose session ends
+    a.autocommit = False
+    run(a, "SELECT 1")
+    a.rollback()
+    assert sqlstate_of(b, "SELECT 1") is None
+    s = stats(su, capped)
+    assert s["refused_concurrency"] == 1
+    assert run(su, "SELECT running FROM tenancy.stats WHERE tenant = %s", capped) == [(0,)]
+    for conn in (a, b, c):
+        conn.close()
+
+
+def test_meters_are_exact_under_concurrency(plans):
+    su = plans
+    t = tenant(su, "us_small")
+    granted = []
+
+    def worker():
+        conn = entered(t)
+        run(su, "SELECT 1")  # (su only reads)
+        n = 0
+        for _ in range(100):
+            try:
+                if run(conn, "SELECT tenancy.meter('api_calls', 1)")[0][0]:
+                    n += 1
+            except psycopg2.Error as e:
+                assert e.pgcode == "53400"  # the statement rate limit, not the meter
+                time.sleep(0.05)
+        granted.append(n)
+        conn.close()
+
+    run(su, "SELECT tenancy.set_limit(%s, statements_per_second => 'Infinity')", t)
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    # 800 attempts, 500 allowed a day: exactly 500 counted and granted
+    assert sum(granted) == 500
+    assert run(su, "SELECT used FROM tenancy.meter_usage WHERE tenant = %s AND meter = 'api_calls'", t) == [(500,)]
+    assert stats(su, t)["refused_meter"] == 300
+    conn = entered(t)
+    # the plan's named allowances, and a meter the plan does not name (no limit)
+    assert run(conn, "SELECT tenancy.meter('webhook_events', 1000)") == [(True,)]
+    assert run(conn, "SELECT tenancy.meter('webhook_events', 1)") == [(False,)]
+    assert run(conn, "SELECT tenancy.meter('egress_bytes', 10000000)") == [(True,)]
+    # a tenant's own allowance overrides the plan's
+    run(su, "SELECT tenancy.set_limit(%s, meters => '{\"webhook_events\": 2000}')", t)
+    assert run(conn, "SELECT tenancy.meter('webhook_events', 1000)") == [(True,)]
+    # bad input fails with an error, never a silent false
+    assert sqlstate_of(conn, "SELECT tenancy.meter('Bad Name', 1)") == "22023"
+    assert sqlstate_of(conn, "SELECT tenancy.meter('api_calls', -1)") == "22023"
+    assert sqlstate_of(conn, "SELECT tenancy.meter(NULL, 1)") == "22023"
+    assert sqlstate_of(conn, "SELECT tenancy.meter('api_calls', NULL)") == "22023"
+    run(conn, "SELECT tenancy.reset_tenant()")
+    assert sqlstate_of(conn, "SELECT tenancy.meter('api_calls', 1)") == "28000"
+    conn.close()
+    # a read-only grant cannot spend the tenant's allowances
+    run(su, "SELECT tenancy.grant_tenant('scn_other', %s, 'read')", t)
+    ro = connect(user="scn_other")
+    run(ro, "SELECT tenancy.set_tenant(%s, true)", t)
+    assert sqlstate_of(ro, "SELECT tenancy.meter('api_calls', 1)") == "42501"
+    ro.close()
+
+
+def test_latency_quantiles_match_a_known_distribution(plans):
+    su = plans
+    t = tenant(su)
+    conn = entered(t)
+    for _ in range(96):
+        run(conn, "SELECT 1")
+    for _ in range(4):
+        run(conn, "SELECT pg_sleep(0.3)")
+    s = stats(su, t)
+    assert s["statements"] == 100  # (set_tenant started outside the context: not counted)
+    # p95 lies among the fast statements (<= 2 ms); p99 in the bucket of 0.3 s: (0.2 s, 0.5 s]
+    assert s["p95_ms"] <= 2.0, s
+    assert 200 < s["p99_ms"] <= 500, s
+    assert s["histogram"][11] == 4  # the (0.2, 0.5] s bucket
+    conn.close()
+
+
+def test_what_is_counted_and_for_whom(plans):
+    su = plans
+    t = tenant(su)
+    run(su, """CREATE OR REPLACE FUNCTION app.us_three() RETURNS int LANGUAGE plpgsql AS $$
+               BEGIN PERFORM 1; PERFORM 2; RETURN (SELECT count(*) FROM app.orders); END $$""")
+    run(su, f"GRANT EXECUTE ON FUNCTION app.us_three() TO {APP}")
+    conn = entered(t)
+    run(conn, "SELECT count(*) FROM app.orders UNION ALL SELECT count(*) FROM app.orders")  # 1
+    run(conn, "SELECT app.us_three()")  # 1: its statements are not counted again
+    run(conn, "DO $$ BEGIN PERFORM 1; PERFORM 2; END $$")  # 1
+    run(conn, "INSERT INTO app.orders (client, item) SELECT 'c', 'i' FROM generate_series(1, 7)")  # 1, 7 rows
+    assert sqlstate_of(conn, "SELECT 1/0") == "22012"  # 1, an error of class 22 (when planned)
+    assert sqlstate_of(conn, "SELECT 1/(random() * 0)::int") == "22012"  # 1, when run
+    # a denial: writing another tenant's row
+    assert sqlstate_of(conn, "INSERT INTO app.orders (tenant_id, client, item) VALUES ('t000', 'x', 'y')") == "42501"
+    s = stats(su, t)
+    assert s["statements"] == 6 + 1  # the six above, the denied insert
+    assert s["rows"] >= 7 + 2
+    assert s["errors"] == 3 and s["errors_by_class"] == {"22": 2, "42": 1}
+    assert s["denials"] >= 1
+    conn.close()
+    # a context set by a token counts for the token's tenant
+    token = sign(su, f'{{"tenant_id": "{t}", "exp": {int(time.time()) + 600}}}')
+    conn = connect(user=APP)
+    run(conn, "SELECT tenancy.set_tenant_token(%s, true)", token)
+    run(conn, "SELECT 1")
+    conn.close()
+    assert stats(su, t)["statements"] == s["statements"] + 1
+    # without a context nothing is counted for anyone
+    before = run(su, "SELECT sum(statements) FROM tenancy.stats")[0][0]
+    plain = connect(user=APP)
+    for _ in range(5):
+        run(plain, "SELECT 1")
+    plain.close()
+    assert run(su, "SELECT sum(statements) FROM tenancy.stats")[0][0] == before
+
+
+def test_prometheus_text_parses_and_is_consistent(plans):
+    su = plans
+    t = tenant(su, "us_small")
+    conn = entered(t)
+    run(conn, "SELECT tenancy.meter('api_calls', 3)")
+    run(conn, "SELECT pg_sleep(0.01)")
+    conn.close()
+    text = run(su, "SELECT tenancy.metrics()")[0][0]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("pg_tenancy_statements", "pg_tenancy_errors", "pg_tenancy_denials", "pg_tenancy_limit_refusals",
+                 "pg_tenancy_statement_duration_seconds", "pg_tenancy_meter_used", "pg_tenancy_meter_allowance",
+                 "pg_tenancy_tracked_tenants", "pg_tenancy_tenant_info"):
+        assert name in families, (name, sorted(families))
+    assert families["pg_tenancy_statement_duration_seconds"].type == "histogram"
+    mine = [s for s in families["pg_tenancy_statement_duration_seconds"].samples if s.labels.get("tenant") == t]
+    buckets = [s for s in mine if s.name.endswith("_bucket")]
+    assert [b.labels["le"] for b in buckets][-1] == "+Inf"
+    counts = [b.value for b in buckets]
+    assert counts == sorted(counts)  # cumulative
+    count = [s.value for s in mine if s.name.endswith("_count")][0]
+    assert counts[-1] == count == 2
+    total = [s.value for s in mine if s.name.endswith("_sum")][0]
+    assert 0.01 <= total < 1
+    used = [s for s in families["pg_tenancy_meter_used"].samples if s.labels == {"tenant": t, "meter": "api_calls"}]
+    assert [s.value for s in used] == [3]
+    info = [s for s in families["pg_tenancy_tenant_info"].samples if s.labels.get("tenant") == t]
+    assert info[0].labels["plan"] == "us_small"
+
+
+def test_reset_stats_and_privileges(plans, app):
+    su = plans
+    t = tenant(su)
+    conn = entered(t)
+    run(conn, "SELECT 1")
+    assert stats(su, t)["statements"] == 1
+    # applications read neither the statistics nor the metrics, and cannot reset them
+    for sql in ("SELECT * FROM tenancy.stats", "SELECT tenancy.metrics()", "SELECT tenancy.reset_stats()",
+                "SELECT * FROM tenancy.effective_limits", "SELECT * FROM tenancy.stats_status()"):
+        assert sqlstate_of(conn, sql) == "42501", sql
+    conn.close()
+    # pg_monitor reads them
+    mon = unique("mon").replace("-", "_")
+    run(su, f"CREATE ROLE {mon} LOGIN IN ROLE pg_monitor")
+    m = connect(user=mon)
+    assert run(m, "SELECT statements, errors FROM tenancy.stats WHERE tenant = %s", t) == [(6, 5)]  # the refusals above
+    assert "pg_tenancy_statements_total" in run(m, "SELECT tenancy.metrics()")[0][0]
+    assert sqlstate_of(m, "SELECT tenancy.reset_stats()") == "42501"
+    m.close()
+    run(su, f"DROP ROLE {mon}")
+    # a reset zeroes one tenant's counters, or all; tenants keep their places
+    assert run(su, "SELECT tenancy.reset_stats(%s)", t) == [(1,)]
+    assert stats(su, t)["statements"] == 0
+    assert run(su, "SELECT tenancy.reset_stats('no-such-tenant')") == [(0,)]
+    run(su, "SELECT tenancy.reset_stats()")
+    assert run(su, "SELECT count(*) FROM tenancy.stats WHERE statements > 0") == [(0,)]
+
+
+def test_ten_thousand_tenants_are_tracked_exactly(plans):
+    su = plans
+    run(su, "INSERT INTO tenancy.tenants (id, name) SELECT 'us10k-' || g, 'n' FROM generate_series(1, 10000) g "
+            "ON CONFLICT DO NOTHING")
+    run(su, "SELECT tenancy.grant_tenant(%s, '*', 'read')", APP)
+    try:
+        conn = connect(user=APP)
+        with conn.cursor() as cur:
+            for g in range(1, 10001):
+                cur.execute(f"SELECT tenancy.set_tenant('us10k-{g}', true); SELECT 1")
+        conn.close()
+        rows = run(su, "SELECT count(*), min(statements), max(statements) FROM tenancy.stats WHERE tenant LIKE 'us10k-%'")
+        assert rows == [(10000, 1, 1)]
+        assert run(su, "SELECT statements FROM tenancy.stats WHERE tenant = '(other)'") == [(0,)]
+        tracked, capacity, shared = run(su, "SELECT * FROM tenancy.stats_status()")[0]
+        assert tracked > 10000 and capacity == 16001 and shared < 10 * 1024 * 1024
+    finally:
+        run(su, "SELECT tenancy.revoke_tenant(%s, '*')", APP)
+
+
+@pytest.fixture(scope="module")
+def small_cluster():
+    env = dict(os.environ, PGT_ROOT=ROOT + "-small", PGT_PORT=str(PORT - 6),
+               PGT_EXTRA_CONF="pg_tenancy.stats_max_tenants = 100")
+    subprocess.run(["bash", CLUSTER, "destroy"], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["bash", CLUSTER, "start"], env=env, check=True, stdout=subprocess.DEVNULL)
+    yield lambda **kw: connect(dbname="postgres", host=f"{ROOT}-small/sock", port=PORT - 6, **kw)
+    subprocess.run(["bash", CLUSTER, "destroy"], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def test_past_the_bound_tenants_are_counted_together_and_pinned_plans_keep_a_place(small_cluster):
+    su = small_cluster()
+    run(su, "CREATE EXTENSION pg_tenancy")
+    run(su, "INSERT INTO tenancy.plans (name, pinned_stats, statements_per_second, burst) VALUES ('vip', true, 1, 5)")
+    run(su, "INSERT INTO tenancy.tenants (id, name) SELECT 'b' || g, 'n' FROM generate_series(1, 150) g")
+    run(su, "INSERT INTO tenancy.tenants (id, name, plan) VALUES ('vip1', 'VIP', 'vip')")
+    with su.cursor() as cur:
+        for g in range(1, 151):
+            cur.execute(f"SELECT tenancy.set_tenant('b{g}', true); SELECT 1")
+        cur.execute("SELECT tenancy.set_tenant('vip1', true); SELECT 1")
+        cur.execute("SELECT tenancy.reset_tenant()")
+    tracked, capacity, _ = run(su, "SELECT * FROM tenancy.stats_status()")[0]
+    assert capacity == 101
+    # 90 places for any tenant (a tenth is kept for pinned plans), the rest counted together
+    assert run(su, "SELECT count(*) FROM tenancy.stats WHERE tenant LIKE 'b%'") == [(90,)]
+    assert run(su, "SELECT statements FROM tenancy.stats WHERE tenant = '(other)'") == [(150 - 90,)]
+    assert run(su, "SELECT statements FROM tenancy.stats WHERE tenant = 'vip1'") == [(1,)]
+    # a tenant counted under (other) is still rate-limited as itself, by no one else's statements
+    run(su, "INSERT INTO tenancy.plans (name, statements_per_second, burst) VALUES ('slow', 1, 5)")
+    run(su, "UPDATE tenancy.tenants SET plan = 'slow' WHERE id IN ('b149', 'b150')")
+    with su.cursor() as cur:
+        cur.execute("SELECT tenancy.set_tenant('b149', true)")
+    codes = [sqlstate_of(su, "SELECT 1") for _ in range(20)]
+    assert codes.count("53400") == 0  # superusers are not limited
+    app = "small_app"
+    run(su, f"CREATE ROLE {app} LOGIN")
+    run(su, f"SELECT tenancy.grant_tenant('{app}', '*', 'read')")
+    a = small_cluster(user=app)
+    run(a, "SELECT tenancy.set_tenant('b149', true)")
+    codes = [sqlstate_of(a, "SELECT 1") for _ in range(20)]
+    assert 14 <= codes.count("53400") <= 15, codes  # a burst of 5, then one a second
+    assert run(su, "SELECT refused_rate FROM tenancy.stats WHERE tenant = '(other)'")[0][0] == codes.count("53400")
+    run(a, "SELECT tenancy.set_tenant('b150', true)")
+    assert sqlstate_of(a, "SELECT 1") is None
+    a.close()
+    su.close()

@@ -1,0 +1,98 @@
+//! `tenancy.meter_usage` and the allowances of `tenancy.plans` / `tenancy.limits`: what
+//! `tenancy.meter()` counts against, and what the metrics report of it.
+use pgrx::prelude::*;
+
+use super::{arg, one, run, Stmt, Who};
+use crate::error::Result;
+
+/// The allowance per day of meter `$2` for tenant `$1` (t, p, l: the tenant, its plan, its own
+/// limits): the tenant's own, else the plan's named column, else the plan's `meters` entry;
+/// NULL = no limit.
+macro_rules! allowance {
+    () => {
+        "COALESCE((l.meters OPERATOR(pg_catalog.->>) m.meter)::pg_catalog.int8, \
+           CASE m.meter WHEN 'webhook_events' THEN p.webhook_events_per_day \
+                        WHEN 'egress_bytes' THEN p.egress_bytes_per_day END, \
+           (p.meters OPERATOR(pg_catalog.->>) m.meter)::pg_catalog.int8)"
+    };
+}
+
+const ALLOWANCE: Stmt = Stmt {
+    sql: concat!(
+        "SELECT ",
+        allowance!(),
+        " FROM tenancy.tenants t \
+           JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
+           LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id \
+          CROSS JOIN (SELECT $2::pg_catalog.text AS meter) m \
+          WHERE t.id OPERATOR(pg_catalog.=) $1"
+    ),
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// The tenant's allowance per day for `meter`: `Some(None)` for no limit, `None` when the tenant
+/// does not exist.
+pub fn allowance(tenant: &str, meter: &str) -> Result<Option<Option<i64>>> {
+    one(&ALLOWANCE, &[arg(tenant), arg(meter)], |r| r.get::<i64>(1))
+}
+
+/// Add `$3` to today's (UTC) use of meter `$2` by tenant `$1` when it stays within `$4` (NULL: no
+/// limit). The row lock taken by ON CONFLICT ... DO UPDATE serialises concurrent meters of one
+/// tenant and the condition is evaluated on the latest row: two sessions can never both take
+/// the last of an allowance.
+const ADD: Stmt = Stmt {
+    sql: "INSERT INTO tenancy.meter_usage AS u (tenant, meter, day, used) \
+          SELECT $1, $2, (pg_catalog.now() AT TIME ZONE 'UTC')::pg_catalog.date, $3 \
+           WHERE $4::pg_catalog.int8 IS NULL OR $3 OPERATOR(pg_catalog.<=) $4::pg_catalog.int8 \
+          ON CONFLICT (tenant, meter, day) DO UPDATE \
+             SET used = u.used OPERATOR(pg_catalog.+) EXCLUDED.used, updated_at = pg_catalog.now() \
+           WHERE $4::pg_catalog.int8 IS NULL \
+              OR u.used OPERATOR(pg_catalog.+) EXCLUDED.used OPERATOR(pg_catalog.<=) $4::pg_catalog.int8 \
+       RETURNING u.used",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID],
+    who: Who::Owner,
+    fresh: false,
+};
+
+/// Count `amount` of `meter` for `tenant` today if it fits `allowance`; the day's total when it
+/// did, None when it would have gone over (nothing counted).
+pub fn add(tenant: &str, meter: &str, amount: i64, allowance: Option<i64>) -> Result<Option<i64>> {
+    Ok(one(&ADD, &[arg(tenant), arg(meter), arg(amount), arg(allowance)], |r| r.get::<i64>(1))?.flatten())
+}
+
+const TODAY: Stmt = Stmt {
+    sql: concat!(
+        "SELECT m.tenant, m.meter, m.used, ",
+        allowance!(),
+        " FROM tenancy.meter_usage m \
+           JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) m.tenant \
+           JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
+           LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id \
+          WHERE m.day OPERATOR(pg_catalog.=) (pg_catalog.now() AT TIME ZONE 'UTC')::pg_catalog.date \
+          ORDER BY m.tenant, m.meter"
+    ),
+    args: &[],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// Today's (UTC) metered use: tenant, meter, used, allowance (None: no limit).
+pub fn today() -> Result<Vec<(String, String, i64, Option<i64>)>> {
+    run(&TODAY, &[], |r| {
+        (r.get::<String>(1).unwrap_or_default(), r.get::<String>(2).unwrap_or_default(), r.get::<i64>(3).unwrap_or(0), r.get::<i64>(4))
+    })
+}
+
+const PLANS: Stmt = Stmt {
+    sql: "SELECT t.id, t.plan FROM tenancy.tenants t",
+    args: &[],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// Every tenant's plan.
+pub fn plans() -> Result<Vec<(String, String)>> {
+    run(&PLANS, &[], |r| (r.get::<String>(1).unwrap_or_default(), r.get::<String>(2).unwrap_or_default()))
+}
