@@ -48,9 +48,9 @@ fi
 
 # Python driver and test runner for the multi-session scenarios, in a private venv.
 VENV=${VENV:-$(dirname "$0")/../target/venv}
-if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c 'import psycopg2, prometheus_client' 2>/dev/null; then
-    echo "deps: creating $VENV (pytest, psycopg2, prometheus-client)"
+if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c 'import psycopg2, psycopg, prometheus_client' 2>/dev/null; then
+    echo "deps: creating $VENV (pytest, psycopg2, psycopg, prometheus-client)"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check pytest psycopg2-binary prometheus-client
+    "$VENV/bin/pip" install -q --disable-pip-version-check pytest psycopg2-binary 'psycopg[binary]' prometheus-client
 fi
 echo "deps: ok"

@@ -86,6 +86,8 @@ pub static KEY_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(180 *
 pub static STATS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(16_000);
 pub static TRACK_STATS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ENFORCE_LIMITS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static LOG_MASKING: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static LOG_TENANT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Milliseconds a statement over its tenant's concurrency cap waits for a place.
 pub static CONCURRENCY_WAIT: GucSetting<i32> = GucSetting::<i32>::new(200);
 pub static MAX_ENCRYPTIONS_PER_KEY: GucSetting<i32> = GucSetting::<i32>::new(i32::MAX);
@@ -337,6 +339,22 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
         );
     }
     GucRegistry::define_bool_guc(
+        c"pg_tenancy.log_masking",
+        c"Mask literal values in statement text, bound parameters and row values in error details written to the server log, for statements run under a tenant context or on protected tables.",
+        c"Tenant tokens are masked in every log line whatever this says.",
+        &LOG_MASKING,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tenancy.log_tenant",
+        c"Tag server log lines written under a tenant context with the tenant id.",
+        c"A line only for the log starts with [tenant=<id>]; the log copy of a message the client also gets carries tenant=<id> in its DETAIL.",
+        &LOG_TENANT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
         c"pg_tenancy.track_stats",
         c"Count each top-level statement run under a tenant context in the tenant's usage statistics.",
         c"tenancy.stats and tenancy.metrics() read them.",
@@ -490,4 +508,12 @@ pub fn enforce_limits() -> bool {
 
 pub fn concurrency_wait_ms() -> i32 {
     CONCURRENCY_WAIT.get()
+}
+
+pub fn log_masking() -> bool {
+    LOG_MASKING.get()
+}
+
+pub fn log_tenant() -> bool {
+    LOG_TENANT.get()
 }

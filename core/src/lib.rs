@@ -7,10 +7,12 @@
 //!   bounded command that reads it;
 //! - [`policy`]: the statements that protect and unprotect a table, rendered from `sql/`;
 //! - [`archive`]: the tenant backup archive (manifest, checksums, chunks);
+//! - [`logmask`]: what server log lines lose (tokens, literals, parameter and row values);
 //! - [`metrics`]: per-tenant usage (latency buckets and quantiles, the rate limit's token
 //!   bucket, error classes, the Prometheus text format).
 pub mod archive;
 pub mod envelope;
+pub mod logmask;
 pub mod metrics;
 pub mod master_key;
 pub mod model;

@@ -100,10 +100,15 @@ pub fn peek_tenant() -> Option<String> {
 /// The verified context, shared, without recording a refusal: for counting a statement and
 /// enforcing its tenant's limits, which are not a use of the context (the statement itself is
 /// verified, and refused and recorded, where it reads or writes a protected table).
+///
+/// Invalidations are not taken here (a change of plans or limits reaches the statement at its
+/// transaction's start or its first lock): taking them at this point would lock a cursor a
+/// change of grants made stale before the statement's own verification could say why.
 pub fn verified_quietly() -> Result<Rc<Verified>> {
     QUIET.with(|q| q.set(true));
     let _loud = crate::util::OnDrop(|| QUIET.with(|q| q.set(false)));
-    verified()
+    with_context_as_of_now(|_| ())?;
+    Ok(LAST.with(|l| l.borrow().clone()).expect("a verification just made is the last one"))
 }
 
 /// Drop every cached verification (called by the invalidate module when an input changed): at
@@ -331,11 +336,17 @@ fn verify_setter(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
 /// already holds every lock it needs. On a cache hit this reads the setting in place and runs
 /// no query.
 pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
+    // SAFETY: processes pending invalidation messages, as any lock acquisition does.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
+    with_context_as_of_now(f)
+}
+
+/// [`with_context`] without taking invalidation messages first: as of the last time this
+/// backend took them (every transaction start and lock acquisition does).
+fn with_context_as_of_now<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
     if !crate::util::preloaded() {
         return Err(TenancyError::PreloadRequired);
     }
-    // SAFETY: processes pending invalidation messages, as any lock acquisition does.
-    unsafe { pg_sys::AcceptInvalidationMessages() };
     let raw = raw_value().ok_or(TenancyError::NoContext)?;
     let user = crate::util::pg::user();
     verify_setter(raw, user)?;

@@ -44,6 +44,8 @@ use crate::error::TenancyError;
 use crate::protect::{explain, guard, param, probe};
 use crate::stats::nesting;
 
+mod logs;
+
 /// PostgreSQL's standard implementations, declared here without pgrx's error boundary (see the
 /// module documentation): an error they raise must pass through untouched.
 mod standard {
@@ -123,6 +125,9 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
         if !edata.is_null() && (*edata).elevel < pg_sys::PGERROR as c_int && guard::shield_up() {
             (*edata).output_to_client = false;
             (*edata).output_to_server = false;
+        }
+        if !edata.is_null() && (*edata).output_to_server {
+            logs::rewrite(edata, TOUCHED.with(|t| t.get().protected));
         }
         if !edata.is_null() && (*edata).elevel >= pg_sys::PGERROR as c_int {
             if crate::stats::counting_any() {
