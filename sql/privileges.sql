@@ -45,7 +45,8 @@ GRANT EXECUTE ON FUNCTION
     tenancy.meter(text, bigint)
 TO PUBLIC;
 -- Usage statistics span every tenant: monitoring reads them (pg_monitor), not applications.
-GRANT EXECUTE ON FUNCTION tenancy._stats(), tenancy.metrics(), tenancy.stats_status() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION tenancy._stats(), tenancy.metrics(), tenancy.stats_status(),
+    tenancy._quantile_ms(bigint[], double precision) TO pg_monitor;
 
 -- Per-relation statistics count rows a session's own scans read, the other tenants' included
 -- (an index scan on another column reads them before the tenant filter drops them): in this

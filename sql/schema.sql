@@ -92,6 +92,44 @@ COMMENT ON TABLE tenancy.meter_usage IS
     'Metered usage per tenant, meter and UTC day, counted by tenancy.meter(name, amount).';
 SELECT pg_catalog.pg_extension_config_dump('tenancy.meter_usage', '');
 
+-- Incidents (runbook sections 4 and 7): opened by tenancy.lockdown(), shown by tenancy.alerts
+-- until closed. The customer is told within 72 hours; the post-mortem is due within 5 business
+-- days.
+CREATE TABLE tenancy.incidents (
+    id                  bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant              text        NOT NULL REFERENCES tenancy.tenants (id),
+    reason              text        NOT NULL,
+    detected_at         timestamptz NOT NULL DEFAULT now(),
+    notify_by           timestamptz NOT NULL,
+    postmortem_by       timestamptz NOT NULL,
+    previous_status     text        NOT NULL,
+    key_rotated         boolean     NOT NULL DEFAULT false,
+    key_rotation_error  text,
+    opened_by           regrole,
+    unlocked_at         timestamptz,
+    closed_at           timestamptz,
+    closed_by           regrole,
+    postmortem          text
+);
+CREATE INDEX incidents_open_idx ON tenancy.incidents (tenant) WHERE closed_at IS NULL;
+COMMENT ON TABLE tenancy.incidents IS
+    'Security incidents per tenant: tenancy.lockdown() opens one, tenancy.close_incident() closes it.';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.incidents', '');
+
+-- Per-tenant usage counters as tenancy.snapshot_usage() read them (cumulative since the last
+-- reset or restart): what tenancy.alerts compares over its windows. Kept two hours.
+CREATE TABLE tenancy.usage_history (
+    at          timestamptz NOT NULL,
+    tenant      text        NOT NULL,
+    statements  bigint      NOT NULL,
+    errors      bigint      NOT NULL,
+    denials     bigint      NOT NULL,
+    total_ms    double precision NOT NULL,
+    histogram   bigint[]    NOT NULL,
+    PRIMARY KEY (tenant, at)
+);
+CREATE INDEX usage_history_at_idx ON tenancy.usage_history (at);
+
 -- Which roles may enter which tenants. tenant = '*' is the explicit all-tenants grant.
 CREATE TABLE tenancy.grants (
     role        regrole     NOT NULL,

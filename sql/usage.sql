@@ -82,3 +82,208 @@ SELECT n AS bucket, CASE WHEN n <= 18 THEN (ARRAY[0.1, 0.2, 0.5, 1, 2, 5, 10, 20
 -- (the tenancy.stats view reads every tenant; its function refuses nobody, the grants do)
 REVOKE ALL ON tenancy.stats, tenancy.stats_buckets, tenancy.effective_limits FROM PUBLIC;
 GRANT SELECT ON tenancy.stats, tenancy.stats_buckets, tenancy.effective_limits TO pg_monitor;
+
+------------------------------------------------------------------------------------------------
+-- Incident actions (runbook section 4)
+------------------------------------------------------------------------------------------------
+-- `days` business days (Monday to Friday) after `t`.
+CREATE FUNCTION tenancy._business_days_after(t timestamptz, days integer) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+    SELECT t + make_interval(days => (
+        SELECT n FROM generate_series(1, days * 2 + 7) AS n
+         WHERE (SELECT count(*) FROM generate_series(1, n) AS k
+                 WHERE extract(isodow FROM (t AT TIME ZONE 'UTC') + make_interval(days => k)) < 6) = days
+         ORDER BY n LIMIT 1))
+$$;
+
+-- A tenant under attack or leaking: read-only at once for every session (their next
+-- statement), its data key rotated (new encryptions under a new version; rewrap to move old
+-- ciphertexts), the event recorded, and an incident opened that tenancy.alerts shows until it is
+-- closed. Returns the incident. A key that cannot be rotated (no master key configured) does not
+-- stop the lockdown: the incident says why (key_rotation_error) and a WARNING is raised.
+CREATE FUNCTION tenancy.lockdown(tenant text, reason text) RETURNS tenancy.incidents
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    t tenancy.tenants;
+    r tenancy.incidents;
+BEGIN
+    IF reason IS NULL OR btrim(reason) = '' THEN
+        RAISE EXCEPTION 'a lockdown needs a reason' USING ERRCODE = '22023',
+            HINT = 'Say what was detected: it opens the incident record.';
+    END IF;
+    SELECT * INTO t FROM tenancy.tenants x WHERE x.id = tenant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant does not exist' USING ERRCODE = '42704',
+            HINT = 'Create it with tenancy.create_tenant(...).';
+    END IF;
+    IF t.status IN ('suspended', 'offboarded') THEN
+        RAISE EXCEPTION 'tenant is %', t.status USING ERRCODE = '55000',
+            HINT = 'A suspended or offboarded tenant already writes nothing.';
+    END IF;
+    PERFORM tenancy.set_status(tenant, 'read_only');
+    INSERT INTO tenancy.incidents (tenant, reason, detected_at, notify_by, postmortem_by, previous_status, opened_by)
+    VALUES (tenant, reason, now(), now() + interval '72 hours', tenancy._business_days_after(now(), 5),
+            CASE WHEN t.status = 'read_only' AND EXISTS (
+                     SELECT 1 FROM tenancy.incidents i WHERE i.tenant = tenant AND i.unlocked_at IS NULL)
+                 THEN (SELECT i.previous_status FROM tenancy.incidents i
+                        WHERE i.tenant = tenant AND i.unlocked_at IS NULL ORDER BY i.id LIMIT 1)
+                 ELSE t.status END,
+            current_user::regrole)
+    RETURNING * INTO r;
+    IF EXISTS (SELECT 1 FROM tenancy.keys k WHERE k.tenant = tenant AND k.kind = 'data' AND k.state = 'active') THEN
+        BEGIN
+            PERFORM tenancy.rotate_key(tenant);
+            UPDATE tenancy.incidents i SET key_rotated = true WHERE i.id = r.id RETURNING * INTO r;
+        EXCEPTION WHEN OTHERS THEN
+            UPDATE tenancy.incidents i SET key_rotation_error = SQLSTATE || ': ' || SQLERRM
+             WHERE i.id = r.id RETURNING * INTO r;
+            RAISE WARNING 'the tenant''s data key was not rotated' USING
+                DETAIL = r.key_rotation_error,
+                HINT = 'Configure the master key and run tenancy.rotate_key(tenant).';
+        END;
+    END IF;
+    PERFORM tenancy._record_incident('lockdown', tenant, r.id);
+    RETURN r;
+END
+$$;
+
+-- Writes back (the status the tenant had before its first open lockdown). The incident stays
+-- open until tenancy.close_incident().
+CREATE FUNCTION tenancy.unlock(tenant text) RETURNS tenancy.tenants
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    prev text;
+    id bigint;
+    r tenancy.tenants;
+BEGIN
+    SELECT i.previous_status, i.id INTO prev, id FROM tenancy.incidents i
+     WHERE i.tenant = tenant AND i.unlocked_at IS NULL ORDER BY i.id LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant is not locked down' USING ERRCODE = '55000',
+            HINT = 'tenancy.set_status() changes a status that no lockdown set.';
+    END IF;
+    r := tenancy.set_status(tenant, prev);
+    UPDATE tenancy.incidents i SET unlocked_at = now() WHERE i.tenant = tenant AND i.unlocked_at IS NULL;
+    PERFORM tenancy._record_incident('unlock', tenant, id);
+    RETURN r;
+END
+$$;
+
+-- Close an incident once the customer is told and the post-mortem written.
+CREATE FUNCTION tenancy.close_incident(id bigint, postmortem text) RETURNS tenancy.incidents
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    r tenancy.incidents;
+BEGIN
+    IF postmortem IS NULL OR btrim(postmortem) = '' THEN
+        RAISE EXCEPTION 'closing an incident needs its post-mortem' USING ERRCODE = '22023',
+            HINT = 'A link to it or its summary.';
+    END IF;
+    UPDATE tenancy.incidents i SET closed_at = now(), closed_by = current_user::regrole, postmortem = postmortem
+     WHERE i.id = id AND i.closed_at IS NULL RETURNING * INTO r;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no open incident with that id' USING ERRCODE = '42704',
+            HINT = 'SELECT * FROM tenancy.incidents WHERE closed_at IS NULL;';
+    END IF;
+    RETURN r;
+END
+$$;
+
+------------------------------------------------------------------------------------------------
+-- Alerts (runbook section 5)
+------------------------------------------------------------------------------------------------
+-- Take a snapshot of every tenant's usage counters for the alerts' windows (schedule it every
+-- minute: SELECT cron.schedule('tenancy-usage', '* * * * *', 'SELECT tenancy.snapshot_usage()')),
+-- and drop snapshots older than two hours. Returns the tenants written.
+CREATE FUNCTION tenancy.snapshot_usage() RETURNS bigint
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH gone AS (DELETE FROM tenancy.usage_history WHERE at < now() - interval '2 hours'),
+    ins AS (
+        INSERT INTO tenancy.usage_history (at, tenant, statements, errors, denials, total_ms, histogram)
+        SELECT now(), s.tenant, s.statements, s.errors, s.denials, s.total_time_ms, s.histogram
+          FROM tenancy._stats() s
+         WHERE s.statements > 0 OR s.denials > 0
+        ON CONFLICT (tenant, at) DO NOTHING
+        RETURNING 1)
+    SELECT count(*) FROM ins
+$$;
+
+-- What fires now, per tenant: p99_latency (over pg_tenancy.alert_p99_window, against the plan's
+-- sla_p99_ms or pg_tenancy.alert_p99), error_ratio and unexpected_denials (over
+-- pg_tenancy.alert_error_window), quota_use (a meter today above pg_tenancy.alert_quota_ratio of
+-- the allowance), incident (an open incident). Windows compare the counters now with the last
+-- snapshot at least a window old (or the oldest one), so tenancy.snapshot_usage() must run.
+CREATE VIEW tenancy.alerts AS
+WITH now_s AS (SELECT * FROM tenancy._stats() WHERE tenant <> '(other)'),
+settings AS (
+    SELECT extract(epoch FROM current_setting('pg_tenancy.alert_p99')::interval)::double precision * 1000 AS p99_limit,
+           current_setting('pg_tenancy.alert_p99_window')::interval AS p99_window,
+           current_setting('pg_tenancy.alert_error_ratio')::double precision AS error_ratio,
+           current_setting('pg_tenancy.alert_error_window')::interval AS error_window,
+           current_setting('pg_tenancy.alert_quota_ratio')::double precision AS quota_ratio,
+           current_setting('pg_tenancy.alert_min_statements')::bigint AS min_statements),
+base AS (
+    -- the counters at the start of each window: the newest snapshot at least that old, else the
+    -- oldest (counters lower now than then were reset: the window starts from zero)
+    SELECT n.*, st.*,
+           (SELECT h FROM tenancy.usage_history h WHERE h.tenant = n.tenant
+             ORDER BY (h.at <= now() - st.p99_window) DESC, CASE WHEN h.at <= now() - st.p99_window THEN h.at END DESC, h.at
+             LIMIT 1) AS p99_base,
+           (SELECT h FROM tenancy.usage_history h WHERE h.tenant = n.tenant
+             ORDER BY (h.at <= now() - st.error_window) DESC, CASE WHEN h.at <= now() - st.error_window THEN h.at END DESC, h.at
+             LIMIT 1) AS err_base
+      FROM now_s n, settings st),
+windows AS (
+    SELECT b.tenant, b.p99_limit, b.error_ratio, b.min_statements,
+           (b.p99_base).at AS p99_since, (b.err_base).at AS err_since,
+           CASE WHEN b.p99_base IS NULL OR b.statements < (b.p99_base).statements THEN b.histogram
+                ELSE ARRAY(SELECT x - y FROM unnest(b.histogram, (b.p99_base).histogram) AS u(x, y)) END AS p99_hist,
+           b.statements - CASE WHEN b.err_base IS NULL OR b.statements < (b.err_base).statements THEN 0
+                               ELSE (b.err_base).statements END AS err_statements,
+           b.errors - CASE WHEN b.err_base IS NULL OR b.errors < (b.err_base).errors THEN 0
+                           ELSE (b.err_base).errors END AS err_errors,
+           b.denials - CASE WHEN b.err_base IS NULL OR b.denials < (b.err_base).denials THEN 0
+                            ELSE (b.err_base).denials END AS err_denials
+      FROM base b
+     WHERE b.p99_base IS NOT NULL OR b.err_base IS NOT NULL)
+SELECT w.tenant, 'p99_latency'::text AS rule, tenancy._quantile_ms(w.p99_hist, 0.99) AS value,
+       coalesce(p.sla_p99_ms, w.p99_limit) AS threshold, w.p99_since AS since
+  FROM windows w
+  LEFT JOIN tenancy.tenants t ON t.id = w.tenant
+  LEFT JOIN tenancy.plans p ON p.name = t.plan
+ WHERE w.p99_since IS NOT NULL
+   AND (SELECT sum(x) FROM unnest(w.p99_hist) x) >= w.min_statements
+   AND tenancy._quantile_ms(w.p99_hist, 0.99) > coalesce(p.sla_p99_ms, w.p99_limit)
+UNION ALL
+SELECT w.tenant, 'error_ratio', w.err_errors::double precision / w.err_statements, w.error_ratio, w.err_since
+  FROM windows w
+ WHERE w.err_since IS NOT NULL AND w.err_statements >= w.min_statements
+   AND w.err_errors::double precision / w.err_statements > w.error_ratio
+UNION ALL
+SELECT w.tenant, 'unexpected_denials', w.err_denials, 0, w.err_since
+  FROM windows w
+ WHERE w.err_since IS NOT NULL AND w.err_denials > 0
+UNION ALL
+SELECT m.tenant, 'quota_use:' || m.meter, m.used::double precision / m.allowance,
+       (SELECT quota_ratio FROM settings), m.day::timestamptz
+  FROM (SELECT u.tenant, u.meter, u.day, u.used, e.allowance
+          FROM tenancy.meter_usage u
+          JOIN tenancy.tenants t ON t.id = u.tenant
+          JOIN tenancy.plans p ON p.name = t.plan
+          LEFT JOIN tenancy.limits l ON l.tenant = t.id
+         CROSS JOIN LATERAL (SELECT coalesce((l.meters ->> u.meter)::bigint,
+                                             CASE u.meter WHEN 'webhook_events' THEN p.webhook_events_per_day
+                                                          WHEN 'egress_bytes' THEN p.egress_bytes_per_day END,
+                                             (p.meters ->> u.meter)::bigint) AS allowance) e
+         WHERE u.day = (now() AT TIME ZONE 'UTC')::date) m
+ WHERE m.allowance > 0 AND m.used::double precision / m.allowance > (SELECT quota_ratio FROM settings)
+UNION ALL
+SELECT i.tenant, 'incident', i.id, NULL, i.detected_at
+  FROM tenancy.incidents i
+ WHERE i.closed_at IS NULL;
+
+REVOKE ALL ON tenancy.alerts, tenancy.incidents, tenancy.usage_history FROM PUBLIC;
+GRANT SELECT ON tenancy.alerts TO pg_monitor;

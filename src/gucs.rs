@@ -86,6 +86,12 @@ pub static KEY_ROTATION_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(180 *
 pub static STATS_MAX_TENANTS: GucSetting<i32> = GucSetting::<i32>::new(16_000);
 pub static TRACK_STATS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ENFORCE_LIMITS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static ALERT_P99: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static ALERT_P99_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(15 * 60);
+pub static ALERT_ERROR_RATIO: GucSetting<f64> = GucSetting::<f64>::new(0.01);
+pub static ALERT_ERROR_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(5 * 60);
+pub static ALERT_QUOTA_RATIO: GucSetting<f64> = GucSetting::<f64>::new(0.9);
+pub static ALERT_MIN_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(20);
 pub static LOG_MASKING: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_TENANT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Milliseconds a statement over its tenant's concurrency cap waits for a place.
@@ -338,6 +344,66 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
             GucFlags::default(),
         );
     }
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.alert_p99",
+        c"tenancy.alerts: a tenant's p99 above this (when its plan has no sla_p99_ms) over pg_tenancy.alert_p99_window fires p99_latency.",
+        c"The runbook: 2 s over 15 minutes.",
+        &ALERT_P99,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.alert_p99_window",
+        c"The window of the p99_latency alert.",
+        c"Needs tenancy.snapshot_usage() to run at least as often (pg_cron, every minute).",
+        &ALERT_P99_WINDOW,
+        60,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"pg_tenancy.alert_error_ratio",
+        c"tenancy.alerts: a tenant's failed statements above this share over pg_tenancy.alert_error_window fire error_ratio.",
+        c"The runbook: 1% over 5 minutes.",
+        &ALERT_ERROR_RATIO,
+        0.0,
+        1.0,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.alert_error_window",
+        c"The window of the error_ratio and unexpected_denials alerts.",
+        c"Needs tenancy.snapshot_usage() to run at least as often.",
+        &ALERT_ERROR_WINDOW,
+        60,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_float_guc(
+        c"pg_tenancy.alert_quota_ratio",
+        c"tenancy.alerts: a meter's use today above this share of the tenant's allowance fires quota_use.",
+        c"The runbook: 90%.",
+        &ALERT_QUOTA_RATIO,
+        0.0,
+        1.0,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.alert_min_statements",
+        c"Statements a tenant must have run in a window for its p99_latency and error_ratio alerts to be judged.",
+        c"A handful of statements says little about a percentile or a ratio.",
+        &ALERT_MIN_STATEMENTS,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"pg_tenancy.log_masking",
         c"Mask literal values in statement text, bound parameters and row values in error details written to the server log, for statements run under a tenant context or on protected tables.",

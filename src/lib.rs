@@ -90,7 +90,17 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/usage.sql",
     name = "usage",
-    requires = ["check", usage::_stats, usage::reset_stats, usage::metrics, usage::meter, usage::stats_status]
+    requires = [
+        "check",
+        usage::_stats,
+        usage::reset_stats,
+        usage::metrics,
+        usage::meter,
+        usage::stats_status,
+        usage::_quantile_ms,
+        usage::_record_incident,
+        crypto::rotate_key,
+    ]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

@@ -421,3 +421,99 @@ def test_past_the_bound_tenants_are_counted_together_and_pinned_plans_keep_a_pla
     assert sqlstate_of(a, "SELECT 1") is None
     a.close()
     su.close()
+
+
+def test_the_dashboard_uses_only_metrics_the_extension_exports(plans):
+    import json
+    import re
+    su = plans
+    t = tenant(su, "us_small")
+    conn = entered(t)
+    run(conn, "SELECT tenancy.meter('api_calls', 1)")
+    assert sqlstate_of(conn, "SELECT 1/(random() * 0)::int") == "22012"
+    conn.close()
+    run(su, "SELECT tenancy.set_limit(%s, max_concurrent => 5)", t)
+    text = run(su, "SELECT tenancy.metrics()")[0][0]
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    with open(os.path.join(HERE, "..", "..", "docs", "grafana-dashboard.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"pg_tenancy_[a-z_]+", e)}
+    assert used and used <= exported | {"pg_tenancy_alert_active"}, used - exported
+    # every family the README promises is on the dashboard
+    for family in ("pg_tenancy_statements_total", "pg_tenancy_statement_duration_seconds_bucket",
+                   "pg_tenancy_errors_total", "pg_tenancy_denials_total", "pg_tenancy_limit_refusals_total",
+                   "pg_tenancy_meter_used", "pg_tenancy_alert_active"):
+        assert family in used, family
+
+
+def test_alerts_fire_and_clear(plans):
+    su = plans
+    run(su, "INSERT INTO tenancy.plans (name, sla_p99_ms, webhook_events_per_day) VALUES ('us_sla', 100, 10) "
+            "ON CONFLICT (name) DO NOTHING")
+    t = tenant(su, "us_sla")
+    run(su, "SET pg_tenancy.alert_min_statements = 3")
+    run(su, "SET pg_tenancy.alert_error_window = '1min'")
+    alerts = lambda: {r[0] for r in run(su, "SELECT rule FROM tenancy.alerts WHERE tenant = %s", t)}
+    conn = entered(t)
+    run(conn, "SELECT 1")
+    run(su, "SELECT tenancy.snapshot_usage()")
+    assert alerts() == set()
+    # p99 over the plan's SLA (100 ms), errors over 1%, a meter over 90% of its allowance
+    for _ in range(3):
+        run(conn, "SELECT pg_sleep(0.15)")
+    assert sqlstate_of(conn, "SELECT 1/(random() * 0)::int") == "22012"
+    run(conn, "SELECT tenancy.meter('webhook_events', 10)")
+    assert alerts() == {"p99_latency", "error_ratio", "quota_use:webhook_events"}
+    row = run(su, "SELECT value, threshold FROM tenancy.alerts WHERE tenant = %s AND rule = 'p99_latency'", t)[0]
+    assert 100 < row[0] <= 200 and row[1] == 100
+    # a new window without those: the latency and error alerts clear (the quota stays for the day)
+    run(su, "SELECT tenancy.snapshot_usage()")
+    time.sleep(0.01)
+    run(su, "DELETE FROM tenancy.usage_history WHERE tenant = %s AND at < (SELECT max(at) FROM tenancy.usage_history WHERE tenant = %s)", t, t)
+    for _ in range(3):
+        run(conn, "SELECT 1")
+    assert alerts() == {"quota_use:webhook_events"}
+    conn.close()
+
+
+def test_lockdown_unlock_and_incidents(plans):
+    su = plans
+    t = tenant(su)
+    conn = entered(t)
+    run(conn, "INSERT INTO app.orders (client, item) VALUES ('c', 'before')")
+    secret = run(conn, "SELECT tenancy.encrypt('s3cret', 'ctx')")[0][0]
+    v1 = run(su, "SELECT max(version) FROM tenancy.keys WHERE tenant = %s AND kind = 'data'", t)[0][0]
+    inc = run(su, "SELECT id, previous_status, key_rotated, notify_by - detected_at, "
+                  "extract(isodow FROM postmortem_by) < 6 FROM tenancy.lockdown(%s, 'leak suspected')", t)[0]
+    assert inc[1:] == ("active", True, __import__("datetime").timedelta(days=3), True)
+    # read-only at once for the open session; reads and old ciphertexts still work
+    assert sqlstate_of(conn, "INSERT INTO app.orders (client, item) VALUES ('c', 'after')") == "25006"
+    assert run(conn, "SELECT count(*) FROM app.orders WHERE item = 'before'") == [(1,)]
+    assert run(conn, "SELECT tenancy.decrypt_text(%s, 'ctx')", secret) == [("s3cret",)]
+    assert run(su, "SELECT max(version) FROM tenancy.keys WHERE tenant = %s AND kind = 'data'", t) == [(v1 + 1,)]
+    assert ("incident",) in run(su, "SELECT rule FROM tenancy.alerts WHERE tenant = %s", t)
+    events = run(su, "SELECT event FROM tenancy.audit_log WHERE attempted_tenant = %s ORDER BY id", t)
+    # (written by the audit worker: wait for it)
+    for _ in range(50):
+        if ("tenant_lockdown",) in events:
+            break
+        time.sleep(0.1)
+        events = run(su, "SELECT event FROM tenancy.audit_log WHERE attempted_tenant = %s ORDER BY id", t)
+    assert ("tenant_lockdown",) in events
+    # unlock: writes back; the incident stays until closed with its post-mortem
+    assert run(su, "SELECT status FROM tenancy.unlock(%s)", t) == [("active",)]
+    assert sqlstate_of(conn, "INSERT INTO app.orders (client, item) VALUES ('c', 'after')") is None
+    assert ("incident",) in run(su, "SELECT rule FROM tenancy.alerts WHERE tenant = %s", t)
+    assert sqlstate_of(su, "SELECT tenancy.close_incident(%s, '')", inc[0]) == "22023"
+    run(su, "SELECT tenancy.close_incident(%s, 'https://wiki/pm/42')", inc[0])
+    assert ("incident",) not in run(su, "SELECT rule FROM tenancy.alerts WHERE tenant = %s", t)
+    # bad input, and who may
+    assert sqlstate_of(su, "SELECT tenancy.unlock(%s)", t) == "55000"
+    assert sqlstate_of(su, "SELECT tenancy.lockdown('no-such-tenant', 'x')") == "42704"
+    assert sqlstate_of(su, "SELECT tenancy.lockdown(%s, '')", t) == "22023"
+    assert sqlstate_of(su, "SELECT tenancy.close_incident(%s, 'again')", inc[0]) == "42704"
+    for sql in ("SELECT tenancy.lockdown(%s, 'x')", "SELECT tenancy.unlock(%s)"):
+        assert sqlstate_of(conn, sql, t) == "42501"
+    assert sqlstate_of(conn, "SELECT * FROM tenancy.incidents") == "42501"
+    conn.close()

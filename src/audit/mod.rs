@@ -40,6 +40,8 @@ pub enum Event {
     ProtectedDdl = 9,
     TenantRestored = 10,
     LimitExceeded = 11,
+    TenantLockdown = 12,
+    TenantUnlock = 13,
 }
 
 impl Event {
@@ -56,6 +58,8 @@ impl Event {
             Event::ProtectedDdl => "protected_ddl",
             Event::TenantRestored => "tenant_restored",
             Event::LimitExceeded => "limit_exceeded",
+            Event::TenantLockdown => "tenant_lockdown",
+            Event::TenantUnlock => "tenant_unlock",
         }
     }
     fn from_u8(v: u8) -> Option<Event> {
@@ -71,6 +75,8 @@ impl Event {
             9 => Event::ProtectedDdl,
             10 => Event::TenantRestored,
             11 => Event::LimitExceeded,
+            12 => Event::TenantLockdown,
+            13 => Event::TenantUnlock,
             _ => return None,
         })
     }
@@ -219,7 +225,10 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
     }
     let _reset = crate::util::OnDrop(|| RECORDING.with(|r| r.set(false)));
     let tenant = session_tenant();
-    if !matches!(event, Event::TenantRestored | Event::ProtectedDdl | Event::LimitExceeded) {
+    if !matches!(
+        event,
+        Event::TenantRestored | Event::ProtectedDdl | Event::LimitExceeded | Event::TenantLockdown | Event::TenantUnlock
+    ) {
         crate::stats::count_denial(&tenant);
     }
     let attempted = attempted.map(loggable_tenant).unwrap_or_default();

@@ -96,3 +96,15 @@ const PLANS: Stmt = Stmt {
 pub fn plans() -> Result<Vec<(String, String)>> {
     run(&PLANS, &[], |r| (r.get::<String>(1).unwrap_or_default(), r.get::<String>(2).unwrap_or_default()))
 }
+
+const ALERTS: Stmt = Stmt {
+    sql: "SELECT tenant, rule FROM tenancy.alerts ORDER BY tenant, rule",
+    args: &[],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// What fires now: tenant and rule.
+pub fn alerts() -> Result<Vec<(String, String)>> {
+    run(&ALERTS, &[], |r| (r.get::<String>(1).unwrap_or_default(), r.get::<String>(2).unwrap_or_default()))
+}

@@ -170,7 +170,8 @@ fn metrics() -> String {
     let (snap, reset_at) = stats::snapshot();
     let plans: std::collections::HashMap<String, String> = catalog::usage::plans().or_raise().into_iter().collect();
     let meters = catalog::usage::today().or_raise();
-    render(&snap, reset_at, &plans, &meters)
+    let alerts = catalog::usage::alerts().or_raise();
+    render(&snap, reset_at, &plans, &meters, &alerts)
 }
 
 fn render(
@@ -178,6 +179,7 @@ fn render(
     reset_at: Option<i64>,
     plans: &std::collections::HashMap<String, String>,
     meters: &[(String, String, i64, Option<i64>)],
+    alerts: &[(String, String)],
 ) -> String {
     let mut e = Exposition::default();
     e.family("pg_tenancy_statements_total", "counter", "Top-level statements run under the tenant's context.");
@@ -191,6 +193,7 @@ fn render(
     e.family("pg_tenancy_tenant_info", "gauge", "The tenant's plan (value 1).");
     e.family("pg_tenancy_meter_used", "gauge", "Today's (UTC) use of a meter by the tenant.");
     e.family("pg_tenancy_meter_allowance", "gauge", "The tenant's allowance per day of a meter (absent: no limit).");
+    e.family("pg_tenancy_alert_active", "gauge", "An alert of tenancy.alerts that fires now (value 1), by tenant and rule.");
     e.family("pg_tenancy_tracked_tenants", "gauge", "Places in use in the usage memory (tenants and (other)).");
     e.family("pg_tenancy_tracked_tenants_capacity", "gauge", "Places in the usage memory (pg_tenancy.stats_max_tenants + 1).");
     e.family("pg_tenancy_stats_reset_timestamp_seconds", "gauge", "When the usage counters were last reset (Unix time).");
@@ -230,6 +233,9 @@ fn render(
             e.sample("pg_tenancy_meter_allowance", "", &l, *a as f64);
         }
     }
+    for (tenant, rule) in alerts {
+        e.sample("pg_tenancy_alert_active", "", &[("tenant", tenant), ("rule", rule)], 1.0);
+    }
     if let Some((used, cap)) = stats::occupancy() {
         e.sample("pg_tenancy_tracked_tenants", "", &[], used as f64);
         e.sample("pg_tenancy_tracked_tenants_capacity", "", &[], cap as f64);
@@ -239,4 +245,30 @@ fn render(
         e.sample("pg_tenancy_stats_reset_timestamp_seconds", "", &[], at as f64 / 1e6 + 946_684_800.0);
     }
     e.render()
+}
+
+/// The `q` quantile (0 < q <= 1), in milliseconds, of a latency histogram as `tenancy.stats`
+/// shows it (`histogram`, counts per bucket of `tenancy.stats_buckets`). NULL when empty.
+#[pg_extern(immutable, parallel_safe)]
+fn _quantile_ms(histogram: Vec<Option<i64>>, q: f64) -> Option<f64> {
+    let mut h = [0u64; BUCKETS];
+    for (slot, v) in h.iter_mut().zip(histogram.iter()) {
+        *slot = v.unwrap_or(0).max(0) as u64;
+    }
+    metrics::quantile_us(&h, q).map(ms)
+}
+
+/// Record a lockdown or an unlock in the audit log (from tenancy.lockdown / tenancy.unlock).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _record_incident(event: &str, tenant: &str, incident: i64) {
+    // SAFETY: reads the current user's catalog entry.
+    if !unsafe { pg_sys::superuser() } {
+        TenancyError::Denied("incident actions are a superuser's").raise();
+    }
+    let (e, what) = match event {
+        "lockdown" => (crate::audit::Event::TenantLockdown, "tenant locked down"),
+        "unlock" => (crate::audit::Event::TenantUnlock, "tenant unlocked"),
+        _ => TenancyError::InvalidArgument("event").raise(),
+    };
+    crate::audit::record(e, pg_sys::InvalidOid, Some(tenant), "00000", &format!("{what} (incident {incident})"));
 }
