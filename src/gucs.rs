@@ -92,6 +92,9 @@ pub static ALERT_ERROR_RATIO: GucSetting<f64> = GucSetting::<f64>::new(0.01);
 pub static ALERT_ERROR_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(5 * 60);
 pub static ALERT_QUOTA_RATIO: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 pub static ALERT_MIN_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static METRICS_PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static METRICS_LISTEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"127.0.0.1"));
+pub static METRICS_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static LOG_MASKING: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_TENANT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Milliseconds a statement over its tenant's concurrency cap waits for a place.
@@ -343,6 +346,32 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
             GucContext::Postmaster,
             GucFlags::default(),
         );
+        GucRegistry::define_int_guc(
+            c"pg_tenancy.metrics_port",
+            c"TCP port a background worker serves tenancy.metrics() on, over HTTP at /metrics, for Prometheus (0: off).",
+            c"Off by default. The text names every tenant: keep it on a local or monitoring-only address.",
+            &METRICS_PORT,
+            0,
+            65535,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"pg_tenancy.metrics_listen_address",
+            c"Address the metrics endpoint listens on.",
+            c"127.0.0.1 by default.",
+            &METRICS_LISTEN,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"pg_tenancy.metrics_database",
+            c"Database whose tenants the metrics endpoint reports (where pg_tenancy is installed).",
+            c"postgres by default.",
+            &METRICS_DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
     }
     GucRegistry::define_int_guc(
         c"pg_tenancy.alert_p99",
@@ -582,4 +611,16 @@ pub fn log_masking() -> bool {
 
 pub fn log_tenant() -> bool {
     LOG_TENANT.get()
+}
+
+pub fn metrics_port() -> u16 {
+    METRICS_PORT.get().clamp(0, 65535) as u16
+}
+
+pub fn metrics_listen_address() -> String {
+    string(&METRICS_LISTEN).unwrap_or_else(|| "127.0.0.1".into())
+}
+
+pub fn metrics_database() -> String {
+    string(&METRICS_DATABASE).unwrap_or_else(|| "postgres".into())
 }

@@ -12,7 +12,8 @@
 //! | tenant parameter slot types (`protect::param`) | plans this backend made | never (only grows) |
 //! | statements whose parameters were filled (`protect::param`) | the executor hooks | ExecutorEnd; the end of the transaction |
 //! | partition roots of captured rows (`protect::capture`) | `pg_inherits` | any relcache invalidation |
-//! | the statement being counted, its concurrent place (`stats`) | the executor hooks | ExecutorEnd of the statement; its error report; the end of the transaction; the next top-level statement |
+//! | the statement being counted, its concurrent place (`stats`) | the executor and utility hooks | ExecutorEnd of the statement or the end of its utility statement; its error report; the end of the transaction (not a COMMIT inside a CALL); the next counted statement; the backend's exit |
+//! | a client utility statement is running (`stats::client`) | the utility hook | its end; any error report; any (sub)transaction abort |
 //! | tenants' places in shared memory (`stats`) | the shared index | never (places are kept for the life of the server) |
 //! | tenants' limits (in verified contexts) | `tenancy.plans`, `tenancy.limits` | their triggers invalidate `tenancy.tenants` |
 use pgrx::prelude::*;
@@ -108,7 +109,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
     } else if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
         param::forget_runs();
         // (not a COMMIT inside a procedure: the CALL is still running)
-        if crate::stats::nesting::depth() == 0 {
+        if !crate::stats::client::in_utility() {
             crate::stats::transaction_ended();
         }
     } else if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
@@ -125,9 +126,8 @@ unsafe extern "C-unwind" fn on_pre_commit() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_abort() {
-    if crate::stats::nesting::depth() == 0 {
-        crate::stats::transaction_ended();
-    }
+    crate::stats::client::utility_done();
+    crate::stats::transaction_ended();
     crate::crypto::forget_pending_shreds(0);
     keystore::forget_keys();
     explain::done();
@@ -142,6 +142,7 @@ unsafe extern "C-unwind" fn on_subxact(
     _arg: *mut c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        crate::stats::client::utility_done();
         // SAFETY: reads the nesting level of the subtransaction being aborted.
         crate::crypto::forget_pending_shreds(unsafe { pg_sys::GetCurrentTransactionNestLevel() });
         keystore::forget_keys();

@@ -122,6 +122,7 @@ pub extern "C-unwind" fn _PG_init() {
     hooks::install();
     audit::init();
     stats::init();
+    usage::http::init();
 }
 
 /// Required by `cargo pgrx test`.

@@ -13,9 +13,12 @@ import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import APP, PORT, ROOT, connect, run, sign, sqlstate_of, unique
+import psycopg
+
+from conftest import APP, DB, OWNER, PORT, ROOT, SOCK, connect, run, sign, sqlstate_of, unique
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+METRICS_PORT = PORT - 20
 CLUSTER = os.path.join(HERE, "..", "..", "scripts", "cluster.sh")
 
 
@@ -378,7 +381,7 @@ def test_ten_thousand_tenants_are_tracked_exactly(plans):
 @pytest.fixture(scope="module")
 def small_cluster():
     env = dict(os.environ, PGT_ROOT=ROOT + "-small", PGT_PORT=str(PORT - 6),
-               PGT_EXTRA_CONF="pg_tenancy.stats_max_tenants = 100")
+               PGT_EXTRA_CONF=f"pg_tenancy.stats_max_tenants = 100\npg_tenancy.metrics_port = {METRICS_PORT}")
     subprocess.run(["bash", CLUSTER, "destroy"], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["bash", CLUSTER, "start"], env=env, check=True, stdout=subprocess.DEVNULL)
     yield lambda **kw: connect(dbname="postgres", host=f"{ROOT}-small/sock", port=PORT - 6, **kw)
@@ -517,3 +520,161 @@ def test_lockdown_unlock_and_incidents(plans):
         assert sqlstate_of(conn, sql, t) == "42501"
     assert sqlstate_of(conn, "SELECT * FROM tenancy.incidents") == "42501"
     conn.close()
+
+
+def test_the_metrics_endpoint_serves_prometheus_over_http(small_cluster):
+    import urllib.error
+    import urllib.request
+    su = small_cluster()
+    run(su, "CREATE EXTENSION IF NOT EXISTS pg_tenancy")
+    # (a pinned plan: the places for any tenant may all be taken by the test before)
+    run(su, "INSERT INTO tenancy.plans (name, pinned_stats) VALUES ('http_pinned', true) ON CONFLICT DO NOTHING")
+    run(su, "SELECT tenancy.create_tenant('http1', plan => 'http_pinned') "
+            "WHERE NOT EXISTS (SELECT 1 FROM tenancy.tenants WHERE id = 'http1')")
+    with su.cursor() as cur:
+        cur.execute("SELECT tenancy.set_tenant('http1', true); SELECT 1; SELECT tenancy.reset_tenant()")
+    url = f"http://127.0.0.1:{METRICS_PORT}"
+    for _ in range(50):
+        try:
+            resp = urllib.request.urlopen(url + "/metrics", timeout=5)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = resp.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = [s for s in families["pg_tenancy_statements"].samples if s.labels.get("tenant") == "http1"]
+    assert samples and samples[0].value >= 1
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/other", timeout=5)
+    assert e.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(url + "/metrics", data=b"x", method="POST"), timeout=5)
+    assert e.value.code == 405
+    # a client that sends nothing does not hold the endpoint for others
+    import socket
+    idle = socket.create_connection(("127.0.0.1", METRICS_PORT))
+    try:
+        assert urllib.request.urlopen(url + "/metrics", timeout=10).status == 200
+    finally:
+        idle.close()
+    su.close()
+
+
+def refused_of(conn, sql, n=30):
+    return sum(sqlstate_of(conn, sql) == "53400" for _ in range(n))
+
+
+def test_every_client_statement_is_limited_whatever_runs_it(plans):
+    """Statements the client sends through a utility statement (EXECUTE, EXPLAIN ANALYZE,
+    CREATE TABLE AS, DECLARE and FETCH) are the tenant's statements too."""
+    su = plans
+    t = tenant(su, "us_small")
+    conn = entered(t)
+    run(conn, "PREPARE us_p AS SELECT count(*) FROM app.orders")
+    for sql in ("EXECUTE us_p", "EXPLAIN ANALYZE SELECT 1", "CREATE TEMP TABLE IF NOT EXISTS us_tmp AS SELECT 1 AS x",
+                "DECLARE us_c CURSOR WITH HOLD FOR SELECT 1", "FETCH 1 FROM us_c"):
+        time.sleep(1.2)  # a full bucket: 20, then 20 a second
+        assert refused_of(conn, sql, 60) >= 15, sql
+        run(conn, "CLOSE ALL")
+    conn.close()
+
+
+def test_the_context_switch_exemption_covers_nothing_else(plans):
+    su = plans
+    t = tenant(su, "us_small")
+    conn = entered(t)
+    for sql in (f"SELECT tenancy.set_tenant('{t}', true) WHERE query_to_xml('SELECT count(*) FROM app.orders', true, false, '') IS NOT NULL",
+                f"SELECT tenancy.set_tenant((SELECT '{t}'::text), true)",
+                f"SELECT tenancy.set_tenant('{t}', true) FROM generate_series(1, 2)",
+                f"SELECT tenancy.set_tenant('{t}', true), pg_sleep(0)"):
+        time.sleep(1.2)
+        assert refused_of(conn, sql, 60) >= 15, sql
+    conn.close()
+
+
+def test_a_failure_leaves_no_state_that_frees_later_statements(plans):
+    su = plans
+    t = tenant(su, "us_small")
+    conn = connect(user=APP, autocommit=False)
+    run(conn, "SELECT tenancy.set_tenant(%s)", t)
+    run(conn, "DECLARE zz CURSOR FOR SELECT 1/g FROM generate_series(0, 0) g")
+    run(conn, "SAVEPOINT s1")
+    with pytest.raises(psycopg2.Error):
+        run(conn, "FETCH zz")
+    run(conn, "ROLLBACK TO SAVEPOINT s1")
+    codes = []
+    for _ in range(60):
+        try:
+            run(conn, "SAVEPOINT s2")
+            run(conn, "SELECT count(*) FROM app.orders")
+            codes.append(None)
+        except psycopg2.Error as e:
+            codes.append(e.pgcode)
+            run(conn, "ROLLBACK TO SAVEPOINT s2")
+    assert codes.count("53400") >= 30, codes
+    conn.rollback()
+    conn.close()
+
+
+def test_concurrency_places_are_given_back_however_a_session_ends(plans):
+    su = plans
+    run(su, "CREATE OR REPLACE FUNCTION app.us_u() RETURNS int LANGUAGE sql AS $$ SELECT 1/g FROM generate_series(0, 0) g $$")
+    run(su, """CREATE OR REPLACE FUNCTION app.us_mk() RETURNS int LANGUAGE plpgsql AS $$
+               DECLARE x int; BEGIN BEGIN x := app.us_u(); EXCEPTION WHEN others THEN NULL; END; RETURN 1; END $$""")
+    run(su, f"GRANT EXECUTE ON FUNCTION app.us_u(), app.us_mk() TO {APP}")
+    t = tenant(su, "us_capped")
+    for ending in ("close", "rollback", "error"):
+        c = psycopg.connect(host=SOCK, port=PORT, user=APP, dbname=DB)
+        c.execute("SELECT tenancy.set_tenant(%s)", (t,))
+        c.execute("SELECT app.us_mk()")  # extended protocol; its portal left open
+        if ending == "rollback":
+            c.rollback()
+        elif ending == "error":
+            with pytest.raises(psycopg.Error):
+                c.execute("SELECT 1/(random() * 0)::int")
+            c.rollback()
+        c.close()
+        for _ in range(50):
+            if run(su, "SELECT running FROM tenancy.stats WHERE tenant = %s", t) == [(0,)]:
+                break
+            time.sleep(0.1)
+        assert run(su, "SELECT running FROM tenancy.stats WHERE tenant = %s", t) == [(0,)], ending
+    other = entered(t)
+    assert sqlstate_of(other, "SELECT 1") is None
+    other.close()
+
+
+def test_only_verified_tenants_are_counted(plans):
+    su = plans
+    name = unique("zzunverified")
+    conn = connect(user="scn_other", options=f"-c pg_tenancy.tenant={name}")
+    for sql in ("SELECT tenancy.has_tenant()", "SELECT * FROM app.orders", "SELECT 1"):
+        sqlstate_of(conn, sql)
+    conn.close()
+    assert run(su, "SELECT count(*) FROM tenancy.stats WHERE tenant = %s", name) == [(0,)]
+
+
+def test_work_the_statement_did_not_send_is_not_counted_again(plans):
+    su = plans
+    t = tenant(su)
+    own = connect(user=OWNER)
+    run(own, "DROP TABLE IF EXISTS app.us_ev")
+    run(own, "CREATE TABLE app.us_ev (tenant_id text NOT NULL, v int)")
+    run(own, "SELECT count(*) FROM tenancy.protect('app.us_ev')")
+    run(own, """CREATE OR REPLACE FUNCTION app.us_check() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM 1 FROM (SELECT 1) q; RETURN NULL; END $$""")
+    su_approve = connect()
+    run(su_approve, "SELECT tenancy.approve_function('app.us_check()', 'test: reads no row')")
+    su_approve.close()
+    run(own, "CREATE CONSTRAINT TRIGGER us_deferred AFTER INSERT ON app.us_ev DEFERRABLE INITIALLY DEFERRED "
+             "FOR EACH ROW EXECUTE FUNCTION app.us_check()")
+    run(own, f"GRANT SELECT, INSERT ON app.us_ev TO {APP}")
+    own.close()
+    conn = connect(user=APP, autocommit=False)
+    run(conn, "SELECT tenancy.set_tenant(%s)", t)
+    run(conn, "INSERT INTO app.us_ev (v) SELECT generate_series(1, 20)")
+    conn.commit()
+    conn.close()
+    assert stats(su, t)["statements"] == 1

@@ -137,6 +137,14 @@ pub fn set_write_target(rel: pg_sys::Oid) {
 }
 
 /// Register how events name the session's tenant.
+/// How to name the tenant this backend verified for the role running now (for the per-tenant
+/// denial counter: an unverified context value, which anyone can set, never counts).
+pub fn set_verified_tenant(f: fn() -> Option<String>) {
+    VERIFIED_TENANT.with(|s| s.set(f));
+}
+
+static VERIFIED_TENANT: crate::util::Backend<Cell<fn() -> Option<String>>> = crate::util::Backend::new(Cell::new(|| None));
+
 pub fn set_session_tenant(f: fn() -> String) {
     SESSION_TENANT.with(|s| s.set(f));
 }
@@ -227,9 +235,16 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
     let tenant = session_tenant();
     if !matches!(
         event,
-        Event::TenantRestored | Event::ProtectedDdl | Event::LimitExceeded | Event::TenantLockdown | Event::TenantUnlock
+        Event::TenantRestored
+            | Event::ProtectedDdl
+            | Event::LimitExceeded
+            | Event::TenantLockdown
+            | Event::TenantUnlock
+            | Event::BypassRead
     ) {
-        crate::stats::count_denial(&tenant);
+        if let Some(t) = VERIFIED_TENANT.with(|v| v.get())() {
+            crate::stats::count_denial(&t);
+        }
     }
     let attempted = attempted.map(loggable_tenant).unwrap_or_default();
     let relation = catalog::relation_name(rel);

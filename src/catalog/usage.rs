@@ -38,18 +38,19 @@ pub fn allowance(tenant: &str, meter: &str) -> Result<Option<Option<i64>>> {
     one(&ALLOWANCE, &[arg(tenant), arg(meter)], |r| r.get::<i64>(1))
 }
 
-/// Add `$3` to today's (UTC) use of meter `$2` by tenant `$1` when it stays within `$4` (NULL: no
+/// Add `$3` to today's (UTC, by the clock: a long transaction crossing midnight counts on the new
+/// day) use of meter `$2` by tenant `$1` when it stays within `$4` (NULL: no
 /// limit). The row lock taken by ON CONFLICT ... DO UPDATE serialises concurrent meters of one
 /// tenant and the condition is evaluated on the latest row: two sessions can never both take
 /// the last of an allowance.
 const ADD: Stmt = Stmt {
     sql: "INSERT INTO tenancy.meter_usage AS u (tenant, meter, day, used) \
-          SELECT $1, $2, (pg_catalog.now() AT TIME ZONE 'UTC')::pg_catalog.date, $3 \
+          SELECT $1, $2, (pg_catalog.clock_timestamp() AT TIME ZONE 'UTC')::pg_catalog.date, $3 \
            WHERE $4::pg_catalog.int8 IS NULL OR $3 OPERATOR(pg_catalog.<=) $4::pg_catalog.int8 \
           ON CONFLICT (tenant, meter, day) DO UPDATE \
              SET used = u.used OPERATOR(pg_catalog.+) EXCLUDED.used, updated_at = pg_catalog.now() \
            WHERE $4::pg_catalog.int8 IS NULL \
-              OR u.used OPERATOR(pg_catalog.+) EXCLUDED.used OPERATOR(pg_catalog.<=) $4::pg_catalog.int8 \
+              OR EXCLUDED.used OPERATOR(pg_catalog.<=) ($4::pg_catalog.int8 OPERATOR(pg_catalog.-) u.used) \
        RETURNING u.used",
     args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID],
     who: Who::Owner,

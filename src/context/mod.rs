@@ -135,6 +135,7 @@ fn empty_if_stale() {
 /// Name events after the session's tenant (the audit floor asks through this).
 pub fn init() {
     crate::audit::set_session_tenant(session_tenant_for_log);
+    crate::audit::set_verified_tenant(|| last_verified_tenant(|t| t.to_string()));
 }
 
 fn unix_now() -> i64 {

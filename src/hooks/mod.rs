@@ -42,7 +42,7 @@ use crate::catalog::{self, list_ptrs};
 use crate::context::{self, cursors};
 use crate::error::TenancyError;
 use crate::protect::{explain, guard, param, probe};
-use crate::stats::nesting;
+use crate::stats::client;
 
 mod logs;
 
@@ -130,6 +130,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             logs::rewrite(edata, TOUCHED.with(|t| t.get().protected));
         }
         if !edata.is_null() && (*edata).elevel >= pg_sys::PGERROR as c_int {
+            client::utility_done();
             if crate::stats::counting_any() {
                 crate::stats::failed((*edata).sqlerrcode);
             } else if !REFUSING.with(|r| r.replace(false)) && context::is_set() {
@@ -321,30 +322,14 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
     }
 }
 
-/// A statement the client sent, not one run by another (inside a function, a procedure, a
-/// trigger, a foreign-key check, COPY, EXPLAIN): counted once, at top level.
+/// A statement the client sent, not one run by another (see [`crate::stats::client`]): counted
+/// once, at top level.
 ///
 /// # Safety
 /// `query_desc` is the QueryDesc being started.
 unsafe fn top_level(query_desc: *mut pg_sys::QueryDesc) -> bool {
-    // SAFETY: reads a backend-global and the QueryDesc's receiver (always set).
-    unsafe {
-        nesting::depth() == 0
-            && pg_sys::ParallelWorkerNumber < 0
-            && (*(*query_desc).dest).mydest != pg_sys::CommandDest::DestSQLFunction
-    }
-}
-
-/// The memory context of a started executor (its runs are nested in it).
-///
-/// # Safety
-/// `query_desc` has been started.
-unsafe fn query_cx(query_desc: *mut pg_sys::QueryDesc) -> pg_sys::MemoryContext {
-    // SAFETY: a started QueryDesc has its EState.
-    unsafe {
-        let estate = (*query_desc).estate;
-        if estate.is_null() { std::ptr::null_mut() } else { (*estate).es_query_cxt }
-    }
+    // SAFETY: reads backend-globals and the QueryDesc's source text (see client::is_client_text).
+    unsafe { !client::in_utility() && pg_sys::ParallelWorkerNumber < 0 && client::is_client_text((*query_desc).sourceText) }
 }
 
 /// Enforce the tenant's limits on a top-level statement and start counting it
@@ -409,8 +394,16 @@ unsafe fn switches_context_only(query_desc: *mut pg_sys::QueryDesc) -> bool {
                 return false;
             }
         }
+        // no subquery, init-plan, filter or one-time filter: nothing but the calls runs
         let plan = (*stmt).planTree;
-        if plan.is_null() || (*plan).type_ != pg_sys::NodeTag::T_Result || !(*plan).lefttree.is_null() {
+        if plan.is_null()
+            || (*plan).type_ != pg_sys::NodeTag::T_Result
+            || !(*plan).lefttree.is_null()
+            || !(*plan).qual.is_null()
+            || !(*plan).initPlan.is_null()
+            || !(*plan.cast::<pg_sys::Result>()).resconstantqual.is_null()
+            || !(*stmt).subplans.is_null()
+        {
             return false;
         }
         let targets = list_ptrs((*plan).targetlist);
@@ -427,8 +420,11 @@ unsafe fn switches_context_only(query_desc: *mut pg_sys::QueryDesc) -> bool {
                     && !name.is_null()
                     && std::ffi::CStr::from_ptr(nsp).to_bytes() == b"tenancy"
                     && matches!(std::ffi::CStr::from_ptr(name).to_bytes(), b"set_tenant" | b"set_tenant_token" | b"reset_tenant")
-                    && list_ptrs((*f).args).into_iter().all(|a| {
-                        matches!((*a.cast::<pg_sys::Node>()).type_, pg_sys::NodeTag::T_Const | pg_sys::NodeTag::T_Param)
+                    && list_ptrs((*f).args).into_iter().all(|a| match (*a.cast::<pg_sys::Node>()).type_ {
+                        pg_sys::NodeTag::T_Const => true,
+                        // a bound parameter of the client, not a subquery's output
+                        pg_sys::NodeTag::T_Param => (*a.cast::<pg_sys::Param>()).paramkind == pg_sys::ParamKind::PARAM_EXTERN,
+                        _ => false,
                     })
             })
     }
@@ -485,13 +481,10 @@ unsafe extern "C-unwind" fn executor_run(
             standard::AcceptInvalidationMessages();
             before_executor_run(query_desc);
         }
-        let cx = query_cx(query_desc);
-        nesting::enter(cx);
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count, execute_once),
             None => standard::standard_ExecutorRun(query_desc, direction, count, execute_once),
         }
-        nesting::leave(cx);
     }
 }
 
@@ -521,13 +514,10 @@ unsafe extern "C-unwind" fn executor_end(query_desc: *mut pg_sys::QueryDesc) {
 unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
     // SAFETY: as in executor_start.
     unsafe {
-        let cx = query_cx(query_desc);
-        nesting::enter(cx);
         match PREV_EXECUTOR_FINISH {
             Some(prev) => prev(query_desc),
             None => standard::standard_ExecutorFinish(query_desc),
         }
-        nesting::leave(cx);
         if explain::hiding() {
             after_executor_finish(query_desc);
         }
@@ -560,8 +550,8 @@ unsafe extern "C-unwind" fn process_utility(
     // either raises passes through. Only Copy values live in this frame.
     unsafe {
         let node = (*pstmt).utilityStmt;
-        // Transaction control, settings and calls are none of the guard's business (and COMMIT
-        // ends every pooled transaction): straight through.
+        // Transaction control and settings are none of the guard's business (and COMMIT ends
+        // every pooled transaction): straight through, never counted nor limited.
         if !node.is_null()
             && matches!(
                 (*node).type_,
@@ -574,18 +564,28 @@ unsafe extern "C-unwind" fn process_utility(
             }
             return;
         }
-        // CALL, DO and COPY sent by the client are statements of the tenant: counted and limited
-        // (what they run inside is not counted again).
-        let counted = !node.is_null()
-            && matches!((*node).type_, pg_sys::NodeTag::T_CallStmt | pg_sys::NodeTag::T_DoStmt | pg_sys::NodeTag::T_CopyStmt)
-            && context::is_set()
-            && nesting::depth() == 0
+        // A utility statement the client sent is a statement of the tenant (counted and
+        // limited, and what it runs is part of it), except those that only end or clean up
+        // (a pooler's DISCARD ALL, CLOSE, DEALLOCATE).
+        let client = context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL
+            && !node.is_null()
+            && !matches!(
+                (*node).type_,
+                pg_sys::NodeTag::T_DiscardStmt | pg_sys::NodeTag::T_ClosePortalStmt | pg_sys::NodeTag::T_DeallocateStmt
+            )
             && pg_sys::ParallelWorkerNumber < 0;
+        let counted = client && context::is_set();
         if counted {
             begin_statement(pstmt as usize, std::ptr::null_mut());
         }
+        if client {
+            client::utility_started();
+        }
         if !node.is_null() && matches!((*node).type_, pg_sys::NodeTag::T_CallStmt | pg_sys::NodeTag::T_DoStmt) {
             next_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+            if client {
+                client::utility_done();
+            }
             if counted && crate::stats::counting(pstmt as usize) {
                 crate::stats::end(if qc.is_null() { 0 } else { (*qc).nprocessed });
             }
@@ -597,6 +597,9 @@ unsafe extern "C-unwind" fn process_utility(
             run_shielded(shield.rel, pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
         } else {
             next_process_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+        }
+        if client {
+            client::utility_done();
         }
         if noted {
             after_utility(node);
@@ -668,13 +671,10 @@ unsafe fn next_process_utility(
 ) {
     // SAFETY: see above; an error raised passes through.
     unsafe {
-        let cx = pg_sys::CurrentMemoryContext;
-        nesting::enter(cx);
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
             None => standard::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         }
-        nesting::leave(cx);
     }
 }
 

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use pg_tenancy_core::metrics::{self, Bucket, BUCKETS, ERROR_CLASSES};
 
-pub mod nesting;
+pub mod client;
 
 /// The name `(other)` tenants beyond the bound are counted under.
 pub const OTHER: &str = "(other)";
@@ -378,6 +378,7 @@ pub fn begin(
     }
     let mut holds = false;
     if enforce && l.max_concurrent > 0 && place != 0 {
+        release_at_exit();
         if !wait_for_place(e, l.max_concurrent) {
             e.refusals[Refusal::Concurrency as usize].fetch_add(1, Relaxed);
             return Err((Refusal::Concurrency, place));
@@ -418,6 +419,21 @@ fn release(c: &Current) {
             entry(h, c.place).running.fetch_sub(1, AcqRel);
         }
     }
+}
+
+/// A place held when the backend exits (a client that disconnects mid-statement, a FATAL) is
+/// given back: registered once per backend, at its first held place.
+fn release_at_exit() {
+    static REGISTERED: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+    if !REGISTERED.with(|r| r.replace(true)) {
+        // SAFETY: registers a callback with PostgreSQL's signature.
+        unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    finish_abandoned();
 }
 
 /// A statement left without [`end`] or [`failed`] (its error was not reported to the server log):
@@ -493,11 +509,8 @@ pub fn transaction_ended() {
     finish_abandoned();
 }
 
-/// A denial (an audit event) in `tenant`'s context.
+/// A denial (an audit event) in the context of `tenant`, a tenant this backend verified.
 pub fn count_denial(tenant: &str) {
-    if !pg_tenancy_core::tenant_id::valid(tenant) {
-        return;
-    }
     if let (Some(h), Some(p)) = (header(), place(tenant, false)) {
         entry(h, p).denials.fetch_add(1, Relaxed);
     }

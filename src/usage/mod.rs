@@ -4,6 +4,8 @@
 //! hooks.
 use pgrx::prelude::*;
 
+pub mod http;
+
 use pg_tenancy_core::metrics::{self, Exposition, BUCKETS, ERROR_CLASSES};
 use pg_tenancy_core::model::Scope;
 
