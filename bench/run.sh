@@ -70,3 +70,7 @@ bash ./audit.sh
 echo
 echo "backups (bench/backup.sh):"
 bash ./backup.sh
+
+echo
+echo "usage statistics and limits (bench/usage.sh):"
+bash ./usage.sh

@@ -135,3 +135,32 @@ SELECT event, role, session_tenant AS tenant, attempted_tenant AS attempted, rel
 \echo '-- the alert query of the runbook, and the queue behind the log:'
 SELECT event, role, attempts FROM tenancy.unexpected_denials('1 hour');
 SELECT queued, written, overflowed FROM tenancy.audit_status();
+
+\echo '== 11. Plans and limits in the database, metering, usage per tenant, incident response'
+INSERT INTO tenancy.plans (name, client_type, statements_per_second, burst, webhook_events_per_day, sla_p99_ms, monthly_price)
+VALUES ('cooperative', 'cooperative', 5, 5, 3, 2000, 390);
+SELECT id, plan FROM tenancy.alter_tenant('acme', plan => 'cooperative');
+\connect - demo_app
+SELECT tenancy.set_tenant_token(:'token', true) AS entered;
+\echo '-- the plan allows 3 webhook events a day: the second call would cross it, so it counts nothing'
+SELECT tenancy.meter('webhook_events', 2) AS counted;
+SELECT tenancy.meter('webhook_events', 2) AS counted;
+\echo '-- 5 statements a second: the next ones are refused (53400), globex is not affected'
+SELECT count(*) FROM shop.orders;
+SELECT count(*) FROM shop.orders;
+SELECT count(*) FROM shop.orders;
+SELECT count(*) FROM shop.orders;
+SELECT count(*) FROM shop.orders;
+SELECT tenancy.reset_tenant();
+\connect - postgres
+SELECT tenant, plan, statements, rows, errors, refused_rate, refused_meter, round(p99_ms::numeric, 3) AS p99_ms
+  FROM tenancy.stats WHERE tenant IN ('acme', 'globex') ORDER BY tenant;
+SELECT tenant, rule, value, threshold FROM tenancy.alerts ORDER BY tenant, rule;
+\echo '-- a leak is suspected: acme read-only at once, its key rotated, an incident opened'
+SELECT id, tenant, previous_status, key_rotated, notify_by - detected_at AS notify_within
+  FROM tenancy.lockdown('acme', 'demo: suspected leak');
+SELECT tenant, rule FROM tenancy.alerts WHERE rule = 'incident';
+SELECT status FROM tenancy.unlock('acme');
+\echo '-- the same figures as Prometheus scrapes them (tenancy.metrics(), or the HTTP endpoint):'
+SELECT line FROM regexp_split_to_table(tenancy.metrics(), E'\n') AS line
+ WHERE line ~ '^pg_tenancy_(statements_total|limit_refusals_total|meter_used|alert_active)\{tenant="acme"';
