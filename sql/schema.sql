@@ -116,6 +116,17 @@ COMMENT ON TABLE tenancy.incidents IS
     'Security incidents per tenant: tenancy.lockdown() opens one, tenancy.close_incident() closes it.';
 SELECT pg_catalog.pg_extension_config_dump('tenancy.incidents', '');
 
+-- Storage per tenant, as tenancy.measure_storage() last measured it: each protected table's
+-- size on disk (pg_total_relation_size: heap, indexes, TOAST, free space) shared among its
+-- tenants in proportion to the bytes of their rows (pg_column_size of each whole row).
+CREATE TABLE tenancy.tenant_storage (
+    tenant       text        PRIMARY KEY REFERENCES tenancy.tenants (id),
+    bytes        bigint      NOT NULL,
+    row_bytes    bigint      NOT NULL,
+    rows         bigint      NOT NULL,
+    measured_at  timestamptz NOT NULL
+);
+
 -- Per-tenant usage counters as tenancy.snapshot_usage() read them (cumulative since the last
 -- reset or restart): what tenancy.alerts compares over its windows. Kept two hours.
 CREATE TABLE tenancy.usage_history (

@@ -193,6 +193,65 @@ END
 $$;
 
 ------------------------------------------------------------------------------------------------
+-- Storage per tenant (measured; see tenancy.tenant_storage)
+------------------------------------------------------------------------------------------------
+-- One protected table's rows per tenant: how many and how many bytes (pg_column_size of the
+-- whole row, TOASTed values as stored). Called by tenancy.measure_storage() as a superuser.
+CREATE FUNCTION tenancy._measure_table(rel regclass, col name)
+RETURNS TABLE (tenant text, rows bigint, row_bytes bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT t.%I::pg_catalog.text, pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size(t.*))::pg_catalog.int8 '
+        'FROM ONLY %s t GROUP BY 1', col, rel);
+END
+$$;
+
+-- Measure every tenant's storage now; what tenancy.measure_storage() runs.
+CREATE FUNCTION tenancy._measure_storage() RETURNS TABLE (tenant text, bytes bigint, rows bigint)
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH per AS (
+        SELECT m.tenant, m.rows, m.row_bytes, pg_total_relation_size(p.rel) AS total,
+               sum(m.row_bytes) OVER (PARTITION BY p.rel) AS table_row_bytes
+          FROM tenancy.protected_tables p
+          JOIN pg_class c ON c.oid = p.rel::oid AND c.relkind = 'r'
+         CROSS JOIN LATERAL tenancy._measure_table(p.rel, p.tenant_column) m),
+    agg AS (
+        SELECT per.tenant, sum(per.rows)::bigint AS rows, sum(per.row_bytes)::bigint AS row_bytes,
+               sum(CASE WHEN per.table_row_bytes > 0
+                        THEN per.total::numeric * per.row_bytes / per.table_row_bytes ELSE 0 END)::bigint AS bytes
+          FROM per WHERE per.tenant IS NOT NULL GROUP BY per.tenant),
+    measured AS (
+        SELECT t.id AS tenant, coalesce(a.bytes, 0) AS bytes, coalesce(a.row_bytes, 0) AS row_bytes,
+               coalesce(a.rows, 0) AS rows
+          FROM tenancy.tenants t LEFT JOIN agg a ON a.tenant = t.id)
+    INSERT INTO tenancy.tenant_storage AS s (tenant, bytes, row_bytes, rows, measured_at)
+    SELECT m.tenant, m.bytes, m.row_bytes, m.rows, now() FROM measured m
+    ON CONFLICT (tenant) DO UPDATE
+       SET bytes = EXCLUDED.bytes, row_bytes = EXCLUDED.row_bytes, rows = EXCLUDED.rows,
+           measured_at = EXCLUDED.measured_at
+    RETURNING s.tenant, s.bytes, s.rows
+$$;
+
+-- (a measurement changes what the limits compare with: cached verifications are dropped)
+CREATE TRIGGER tenancy_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenancy.tenant_storage
+    FOR EACH STATEMENT EXECUTE FUNCTION tenancy._limits_changed();
+
+-- Storage per tenant against its quota.
+CREATE VIEW tenancy.storage AS
+SELECT t.id AS tenant, t.plan, s.bytes, s.rows, s.measured_at,
+       coalesce(l.storage_bytes, p.storage_bytes) AS quota_bytes,
+       CASE WHEN coalesce(l.storage_bytes, p.storage_bytes) > 0
+            THEN s.bytes::double precision / coalesce(l.storage_bytes, p.storage_bytes) END AS quota_use
+  FROM tenancy.tenants t
+  JOIN tenancy.plans p ON p.name = t.plan
+  LEFT JOIN tenancy.limits l ON l.tenant = t.id
+  LEFT JOIN tenancy.tenant_storage s ON s.tenant = t.id;
+
+REVOKE ALL ON tenancy.storage, tenancy.tenant_storage FROM PUBLIC;
+GRANT SELECT ON tenancy.storage TO pg_monitor;
+
+------------------------------------------------------------------------------------------------
 -- Alerts (runbook section 5)
 ------------------------------------------------------------------------------------------------
 -- Take a snapshot of every tenant's usage counters for the alerts' windows (schedule it every
@@ -281,9 +340,14 @@ SELECT m.tenant, 'quota_use:' || m.meter, m.used::double precision / m.allowance
          WHERE u.day = (now() AT TIME ZONE 'UTC')::date) m
  WHERE m.allowance > 0 AND m.used::double precision / m.allowance > (SELECT quota_ratio FROM settings)
 UNION ALL
+SELECT st.tenant, 'quota_use:storage', st.quota_use, (SELECT quota_ratio FROM settings), st.measured_at
+  FROM tenancy.storage st
+ WHERE st.quota_use > (SELECT quota_ratio FROM settings)
+UNION ALL
 SELECT i.tenant, 'incident', i.id, NULL, i.detected_at
   FROM tenancy.incidents i
  WHERE i.closed_at IS NULL;
 
 REVOKE ALL ON tenancy.alerts, tenancy.incidents, tenancy.usage_history FROM PUBLIC;
 GRANT SELECT ON tenancy.alerts TO pg_monitor;
+

@@ -99,6 +99,7 @@ extension_sql_file!(
         usage::stats_status,
         usage::_quantile_ms,
         usage::_record_incident,
+        usage::measure_storage,
         crypto::rotate_key,
     ]
 );

@@ -678,3 +678,66 @@ def test_work_the_statement_did_not_send_is_not_counted_again(plans):
     conn.commit()
     conn.close()
     assert stats(su, t)["statements"] == 1
+
+
+def test_storage_is_measured_per_tenant_and_the_quota_refuses_the_insert_that_crosses_it(plans):
+    su = plans
+    big, small = tenant(su), tenant(su)
+    own = connect(user=OWNER)
+    run(own, "DROP TABLE IF EXISTS app.us_docs")
+    run(own, "CREATE TABLE app.us_docs (tenant_id text NOT NULL, id serial, body text, PRIMARY KEY (tenant_id, id))")
+    run(own, "SELECT count(*) FROM tenancy.protect('app.us_docs')")
+    run(own, f"GRANT SELECT, INSERT, DELETE ON app.us_docs TO {APP}")
+    run(own, f"GRANT USAGE ON SEQUENCE app.us_docs_id_seq TO {APP}")
+    own.close()
+    # big: 4,000 rows of 500 bytes; small: 400 such rows
+    for t, n in ((big, 4000), (small, 400)):
+        conn = entered(t)
+        run(conn, "INSERT INTO app.us_docs (body) SELECT repeat('x', 500) FROM generate_series(1, %s)", n)
+        conn.close()
+    bypass = "SELECT count(*) FROM tenancy.audit_log WHERE event = 'bypass_read' AND relation = 'app.us_docs'"
+    before = run(su, bypass)
+    rows = dict((r[0], r[1:]) for r in run(su, "SELECT tenant, bytes, rows FROM tenancy.measure_storage()"))
+    assert rows[big][1] == 4000 and rows[small][1] == 400
+    # pg_tenancy's own measurement is not recorded as superuser reads (bypass_read)
+    time.sleep(1.0)
+    assert run(su, bypass) == before
+    # how exact: each tenant's share against a copy of its own rows alone, same indexes
+    run(su, "DROP TABLE IF EXISTS app.us_copy")
+    run(su, "CREATE TABLE app.us_copy (LIKE app.us_docs INCLUDING INDEXES)")
+    run(su, "INSERT INTO app.us_copy SELECT * FROM app.us_docs WHERE tenant_id = %s", big)
+    run(su, "VACUUM ANALYZE app.us_copy")
+    alone = run(su, "SELECT pg_total_relation_size('app.us_copy')")[0][0]
+    error = abs(rows[big][0] - alone) / alone
+    assert error < 0.15, (rows[big][0], alone)
+    assert abs(rows[big][0] / rows[small][0] - 10) < 1.0
+    run(su, "DROP TABLE app.us_copy")
+    # a quota 50 rows above small's storage: the insert that crosses it is refused, its rows with it
+    per_row = rows[small][0] / 400
+    run(su, "SELECT tenancy.set_limit(%s, storage_bytes => %s)", small, int(rows[small][0] + 50 * per_row))
+    conn = entered(small)
+    assert sqlstate_of(conn, "INSERT INTO app.us_docs (body) SELECT repeat('x', 500) FROM generate_series(1, 30)") is None
+    with conn.cursor() as cur:
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("INSERT INTO app.us_docs (body) SELECT repeat('x', 500) FROM generate_series(1, 30)")
+    assert e.value.pgcode == "53400" and "storage" in e.value.diag.message_primary
+    assert run(conn, "SELECT count(*) FROM app.us_docs") == [(430,)]
+    # at the quota, any insert is refused; reads and deletes still work; big is not affected
+    assert sqlstate_of(conn, "INSERT INTO app.us_docs (body) VALUES ('y')") is None  # 431 rows: still under
+    run(su, "SELECT tenancy.set_limit(%s, storage_bytes => 1)", small)
+    assert sqlstate_of(conn, "INSERT INTO app.us_docs (body) VALUES ('y')") == "53400"
+    assert run(conn, "SELECT count(*) FROM app.us_docs") == [(431,)]
+    assert sqlstate_of(conn, "DELETE FROM app.us_docs WHERE id IN (SELECT id FROM app.us_docs LIMIT 10)") is None
+    other = entered(big)
+    assert sqlstate_of(other, "INSERT INTO app.us_docs (body) VALUES ('z')") is None
+    other.close()
+    conn.close()
+    assert stats(su, small)["refused_rate"] == 0
+    assert run(su, "SELECT quota_bytes FROM tenancy.storage WHERE tenant = %s", small) == [(1,)]
+    assert ("quota_use:storage",) in run(su, "SELECT rule FROM tenancy.alerts WHERE tenant = %s", small)
+    run(su, "SELECT tenancy.clear_limit(%s)", small)
+    # measuring is a superuser's; the storage view is pg_monitor's
+    app = entered(small)
+    assert sqlstate_of(app, "SELECT * FROM tenancy.measure_storage()") == "42501"
+    assert sqlstate_of(app, "SELECT * FROM tenancy.storage") == "42501"
+    app.close()

@@ -31,11 +31,16 @@ const TENANT_ACCESS: Stmt = Stmt {
                 AND pg_catalog.pg_has_role($2, g.role::pg_catalog.oid, 'USAGE')), \
             t.plan, COALESCE(l.statements_per_second, p.statements_per_second), \
             COALESCE(l.burst, p.burst), COALESCE(l.max_concurrent, p.max_concurrent), \
-            p.pinned_stats \
+            p.pinned_stats, COALESCE(l.storage_bytes, p.storage_bytes), s.bytes, \
+            COALESCE(s.bytes::pg_catalog.float8 OPERATOR(pg_catalog./) NULLIF(s.rows, 0), \
+                     (SELECT pg_catalog.sum(a.bytes)::pg_catalog.float8 \
+                             OPERATOR(pg_catalog./) NULLIF(pg_catalog.sum(a.rows), 0) \
+                        FROM tenancy.tenant_storage a)) \
        FROM (SELECT 1) AS one \
        LEFT JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) $1 \
        LEFT JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
-       LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id",
+       LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id \
+       LEFT JOIN tenancy.tenant_storage s ON s.tenant OPERATOR(pg_catalog.=) t.id",
     args: &[pg_sys::TEXTOID, pg_sys::OIDOID],
     who: Who::Owner,
     fresh: true,
@@ -52,6 +57,9 @@ pub fn tenant_access(tenant: &str, role: pg_sys::Oid) -> Result<TenantAccess> {
             burst: r.get::<f64>(6).filter(|b| b.is_finite()).unwrap_or(0.0),
             max_concurrent: r.get::<i32>(7).unwrap_or(0),
             pinned: r.get::<bool>(8).unwrap_or(false),
+            storage_quota: r.get::<i64>(9).unwrap_or(0),
+            storage_measured: r.get::<i64>(10).unwrap_or(0),
+            bytes_per_row: r.get::<f64>(11).filter(|b| b.is_finite()).unwrap_or(0.0),
         },
     })?;
     Ok(row.unwrap_or(TenantAccess { status: None, config: None, best_scope: None, limits: Default::default() }))

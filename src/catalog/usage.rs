@@ -109,3 +109,15 @@ const ALERTS: Stmt = Stmt {
 pub fn alerts() -> Result<Vec<(String, String)>> {
     run(&ALERTS, &[], |r| (r.get::<String>(1).unwrap_or_default(), r.get::<String>(2).unwrap_or_default()))
 }
+
+const MEASURE: Stmt = Stmt {
+    sql: "SELECT tenant, bytes, rows FROM tenancy._measure_storage()",
+    args: &[],
+    who: Who::Caller,
+    fresh: false,
+};
+
+/// Measure every tenant's storage now (as the calling superuser: it reads every tenant's rows).
+pub fn measure_storage() -> Result<Vec<(String, i64, i64)>> {
+    run(&MEASURE, &[], |r| (r.get::<String>(1).unwrap_or_default(), r.get::<i64>(2).unwrap_or(0), r.get::<i64>(3).unwrap_or(0)))
+}

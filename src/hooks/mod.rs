@@ -318,6 +318,9 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
         }
         if explain || TOUCHED.with(|t| t.get().protected) || param::may_need_filling(query_desc) {
             after_executor_start(query_desc, eflags, explain);
+            if TOUCHED.with(|t| t.get().protected) && inserting() {
+                storage_before(query_desc);
+            }
         }
     }
 }
@@ -352,21 +355,106 @@ unsafe extern "C-unwind" fn begin_statement(key: usize, query_desc: *mut pg_sys:
     // SAFETY: reads the statement's start time (set by PostgreSQL for every client message).
     let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
     let exempt = || v.superuser;
+    // SAFETY: the QueryDesc being started, or null.
+    if !query_desc.is_null() && unsafe { inserts(query_desc) } {
+        INSERTING.with(|i| *i.borrow_mut() = Some((key, v.clone(), false)));
+    }
     if let Err((why, place)) = crate::stats::begin(&v.tenant, &v.limits, enforce, track, key, now, exempt) {
-        let (what, limit) = match why {
-            crate::stats::Refusal::Concurrency => (
-                "concurrent statements",
-                format!("The limit is {} statements of the tenant at a time.", v.limits.max_concurrent),
-            ),
-            _ => ("statement rate", format!("The limit is {} statements per second.", v.limits.rate)),
-        };
-        let e = TenancyError::LimitExceeded(what, v.limits.plan.clone(), limit);
-        if crate::stats::audit_refusal_due(place, now) {
-            audit::record(Event::LimitExceeded, pg_sys::InvalidOid, Some(&v.tenant), &e.sqlstate_text(), what);
-        }
-        // (counted as a refusal, not as an error of the tenant)
-        REFUSING.with(|r| r.set(true));
-        e.raise();
+        refuse(&v, why, place, now);
+    }
+}
+
+/// Refuse the statement by a limit: the error (53400, the plan in its hint), an audit event at
+/// most once a second per tenant, and a refusal (not an error) in the tenant's statistics.
+fn refuse(v: &context::Verified, why: crate::stats::Refusal, place: u32, now: i64) -> ! {
+    let (what, limit) = match why {
+        crate::stats::Refusal::Concurrency => (
+            "concurrent statements",
+            format!("The limit is {} statements of the tenant at a time.", v.limits.max_concurrent),
+        ),
+        crate::stats::Refusal::Storage => (
+            "storage",
+            format!("The limit is {} bytes of stored rows (measured by tenancy.measure_storage()).", v.limits.storage_quota),
+        ),
+        _ => ("statement rate", format!("The limit is {} statements per second.", v.limits.rate)),
+    };
+    let e = TenancyError::LimitExceeded(what, v.limits.plan.clone(), limit);
+    if crate::stats::audit_refusal_due(place, now) {
+        audit::record(Event::LimitExceeded, pg_sys::InvalidOid, Some(&v.tenant), &e.sqlstate_text(), what);
+    }
+    // (counted as a refusal, not as an error of the tenant)
+    REFUSING.with(|r| r.set(true));
+    e.raise();
+}
+
+/// The counted statement that inserts rows, and its verified context: its rows are added to the
+/// tenant's storage estimate when it finishes, and refused if they take it over its quota.
+static INSERTING: crate::util::Backend<RefCell<Option<(usize, context::Rc<context::Verified>, bool)>>> =
+    crate::util::Backend::new(RefCell::new(None));
+
+fn inserting() -> bool {
+    INSERTING.with(|i| i.borrow().is_some())
+}
+
+/// # Safety
+/// `query_desc` is a QueryDesc being started.
+unsafe fn inserts(query_desc: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: its planned statement.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        !stmt.is_null() && matches!((*stmt).commandType, pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE)
+    }
+}
+
+/// Storage quota, before an inserting statement on a protected table runs: refused when the
+/// tenant is at or over its quota already.
+#[pg_guard]
+unsafe extern "C-unwind" fn storage_before(query_desc: *mut pg_sys::QueryDesc) {
+    // (it writes a protected table: its rows are the tenant's stored rows)
+    let Some(v) = INSERTING.with(|i| {
+        let mut i = i.borrow_mut();
+        let (k, v, protected) = i.as_mut()?;
+        (*k == query_desc as usize).then(|| {
+            *protected = true;
+            v.clone()
+        })
+    }) else {
+        return;
+    };
+    if v.limits.storage_quota > 0 && crate::gucs::enforce_limits() && !v.superuser
+        && crate::stats::storage_estimate(&v.tenant, &v.limits) >= v.limits.storage_quota
+    {
+        INSERTING.with(|i| *i.borrow_mut() = None);
+        crate::stats::count_refusal(&v.tenant, crate::stats::Refusal::Storage);
+        // SAFETY: reads the statement's start time.
+        refuse(&v, crate::stats::Refusal::Storage, 0, unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
+    }
+}
+
+/// Storage quota, when an inserting statement on a protected table has run: its rows are added
+/// to the estimate, and the statement that takes the tenant over its quota is refused (its rows
+/// go with it).
+#[pg_guard]
+unsafe extern "C-unwind" fn storage_after(key: usize, rows: u64) {
+    let Some((v, protected)) = INSERTING.with(|i| {
+        let mut i = i.borrow_mut();
+        if i.as_ref().is_some_and(|(k, _, _)| *k == key) { i.take().map(|(_, v, p)| (v, p)) } else { None }
+    }) else {
+        return;
+    };
+    if !protected || rows == 0 {
+        return;
+    }
+    let rows = rows.min(i64::MAX as u64) as i64;
+    crate::stats::inserted(&v.tenant, v.limits.pinned, rows);
+    if v.limits.storage_quota > 0 && crate::gucs::enforce_limits() && !v.superuser
+        && crate::stats::storage_estimate(&v.tenant, &v.limits) > v.limits.storage_quota
+    {
+        // (the rows are rolled back with the statement)
+        crate::stats::inserted(&v.tenant, v.limits.pinned, -rows);
+        crate::stats::count_refusal(&v.tenant, crate::stats::Refusal::Storage);
+        // SAFETY: reads the statement's start time.
+        refuse(&v, crate::stats::Refusal::Storage, 0, unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
     }
 }
 
@@ -517,6 +605,11 @@ unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) 
         match PREV_EXECUTOR_FINISH {
             Some(prev) => prev(query_desc),
             None => standard::standard_ExecutorFinish(query_desc),
+        }
+        if inserting() {
+            let estate = (*query_desc).estate;
+            let rows = if estate.is_null() { 0 } else { (*estate).es_processed };
+            storage_after(query_desc as usize, rows);
         }
         if explain::hiding() {
             after_executor_finish(query_desc);

@@ -44,6 +44,11 @@ pub struct Limits {
     pub burst: f64,
     pub max_concurrent: i32,
     pub pinned: bool,
+    /// Storage quota in bytes (0 = none), the tenant's storage as last measured, and the bytes a
+    /// row takes (the tenant's measured average, else every tenant's) for the rows inserted since.
+    pub storage_quota: i64,
+    pub storage_measured: i64,
+    pub bytes_per_row: f64,
 }
 
 /// Why a statement was refused by a limit.
@@ -82,6 +87,8 @@ pub struct Entry {
     last_refusal_audit: AtomicI64,
     /// Last statement (microseconds since the PostgreSQL epoch).
     last_active: AtomicI64,
+    /// Rows the tenant inserted since its storage was last measured.
+    inserted_since: AtomicI64,
 }
 
 #[repr(C)]
@@ -288,6 +295,21 @@ thread_local! {
 pub fn place(tenant: &str, pinned: bool) -> Option<u32> {
     let h = header()?;
     if let Some(i) = LAST_PLACE.with(|l| l.borrow().as_ref().filter(|(t, _)| t == tenant).map(|(_, i)| *i)) {
+        return Some(i);
+    }
+    if let Some(i) = PLACES.with(|p| p.borrow().get(tenant).copied()) {
+        // (the common switch between cached tenants: no allocation, the String is reused)
+        LAST_PLACE.with(|l| {
+            let mut l = l.borrow_mut();
+            match l.as_mut() {
+                Some((t, p)) => {
+                    t.clear();
+                    t.push_str(tenant);
+                    *p = i;
+                }
+                None => *l = Some((tenant.to_string(), i)),
+            }
+        });
         return Some(i);
     }
     let i = match PLACES.with(|p| p.borrow().get(tenant).copied()) {
@@ -507,6 +529,35 @@ fn sqlstate_text(code: i32) -> String {
 /// log, or it was abandoned) gives back its concurrent place.
 pub fn transaction_ended() {
     finish_abandoned();
+}
+
+/// The tenant's storage now, estimated: as last measured, plus the rows inserted since at the
+/// bytes a row takes.
+pub fn storage_estimate(tenant: &str, l: &Limits) -> i64 {
+    let since = match (header(), place(tenant, l.pinned)) {
+        (Some(h), Some(p)) if p != 0 => entry(h, p).inserted_since.load(Relaxed),
+        _ => 0,
+    };
+    l.storage_measured.saturating_add((since as f64 * l.bytes_per_row) as i64)
+}
+
+/// `rows` more rows inserted by `tenant` since its last measurement (fewer, when negative: a
+/// refused statement's rows go back).
+pub fn inserted(tenant: &str, pinned: bool, rows: i64) {
+    if let (Some(h), Some(p)) = (header(), place(tenant, pinned)) {
+        if p != 0 {
+            entry(h, p).inserted_since.fetch_add(rows, Relaxed);
+        }
+    }
+}
+
+/// `tenant`'s storage was just measured: the rows inserted since start from zero.
+pub fn storage_measured(tenant: &str) {
+    if let Some(h) = header() {
+        if let Some(i) = find(h, my_db(), tenant) {
+            entry(h, i).inserted_since.store(0, Relaxed);
+        }
+    }
 }
 
 /// A denial (an audit event) in the context of `tenant`, a tenant this backend verified.

@@ -274,3 +274,22 @@ fn _record_incident(event: &str, tenant: &str, incident: i64) {
     };
     crate::audit::record(e, pg_sys::InvalidOid, Some(tenant), "00000", &format!("{what} (incident {incident})"));
 }
+
+/// Measure every tenant's storage now (superuser; schedule it, e.g. hourly with pg_cron): each
+/// protected table's size on disk shared among its tenants in proportion to the bytes of their
+/// rows. Inserts are refused (53400) once a tenant's measured storage, plus the rows it inserted
+/// since at its bytes per row, reaches its quota.
+#[pg_extern(volatile, parallel_unsafe)]
+fn measure_storage() -> TableIterator<'static, (name!(tenant, String), name!(bytes, i64), name!(rows, i64))> {
+    // SAFETY: reads the current user's catalog entry.
+    if !unsafe { pg_sys::superuser() } {
+        TenancyError::Denied("measuring every tenant's storage is a superuser's").raise();
+    }
+    // (pg_tenancy's own reads of every tenant's rows: not bypass_read events)
+    let _quiet = crate::audit::QuietBypassReads::new();
+    let rows = catalog::usage::measure_storage().or_raise();
+    for (tenant, _, _) in &rows {
+        stats::storage_measured(tenant);
+    }
+    TableIterator::new(rows)
+}
