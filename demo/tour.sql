@@ -6,6 +6,7 @@
 
 \echo '== 1. Install, two tenants, an application role that is neither owner nor BYPASSRLS'
 CREATE EXTENSION pg_tenancy;
+INSERT INTO tenancy.plans (name, client_type, monthly_price) VALUES ('enterprise', 'institutional', 2000);
 SELECT id, name, plan, region, status FROM tenancy.create_tenant('acme', 'Acme Corp', 'enterprise', 'eu-west',
        '{"flags": {"new_checkout": true}, "sla": "99.95"}');
 SELECT id, name, plan, region, status FROM tenancy.create_tenant('globex', 'Globex', 'standard', 'us-east');

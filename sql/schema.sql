@@ -116,9 +116,8 @@ COMMENT ON TABLE tenancy.incidents IS
     'Security incidents per tenant: tenancy.lockdown() opens one, tenancy.close_incident() closes it.';
 SELECT pg_catalog.pg_extension_config_dump('tenancy.incidents', '');
 
--- Storage per tenant, as tenancy.measure_storage() last measured it: each protected table's
--- size on disk (pg_total_relation_size: heap, indexes, TOAST, free space) shared among its
--- tenants in proportion to the bytes of their rows (pg_column_size of each whole row).
+-- Storage per tenant, as tenancy.measure_storage() last measured it: the bytes of the tenant's
+-- live rows in every protected table, as stored (see tenancy._measure_storage).
 CREATE TABLE tenancy.tenant_storage (
     tenant       text        PRIMARY KEY REFERENCES tenancy.tenants (id),
     bytes        bigint      NOT NULL,
@@ -126,6 +125,37 @@ CREATE TABLE tenancy.tenant_storage (
     rows         bigint      NOT NULL,
     measured_at  timestamptz NOT NULL
 );
+
+-- Per tenant and UTC day: statements, failed statements and statement time, added up by
+-- tenancy.snapshot_usage() from the counters' growth between snapshots (tenancy.usage_report()
+-- reads it). Kept 400 days.
+CREATE TABLE tenancy.usage_daily (
+    day         date        NOT NULL,
+    tenant      text        NOT NULL,
+    statements  bigint      NOT NULL DEFAULT 0,
+    errors      bigint      NOT NULL DEFAULT 0,
+    compute_ms  double precision NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant, day)
+);
+SELECT pg_catalog.pg_extension_config_dump('tenancy.usage_daily', '');
+
+-- The cost model of tenancy.usage_report() (at most one row; none: the defaults below): what a
+-- unit of each resource costs the operator, in `currency`. Change it with
+-- INSERT INTO tenancy.cost_model (...) VALUES (...) ON CONFLICT (one) DO UPDATE SET ...
+CREATE TABLE tenancy.cost_model (
+    one                     boolean     PRIMARY KEY DEFAULT true CONSTRAINT cost_model_one CHECK (one),
+    currency                text        NOT NULL DEFAULT 'USD',
+    storage_gb_month        numeric     NOT NULL DEFAULT 0.115 CONSTRAINT cost_storage_check CHECK (storage_gb_month >= 0),
+    compute_hour            numeric     NOT NULL DEFAULT 0.05 CONSTRAINT cost_compute_check CHECK (compute_hour >= 0),
+    backup_gb_month         numeric     NOT NULL DEFAULT 0.023 CONSTRAINT cost_backup_check CHECK (backup_gb_month >= 0),
+    meter_unit              jsonb       NOT NULL DEFAULT '{"webhook_events": 0.00001, "egress_bytes": 0.00000000009}'
+                            CONSTRAINT cost_meter_check CHECK (jsonb_typeof(meter_unit) = 'object'),
+    support_tenant_month    numeric     NOT NULL DEFAULT 0 CONSTRAINT cost_support_check CHECK (support_tenant_month >= 0),
+    updated_at              timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tenancy.cost_model IS
+    'What resources cost the operator (tenancy.usage_report): storage and backups per GB-month, statement time per hour, each meter per unit, support per tenant-month. Empty: the column defaults.';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.cost_model', '');
 
 -- Per-tenant usage counters as tenancy.snapshot_usage() read them (cumulative since the last
 -- reset or restart): what tenancy.alerts compares over its windows. Kept two hours.

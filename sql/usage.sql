@@ -207,23 +207,22 @@ BEGIN
 END
 $$;
 
--- Measure every tenant's storage now; what tenancy.measure_storage() runs.
+-- Measure every tenant's storage now; what tenancy.measure_storage() runs. A tenant is charged
+-- the bytes of its own live rows as stored (each row's bytes, TOASTed values included, plus its
+-- 24-byte tuple header and 4-byte line pointer): never a share of indexes, free space or dead
+-- rows, which another tenant's updates and deletes could otherwise move onto it.
 CREATE FUNCTION tenancy._measure_storage() RETURNS TABLE (tenant text, bytes bigint, rows bigint)
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH per AS (
-        SELECT m.tenant, m.rows, m.row_bytes, pg_total_relation_size(p.rel) AS total,
-               sum(m.row_bytes) OVER (PARTITION BY p.rel) AS table_row_bytes
+    WITH agg AS (
+        SELECT m.tenant, sum(m.rows)::bigint AS rows, sum(m.row_bytes)::bigint AS row_bytes
           FROM tenancy.protected_tables p
           JOIN pg_class c ON c.oid = p.rel::oid AND c.relkind = 'r'
-         CROSS JOIN LATERAL tenancy._measure_table(p.rel, p.tenant_column) m),
-    agg AS (
-        SELECT per.tenant, sum(per.rows)::bigint AS rows, sum(per.row_bytes)::bigint AS row_bytes,
-               sum(CASE WHEN per.table_row_bytes > 0
-                        THEN per.total::numeric * per.row_bytes / per.table_row_bytes ELSE 0 END)::bigint AS bytes
-          FROM per WHERE per.tenant IS NOT NULL GROUP BY per.tenant),
+         CROSS JOIN LATERAL tenancy._measure_table(p.rel, p.tenant_column) m
+         WHERE m.tenant IS NOT NULL
+         GROUP BY m.tenant),
     measured AS (
-        SELECT t.id AS tenant, coalesce(a.bytes, 0) AS bytes, coalesce(a.row_bytes, 0) AS row_bytes,
-               coalesce(a.rows, 0) AS rows
+        SELECT t.id AS tenant, coalesce(a.row_bytes + a.rows * 28, 0) AS bytes,
+               coalesce(a.row_bytes, 0) AS row_bytes, coalesce(a.rows, 0) AS rows
           FROM tenancy.tenants t LEFT JOIN agg a ON a.tenant = t.id)
     INSERT INTO tenancy.tenant_storage AS s (tenant, bytes, row_bytes, rows, measured_at)
     SELECT m.tenant, m.bytes, m.row_bytes, m.rows, now() FROM measured m
@@ -259,15 +258,120 @@ GRANT SELECT ON tenancy.storage TO pg_monitor;
 -- and drop snapshots older than two hours. Returns the tenants written.
 CREATE FUNCTION tenancy.snapshot_usage() RETURNS bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH gone AS (DELETE FROM tenancy.usage_history WHERE at < now() - interval '2 hours'),
+    WITH cur AS (
+        SELECT s.tenant, s.statements, s.errors, s.denials, s.total_time_ms, s.histogram
+          FROM tenancy._stats() s
+         WHERE (s.statements > 0 OR s.denials > 0) AND s.tenant <> '(other)'),
+    prev AS (
+        SELECT DISTINCT ON (h.tenant) h.tenant, h.statements, h.errors, h.total_ms
+          FROM tenancy.usage_history h ORDER BY h.tenant, h.at DESC),
+    -- growth since the previous snapshot (counters lower than then were reset: all of them)
+    delta AS (
+        SELECT c.tenant,
+               CASE WHEN p.tenant IS NULL OR c.statements < p.statements THEN c.statements ELSE c.statements - p.statements END AS statements,
+               CASE WHEN p.tenant IS NULL OR c.statements < p.statements THEN c.errors ELSE greatest(c.errors - p.errors, 0) END AS errors,
+               CASE WHEN p.tenant IS NULL OR c.statements < p.statements THEN c.total_time_ms ELSE greatest(c.total_time_ms - p.total_ms, 0) END AS ms
+          FROM cur c LEFT JOIN prev p ON p.tenant = c.tenant),
+    daily AS (
+        INSERT INTO tenancy.usage_daily AS d (day, tenant, statements, errors, compute_ms)
+        SELECT (now() AT TIME ZONE 'UTC')::date, x.tenant, x.statements, x.errors, x.ms
+          FROM delta x JOIN tenancy.tenants t ON t.id = x.tenant
+         WHERE x.statements > 0 OR x.errors > 0
+        ON CONFLICT (tenant, day) DO UPDATE
+           SET statements = d.statements + EXCLUDED.statements, errors = d.errors + EXCLUDED.errors,
+               compute_ms = d.compute_ms + EXCLUDED.compute_ms),
+    -- (each tenant's newest snapshot is kept however old: it is where the next growth starts)
+    gone AS (
+        DELETE FROM tenancy.usage_history h
+         WHERE h.at < now() - interval '2 hours'
+           AND h.at < (SELECT max(h2.at) FROM tenancy.usage_history h2 WHERE h2.tenant = h.tenant)),
+    old_days AS (DELETE FROM tenancy.usage_daily d WHERE d.day < (now() AT TIME ZONE 'UTC')::date - 400),
     ins AS (
         INSERT INTO tenancy.usage_history (at, tenant, statements, errors, denials, total_ms, histogram)
-        SELECT now(), s.tenant, s.statements, s.errors, s.denials, s.total_time_ms, s.histogram
-          FROM tenancy._stats() s
-         WHERE s.statements > 0 OR s.denials > 0
+        SELECT now(), c.tenant, c.statements, c.errors, c.denials, c.total_time_ms, c.histogram FROM cur c
         ON CONFLICT (tenant, at) DO NOTHING
         RETURNING 1)
     SELECT count(*) FROM ins
+$$;
+
+-- Cost and margin per tenant over [from, to): statement time (tenancy.usage_daily, filled by
+-- snapshot_usage), storage as last measured (measure_storage) and backups kept, for the
+-- period's share of a month, metered use, support; priced by tenancy.cost_model, against the
+-- plan's monthly price for the same share of a month. margin = (revenue - cost) / revenue; the
+-- seed's target is 0.8 to 0.9.
+CREATE FUNCTION tenancy.usage_report("from" timestamptz, "to" timestamptz)
+RETURNS TABLE (tenant text, plan text, days double precision, statements bigint, errors bigint,
+               compute_hours double precision, storage_gb double precision, backup_gb double precision,
+               meters jsonb, cost_compute numeric, cost_storage numeric, cost_backups numeric,
+               cost_meters numeric, cost_support numeric, cost numeric, revenue numeric, margin numeric,
+               currency text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    IF "from" IS NULL OR "to" IS NULL OR "to" <= "from" THEN
+        RAISE EXCEPTION 'invalid report period' USING ERRCODE = '22023',
+            HINT = 'usage_report(from, to) with from < to, for example usage_report(date_trunc(''month'', now()) - interval ''1 month'', date_trunc(''month'', now())).';
+    END IF;
+    RETURN QUERY
+    WITH period AS (
+        SELECT (extract(epoch FROM "to" - "from") / 86400.0)::double precision AS days,
+               ("from" AT TIME ZONE 'UTC')::date AS d0, ("to" AT TIME ZONE 'UTC')::date AS d1),
+    -- (no row: the table's column defaults)
+    cm AS (SELECT coalesce(c.currency, 'USD') AS currency, coalesce(c.storage_gb_month, 0.115) AS storage_gb_month,
+                  coalesce(c.compute_hour, 0.05) AS compute_hour, coalesce(c.backup_gb_month, 0.023) AS backup_gb_month,
+                  coalesce(c.meter_unit, '{"webhook_events": 0.00001, "egress_bytes": 0.00000000009}') AS meter_unit,
+                  coalesce(c.support_tenant_month, 0) AS support_tenant_month
+             FROM (SELECT 1) one LEFT JOIN tenancy.cost_model c ON true),
+    use AS (
+        SELECT u.tenant, sum(u.statements)::bigint AS statements, sum(u.errors)::bigint AS errors,
+               (sum(u.compute_ms) / 3600000.0)::double precision AS compute_hours
+          FROM tenancy.usage_daily u, period
+         WHERE u.day >= period.d0 AND u.day < greatest(period.d1, period.d0 + 1)
+         GROUP BY u.tenant),
+    met AS (
+        SELECT m.tenant, jsonb_object_agg(m.meter, m.used) AS meters,
+               sum(m.used * coalesce((SELECT (cm.meter_unit ->> m.meter)::numeric FROM cm), 0)) AS cost
+          FROM (SELECT u.tenant, u.meter, sum(u.used) AS used
+                  FROM tenancy.meter_usage u, period
+                 WHERE u.day >= period.d0 AND u.day < greatest(period.d1, period.d0 + 1)
+                 GROUP BY u.tenant, u.meter) m
+         GROUP BY m.tenant),
+    bk AS (
+        SELECT b.tenant, sum(b.archive_bytes) / 1e9 AS gb
+          FROM tenancy.backups b, period
+         WHERE b.created_at < "to" AND b.expires_at > "from"
+         GROUP BY b.tenant),
+    r AS (
+        SELECT t.id AS tenant, t.plan, period.days,
+               coalesce(use.statements, 0) AS statements, coalesce(use.errors, 0) AS errors,
+               coalesce(use.compute_hours, 0) AS compute_hours,
+               (coalesce(st.bytes, 0) / 1e9)::double precision AS storage_gb, coalesce(bk.gb, 0)::double precision AS backup_gb,
+               coalesce(met.meters, '{}') AS meters,
+               round((coalesce(use.compute_hours, 0) * cm.compute_hour)::numeric, 4) AS cost_compute,
+               round((coalesce(st.bytes, 0) / 1e9 * cm.storage_gb_month * period.days / 30)::numeric, 4) AS cost_storage,
+               round((coalesce(bk.gb, 0) * cm.backup_gb_month * period.days / 30)::numeric, 4) AS cost_backups,
+               round(coalesce(met.cost, 0)::numeric, 4) AS cost_meters,
+               round((cm.support_tenant_month * period.days / 30)::numeric, 4) AS cost_support,
+               round((p.monthly_price * period.days / 30)::numeric, 2) AS revenue,
+               cm.currency
+          FROM tenancy.tenants t
+          JOIN tenancy.plans p ON p.name = t.plan
+          CROSS JOIN period CROSS JOIN cm
+          LEFT JOIN use ON use.tenant = t.id
+          LEFT JOIN met ON met.tenant = t.id
+          LEFT JOIN bk ON bk.tenant = t.id
+          LEFT JOIN tenancy.tenant_storage st ON st.tenant = t.id
+         WHERE t.status <> 'offboarded' OR use.tenant IS NOT NULL)
+    SELECT r.tenant, r.plan, r.days, r.statements, r.errors, r.compute_hours, r.storage_gb, r.backup_gb,
+           r.meters, r.cost_compute, r.cost_storage, r.cost_backups, r.cost_meters, r.cost_support,
+           r.cost_compute + r.cost_storage + r.cost_backups + r.cost_meters + r.cost_support,
+           r.revenue,
+           CASE WHEN r.revenue > 0
+                THEN round((r.revenue - (r.cost_compute + r.cost_storage + r.cost_backups + r.cost_meters + r.cost_support)) / r.revenue, 4)
+           END,
+           r.currency
+      FROM r ORDER BY r.tenant;
+END
 $$;
 
 -- What fires now, per tenant: p99_latency (over pg_tenancy.alert_p99_window, against the plan's
@@ -348,6 +452,6 @@ SELECT i.tenant, 'incident', i.id, NULL, i.detected_at
   FROM tenancy.incidents i
  WHERE i.closed_at IS NULL;
 
-REVOKE ALL ON tenancy.alerts, tenancy.incidents, tenancy.usage_history FROM PUBLIC;
+REVOKE ALL ON tenancy.alerts, tenancy.incidents, tenancy.usage_history, tenancy.usage_daily, tenancy.cost_model FROM PUBLIC;
 GRANT SELECT ON tenancy.alerts TO pg_monitor;
 

@@ -108,6 +108,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
         unsafe { on_pre_commit() };
     } else if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
         param::forget_runs();
+        crate::hooks::forget_inserting();
         // (not a COMMIT inside a procedure: the CALL is still running)
         if !crate::stats::client::in_utility() {
             crate::stats::transaction_ended();
@@ -127,6 +128,7 @@ unsafe extern "C-unwind" fn on_pre_commit() {
 #[pg_guard]
 unsafe extern "C-unwind" fn on_abort() {
     crate::stats::client::utility_done();
+    crate::hooks::forget_inserting();
     crate::stats::transaction_ended();
     crate::crypto::forget_pending_shreds(0);
     keystore::forget_keys();

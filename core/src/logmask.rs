@@ -53,6 +53,13 @@ pub fn has_token(s: &str) -> bool {
 /// `pg_tenancy.tenant` by `SET` becomes one too. Tokens anywhere (in comments, identifiers)
 /// become `<token>`.
 pub fn mask_statement(sql: &str) -> String {
+    mask_statement_with(sql, false)
+}
+
+/// [`mask_statement`], where `backslash_escapes` says that a backslash escapes the next
+/// character in every string constant (`standard_conforming_strings = off`). Comments keep
+/// their markers, not their text (a value can hide there too).
+pub fn mask_statement_with(sql: &str, backslash_escapes: bool) -> String {
     let b = sql.as_bytes();
     let mut next = highest_param(b) + 1;
     let mut out = String::with_capacity(sql.len());
@@ -64,16 +71,16 @@ pub fn mask_statement(sql: &str) -> String {
     };
     while i < b.len() {
         let c = b[i];
-        // comments: kept (tokens masked below)
+        // comments: their markers only
         if c == b'-' && b.get(i + 1) == Some(&b'-') {
             let end = sql[i..].find('\n').map(|k| i + k).unwrap_or(b.len());
-            out.push_str(&sql[i..end]);
+            out.push_str("-- ...");
             i = end;
             continue;
         }
         if c == b'/' && b.get(i + 1) == Some(&b'*') {
             let end = block_comment_end(b, i);
-            out.push_str(&sql[i..end]);
+            out.push_str("/* ... */");
             i = end;
             continue;
         }
@@ -87,7 +94,7 @@ pub fn mask_statement(sql: &str) -> String {
         // string constants: '...', E'...', U&'...', B'...', X'...', N'...'
         let prefix = string_prefix(b, i);
         if let Some(p) = prefix {
-            let escapes = matches!(b[i], b'e' | b'E') && p == 1;
+            let escapes = (matches!(b[i], b'e' | b'E') && p == 1) || (backslash_escapes && p != 2);
             let end = quoted_end(b, i + p + 1, b'\'', escapes);
             // (adjacent constants separated by a newline are one: mask as one)
             placeholder(&mut out);
@@ -246,6 +253,26 @@ fn dollar_quoted_end(b: &[u8], i: usize) -> Option<usize> {
     Some(b.len())
 }
 
+/// Mask a CONTEXT: the SQL quoted in each line (`SQL statement "..."`, `PL/pgSQL assignment
+/// "..."`, `SQL function "f" statement 1`...) loses its literals, parameter lists their values.
+pub fn mask_context(s: &str, backslash_escapes: bool) -> String {
+    let lines: Vec<String> = s
+        .split('\n')
+        .map(|line| {
+            if line.contains("parameter $") || line.contains("parameters: $") {
+                return mask_parameters(line);
+            }
+            match (line.find('"'), line.rfind('"')) {
+                (Some(a), Some(z)) if z > a => {
+                    format!("{}\"{}\"{}", &line[..a], mask_statement_with(&line[a + 1..z], backslash_escapes), &line[z + 1..])
+                }
+                _ => mask_tokens(line),
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
 /// Mask the values of a `parameters: $1 = '...', $2 = NULL` detail line (log_statement of the
 /// extended protocol, and errors' parameter lines): every quoted value becomes `'...'`.
 pub fn mask_parameters(s: &str) -> String {
@@ -357,14 +384,23 @@ mod line_tests {
         assert_eq!(mask_statement("UPDATE t SET v = $1 WHERE id = 7"), "UPDATE t SET v = $1 WHERE id = $2");
         assert_eq!(mask_statement("SELECT E'it\\'s', U&'d\\0061t', X'1F', B'101', 'a''b'"), "SELECT $1, $2, $3, $4, $5");
         assert_eq!(mask_statement("SELECT $$secret$$, $tag$a $$ b$tag$"), "SELECT $1, $2");
-        assert_eq!(mask_statement("SELECT \"col'x\" FROM \"T\" -- it's 5\n"), "SELECT \"col'x\" FROM \"T\" -- it's 5\n");
+        assert_eq!(mask_statement("SELECT \"col'x\" FROM \"T\" -- it's 5\n"), "SELECT \"col'x\" FROM \"T\" -- ...\n");
+        assert_eq!(mask_statement("SELECT 1 /* /* n */ 'secret' */, 2"), "SELECT $1 /* ... */, $2");
+        // standard_conforming_strings = off: a backslash escapes in every string
+        assert_eq!(mask_statement_with("VALUES ('x\\' secret ')", true), "VALUES ($1)");
+        assert_eq!(mask_statement_with("VALUES ('x\\', 'y')", false), "VALUES ($1, $2)");
         assert_eq!(mask_statement("SELECT a1, b_2, c$3 FROM x9"), "SELECT a1, b_2, c$3 FROM x9");
         assert_eq!(mask_statement("SELECT '1'::int, -5, .5"), "SELECT $1::int, -$2, $3");
         assert_eq!(
             mask_statement(&format!("SET LOCAL pg_tenancy.tenant = '{TOKEN}'")),
             "SET LOCAL pg_tenancy.tenant = $1"
         );
-        assert_eq!(mask_statement(&format!("SELECT 1 /* {TOKEN} */")), "SELECT $1 /* <token> */");
+        assert_eq!(mask_statement(&format!("SELECT 1 /* {TOKEN} */")), "SELECT $1 /* ... */");
+        assert_eq!(
+            mask_context("SQL statement \"SELECT 1 FROM t WHERE v <> 'secret'\"\nPL/pgSQL function f() line 3 at EXECUTE", false),
+            "SQL statement \"SELECT $1 FROM t WHERE v <> $2\"\nPL/pgSQL function f() line 3 at EXECUTE"
+        );
+        assert_eq!(mask_context("unnamed portal with parameters: $1 = 'secret'", false), "unnamed portal with parameters: $1 = '...'");
         assert_eq!(mask_statement("SELECT 'unterminated"), "SELECT $1");
         assert_eq!(mask_statement("INSERT INTO t VALUES (1, 'x'), (2, 'y')"), "INSERT INTO t VALUES ($1, $2), ($3, $4)");
         assert_eq!(mask_statement("SELECT 'é', 'ü' || café FROM t"), "SELECT $1, $2 || café FROM t");

@@ -117,3 +117,46 @@ def test_a_session_without_context_on_plain_tables_is_logged_as_is(logged):
     assert "STATEMENT:  SELECT 1/0 FROM app.lg_plain WHERE v = 'plain-visible-32'" in text
     assert "[tenant=" not in text
     app.close()
+
+
+def test_contexts_escaped_strings_and_comments_are_masked_too(logged):
+    su = logged
+    run(su, """CREATE OR REPLACE FUNCTION app.lg_fail() RETURNS int LANGUAGE plpgsql AS $$
+               DECLARE x int; BEGIN x := length('ctx-secret-44') / 0; RETURN x; END $$""")
+    run(su, f"GRANT EXECUTE ON FUNCTION app.lg_fail() TO {APP}")
+    app = connect(user=APP)
+    m = mark(app)
+    run(app, "SELECT tenancy.set_tenant(%s, true)", T)
+    assert sqlstate_of(app, "SELECT app.lg_fail()") == "22012"
+    run(app, "SET standard_conforming_strings = off")
+    assert sqlstate_of(app, "INSERT INTO app.orders (client, item) VALUES ('x\\' scs-secret-45 ', 'y') /* cm-secret-46 */") is None
+    run(app, "RESET standard_conforming_strings")
+    run(app, "SELECT tenancy.reset_tenant()")
+    end = mark(app)
+    text = log_since(m)
+    assert end in text
+    for secret in ("ctx-secret-44", "scs-secret-45", "cm-secret-46"):
+        assert secret not in text, (secret, text)
+    app.close()
+
+
+def test_a_database_not_in_utf8_is_masked_too(database):
+    admin = connect(dbname="postgres")
+    run(admin, "DROP DATABASE IF EXISTS lg_latin1")
+    run(admin, "CREATE DATABASE lg_latin1 TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'")
+    admin.close()
+    su = connect(dbname="lg_latin1")
+    run(su, "CREATE EXTENSION pg_tenancy")
+    run(su, "SET log_statement = 'all'")
+    m = f"lgmark-{uuid.uuid4().hex}"
+    run(su, f"DO $$ BEGIN RAISE LOG '{m}'; END $$")
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJ0ZW5hbnRfaWQiOiJsYXRpbiJ9.c2lnbmF0dXJlLWxhdGluMQ"
+    sqlstate_of(su, f"SELECT tenancy.set_tenant_token('{token}') /* é */")
+    end = f"lgmark-{uuid.uuid4().hex}"
+    run(su, f"DO $$ BEGIN RAISE LOG '{end}'; END $$")
+    su.close()
+    text = log_since(m)
+    assert end in text and "eyJ0ZW5hbnRfaWQiOiJsYXRpbiJ9" not in text
+    admin = connect(dbname="postgres")
+    run(admin, "DROP DATABASE lg_latin1")
+    admin.close()

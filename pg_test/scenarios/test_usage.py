@@ -61,6 +61,17 @@ def stats(su, t):
     return dict(zip(keys, rows[0])) if rows else None
 
 
+def protected_table(name, columns, grants):
+    """A protected table app.<name> of the owner, granted to the application; the owner's
+    connection (still open)."""
+    own = connect(user=OWNER)
+    run(own, f"DROP TABLE IF EXISTS app.{name}")
+    run(own, f"CREATE TABLE app.{name} ({columns})")
+    run(own, f"SELECT count(*) FROM tenancy.protect('app.{name}')")
+    run(own, f"GRANT {grants} ON app.{name} TO {APP}")
+    return own
+
+
 def hammer(t, seconds, results, key):
     conn = entered(t)
     ok = refused = 0
@@ -360,6 +371,11 @@ def test_reset_stats_and_privileges(plans, app):
 
 def test_ten_thousand_tenants_are_tracked_exactly(plans):
     su = plans
+    tracked, capacity, _ = run(su, "SELECT * FROM tenancy.stats_status()")[0]
+    if capacity * 9 // 10 - tracked < 10000:
+        # (places last as long as the server: a rerun on a server that already gave them to a
+        # dropped database's tenants has too few left; `make test` restarts it first)
+        pytest.skip("fewer than 10,000 free places on this server: restart it (make cluster)")
     run(su, "INSERT INTO tenancy.tenants (id, name) SELECT 'us10k-' || g, 'n' FROM generate_series(1, 10000) g "
             "ON CONFLICT DO NOTHING")
     run(su, "SELECT tenancy.grant_tenant(%s, '*', 'read')", APP)
@@ -659,10 +675,7 @@ def test_only_verified_tenants_are_counted(plans):
 def test_work_the_statement_did_not_send_is_not_counted_again(plans):
     su = plans
     t = tenant(su)
-    own = connect(user=OWNER)
-    run(own, "DROP TABLE IF EXISTS app.us_ev")
-    run(own, "CREATE TABLE app.us_ev (tenant_id text NOT NULL, v int)")
-    run(own, "SELECT count(*) FROM tenancy.protect('app.us_ev')")
+    own = protected_table("us_ev", "tenant_id text NOT NULL, v int", "SELECT, INSERT")
     run(own, """CREATE OR REPLACE FUNCTION app.us_check() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN PERFORM 1 FROM (SELECT 1) q; RETURN NULL; END $$""")
     su_approve = connect()
@@ -670,7 +683,6 @@ def test_work_the_statement_did_not_send_is_not_counted_again(plans):
     su_approve.close()
     run(own, "CREATE CONSTRAINT TRIGGER us_deferred AFTER INSERT ON app.us_ev DEFERRABLE INITIALLY DEFERRED "
              "FOR EACH ROW EXECUTE FUNCTION app.us_check()")
-    run(own, f"GRANT SELECT, INSERT ON app.us_ev TO {APP}")
     own.close()
     conn = connect(user=APP, autocommit=False)
     run(conn, "SELECT tenancy.set_tenant(%s)", t)
@@ -683,11 +695,8 @@ def test_work_the_statement_did_not_send_is_not_counted_again(plans):
 def test_storage_is_measured_per_tenant_and_the_quota_refuses_the_insert_that_crosses_it(plans):
     su = plans
     big, small = tenant(su), tenant(su)
-    own = connect(user=OWNER)
-    run(own, "DROP TABLE IF EXISTS app.us_docs")
-    run(own, "CREATE TABLE app.us_docs (tenant_id text NOT NULL, id serial, body text, PRIMARY KEY (tenant_id, id))")
-    run(own, "SELECT count(*) FROM tenancy.protect('app.us_docs')")
-    run(own, f"GRANT SELECT, INSERT, DELETE ON app.us_docs TO {APP}")
+    own = protected_table("us_docs", "tenant_id text NOT NULL, id serial, body text, PRIMARY KEY (tenant_id, id)",
+                          "SELECT, INSERT, UPDATE, DELETE")
     run(own, f"GRANT USAGE ON SEQUENCE app.us_docs_id_seq TO {APP}")
     own.close()
     # big: 4,000 rows of 500 bytes; small: 400 such rows
@@ -707,9 +716,18 @@ def test_storage_is_measured_per_tenant_and_the_quota_refuses_the_insert_that_cr
     run(su, "CREATE TABLE app.us_copy (LIKE app.us_docs INCLUDING INDEXES)")
     run(su, "INSERT INTO app.us_copy SELECT * FROM app.us_docs WHERE tenant_id = %s", big)
     run(su, "VACUUM ANALYZE app.us_copy")
-    alone = run(su, "SELECT pg_total_relation_size('app.us_copy')")[0][0]
+    alone = run(su, "SELECT pg_table_size('app.us_copy')")[0][0]  # heap and TOAST, no index
     error = abs(rows[big][0] - alone) / alone
     assert error < 0.15, (rows[big][0], alone)
+    # another tenant's churn (updates, then deletes: dead rows, free space) is not charged to it
+    churn = tenant(su)
+    conn = entered(churn)
+    run(conn, "INSERT INTO app.us_docs (body) SELECT repeat('c', 500) FROM generate_series(1, 3000)")
+    run(conn, "UPDATE app.us_docs SET body = body || ''")
+    run(conn, "DELETE FROM app.us_docs")
+    conn.close()
+    again = dict((r[0], r[1:]) for r in run(su, "SELECT tenant, bytes, rows FROM tenancy.measure_storage()"))
+    assert again[small] == rows[small] and again[churn] == (0, 0)
     assert abs(rows[big][0] / rows[small][0] - 10) < 1.0
     run(su, "DROP TABLE app.us_copy")
     # a quota 50 rows above small's storage: the insert that crosses it is refused, its rows with it
@@ -741,3 +759,93 @@ def test_storage_is_measured_per_tenant_and_the_quota_refuses_the_insert_that_cr
     assert sqlstate_of(app, "SELECT * FROM tenancy.measure_storage()") == "42501"
     assert sqlstate_of(app, "SELECT * FROM tenancy.storage") == "42501"
     app.close()
+
+
+def test_usage_report_prices_each_tenant_against_its_plan(plans):
+    su = plans
+    run(su, "INSERT INTO tenancy.plans (name, monthly_price, meters) VALUES ('us_paid', 300, '{\"api_calls\": 1000}') "
+            "ON CONFLICT (name) DO NOTHING")
+    t = tenant(su, "us_paid")
+    conn = entered(t)
+    run(conn, "SELECT 1")
+    run(su, "SELECT tenancy.snapshot_usage()")
+    for _ in range(5):
+        run(conn, "SELECT pg_sleep(0.05)")
+    run(conn, "SELECT tenancy.meter('api_calls', 40)")
+    assert sqlstate_of(conn, "SELECT 1/(random() * 0)::int") == "22012"
+    conn.close()
+    run(su, "SELECT tenancy.snapshot_usage()")
+    run(su, "SELECT tenancy.snapshot_usage()")  # nothing new: nothing added twice
+    run(su, "DELETE FROM tenancy.cost_model")
+    report = "SELECT statements, errors, compute_hours, meters, cost_compute, cost_meters, cost, revenue, margin, currency " \
+             "FROM tenancy.usage_report(date_trunc('day', now()), date_trunc('day', now()) + interval '30 days') WHERE tenant = %s"
+    row = run(su, report, t)[0]
+    # the first statement was before the first snapshot: counted from there (its growth is the
+    # counters since the start), then 5 sleeps, the meter, the failed one
+    assert row[0] == 8 and row[1] == 1, row
+    assert 0.25 / 3600 <= row[2] < 1.0 / 3600, row
+    assert row[3] == {"api_calls": 40}
+    assert row[7] == 300 and row[9] == "USD"
+    assert row[6] == row[4] + row[5] + 0 or row[6] >= row[4]
+    assert 0.99 < row[8] <= 1
+    # a cost model of the operator's
+    run(su, "INSERT INTO tenancy.cost_model (currency, compute_hour, meter_unit) VALUES ('EUR', 3600, '{\"api_calls\": 1}')")
+    row = run(su, report, t)[0]
+    assert row[9] == "EUR" and row[5] == 40 and row[4] >= 0.25
+    run(su, "DELETE FROM tenancy.cost_model")
+    assert sqlstate_of(su, "SELECT * FROM tenancy.usage_report(now(), now() - interval '1 day')") == "22023"
+    app = entered(t)
+    assert sqlstate_of(app, "SELECT * FROM tenancy.usage_report(now() - interval '1 day', now())") == "42501"
+    app.close()
+
+
+def test_the_storage_quota_holds_by_every_route_that_inserts(plans):
+    su = plans
+    t = tenant(su)
+    protected_table("us_q", "tenant_id text NOT NULL, v text", "SELECT, INSERT").close()
+    run(su, "CREATE OR REPLACE FUNCTION app.us_ins(n int) RETURNS bigint LANGUAGE sql AS "
+            "$$ WITH i AS (INSERT INTO app.us_q (v) SELECT 'f' FROM generate_series(1, n) RETURNING 1) SELECT count(*) FROM i $$")
+    run(su, f"GRANT EXECUTE ON FUNCTION app.us_ins(int) TO {APP}")
+    conn = entered(t)
+    run(conn, "INSERT INTO app.us_q (v) SELECT 'x' FROM generate_series(1, 100)")
+    run(su, "SELECT count(*) FROM tenancy.measure_storage()")
+    run(su, "SELECT tenancy.set_limit(%s, storage_bytes => 10)", t)
+    run(conn, "PREPARE us_pi AS INSERT INTO app.us_q (v) VALUES ('p')")
+    for sql in ("INSERT INTO app.us_q (v) VALUES ('a')",
+                "WITH i AS (INSERT INTO app.us_q (v) VALUES ('b') RETURNING 1) SELECT count(*) FROM i",
+                "EXECUTE us_pi",
+                "SELECT app.us_ins(5)",
+                "DO $$ BEGIN INSERT INTO app.us_q (v) VALUES ('d'); END $$"):
+        assert sqlstate_of(conn, sql) == "53400", sql
+    assert run(conn, "SELECT count(*) FROM app.us_q") == [(100,)]
+    conn.close()
+    run(su, "SELECT tenancy.clear_limit(%s)", t)
+
+
+def test_a_statement_running_the_clients_text_again_is_part_of_it(plans):
+    su = plans
+    t = tenant(su, "us_capped")
+    run(su, """CREATE OR REPLACE FUNCTION app.us_again() RETURNS int LANGUAGE plpgsql AS $$ BEGIN
+               IF current_setting('x.in', true) IS DISTINCT FROM '1' THEN
+                 PERFORM set_config('x.in', '1', false); EXECUTE current_query(); PERFORM pg_sleep(1.5);
+               END IF; RETURN 1; END $$""")
+    run(su, f"GRANT EXECUTE ON FUNCTION app.us_again() TO {APP}")
+    a, b = entered(t), entered(t)
+    th = threading.Thread(target=run, args=(a, "SELECT app.us_again()"))
+    th.start()
+    time.sleep(0.5)
+    assert sqlstate_of(b, "SELECT 1") == "53400"  # the cap (1) is held by the running statement
+    th.join()
+    assert stats(su, t)["p99_ms"] >= 1000  # its time is counted
+    a.close()
+    b.close()
+
+
+def test_meters_per_tenant_and_day_are_bounded(plans):
+    su = plans
+    t = tenant(su)
+    conn = entered(t)
+    assert run(conn, "SELECT count(*) FILTER (WHERE tenancy.meter('m' || i, 1)) FROM generate_series(1, 100) i") == [(64,)]
+    assert run(conn, "SELECT tenancy.meter('m1', 1), tenancy.meter('m99', 1), tenancy.meter('m99', 0)") == [(True, False, True)]
+    assert run(su, "SELECT count(*) FROM tenancy.meter_usage WHERE tenant = %s", t) == [(64,)]
+    conn.close()

@@ -38,6 +38,8 @@ pub fn allowance(tenant: &str, meter: &str) -> Result<Option<Option<i64>>> {
     one(&ALLOWANCE, &[arg(tenant), arg(meter)], |r| r.get::<i64>(1))
 }
 
+/// At most 64 meters per tenant and day (a new name past them counts nothing: one statement could
+/// otherwise make a series per name in every scrape).
 /// Add `$3` to today's (UTC, by the clock: a long transaction crossing midnight counts on the new
 /// day) use of meter `$2` by tenant `$1` when it stays within `$4` (NULL: no
 /// limit). The row lock taken by ON CONFLICT ... DO UPDATE serialises concurrent meters of one
@@ -46,7 +48,14 @@ pub fn allowance(tenant: &str, meter: &str) -> Result<Option<Option<i64>>> {
 const ADD: Stmt = Stmt {
     sql: "INSERT INTO tenancy.meter_usage AS u (tenant, meter, day, used) \
           SELECT $1, $2, (pg_catalog.clock_timestamp() AT TIME ZONE 'UTC')::pg_catalog.date, $3 \
-           WHERE $4::pg_catalog.int8 IS NULL OR $3 OPERATOR(pg_catalog.<=) $4::pg_catalog.int8 \
+           WHERE ($4::pg_catalog.int8 IS NULL OR $3 OPERATOR(pg_catalog.<=) $4::pg_catalog.int8) \
+             AND (EXISTS (SELECT 1 FROM tenancy.meter_usage x \
+                           WHERE x.tenant OPERATOR(pg_catalog.=) $1 AND x.meter OPERATOR(pg_catalog.=) $2 \
+                             AND x.day OPERATOR(pg_catalog.=) (pg_catalog.clock_timestamp() AT TIME ZONE 'UTC')::pg_catalog.date) \
+                  OR (SELECT pg_catalog.count(*) FROM tenancy.meter_usage x \
+                       WHERE x.tenant OPERATOR(pg_catalog.=) $1 \
+                         AND x.day OPERATOR(pg_catalog.=) (pg_catalog.clock_timestamp() AT TIME ZONE 'UTC')::pg_catalog.date) \
+                     OPERATOR(pg_catalog.<) 64) \
           ON CONFLICT (tenant, meter, day) DO UPDATE \
              SET used = u.used OPERATOR(pg_catalog.+) EXCLUDED.used, updated_at = pg_catalog.now() \
            WHERE $4::pg_catalog.int8 IS NULL \

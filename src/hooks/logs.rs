@@ -9,7 +9,9 @@
 //!   values, and the details of constraint violations the row values they quote;
 //! - under a tenant context (`pg_tenancy.log_tenant`), a line only for the log starts with
 //!   `[tenant=<id>]`, and the log's copy of a message the client also gets carries `tenant=<id>`
-//!   in its DETAIL (the server-only detail): the client's message is never changed.
+//!   in its DETAIL (the server-only detail). The client's message and detail are never changed;
+//!   its CONTEXT and QUERY fields, which PostgreSQL writes to the log and the client alike, are
+//!   masked for both under a context.
 //!
 //! It runs inside error reporting: nothing here raises, panics or takes a lock; new strings are
 //! allocated in `ErrorContext`, which lives as long as the report.
@@ -20,12 +22,20 @@ use pg_tenancy_core::logmask;
 
 use crate::context;
 
-fn text(p: *const c_char) -> Option<&'static str> {
+/// A field of the report as text (bytes that are not UTF-8, in a LATIN1 or SQL_ASCII
+/// database, become U+FFFD: the line is still masked).
+fn text(p: *const c_char) -> Option<std::borrow::Cow<'static, str>> {
     if p.is_null() {
         return None;
     }
     // SAFETY: a NUL-terminated string of the report (or debug_query_string), alive during it.
-    unsafe { CStr::from_ptr(p) }.to_str().ok()
+    Some(unsafe { CStr::from_ptr(p) }.to_string_lossy())
+}
+
+/// `standard_conforming_strings = off`: backslashes escape in every string constant.
+fn backslashes() -> bool {
+    // SAFETY: reads a backend-global setting.
+    !unsafe { pg_sys::standard_conforming_strings }
 }
 
 fn alloc(s: &str) -> *mut c_char {
@@ -43,7 +53,7 @@ fn mask_statement_line(msg: &str, literals: bool) -> Option<String> {
     let start = logmask::statement_start(msg)?;
     let stmt = &msg[start..];
     if literals || token_or_setting(stmt) {
-        Some(format!("{}{}", &msg[..start], logmask::mask_statement(stmt)))
+        Some(format!("{}{}", &msg[..start], logmask::mask_statement_with(stmt, backslashes())))
     } else {
         None
     }
@@ -69,6 +79,7 @@ pub unsafe fn rewrite(edata: *mut pg_sys::ErrorData, protected_statement: bool) 
 
         // the message: a statement line of the log, or any line carrying a token
         if let Some(msg) = text(e.message) {
+            let msg: &str = &msg;
             let mut new = if log_only { mask_statement_line(msg, literals) } else { None };
             if new.is_none() && logmask::has_token(msg) {
                 new = Some(logmask::mask_tokens(msg));
@@ -86,6 +97,7 @@ pub unsafe fn rewrite(edata: *mut pg_sys::ErrorData, protected_statement: bool) 
         let fields: [&mut *mut c_char; 2] = [&mut e.detail, &mut e.detail_log];
         for field in fields.into_iter().filter(|_| log_only) {
             if let Some(d) = text(*field) {
+                let d: &str = &d;
                 let masked = if literals && d.starts_with("parameters: ") {
                     logmask::mask_parameters(d)
                 } else if literals && log_only {
@@ -102,11 +114,11 @@ pub unsafe fn rewrite(edata: *mut pg_sys::ErrorData, protected_statement: bool) 
         // the server-only detail
         if !log_only {
             let base = text(e.detail_log).or(text(e.detail));
-            let masked = base.map(|d| if literals { logmask::mask_detail(d) } else { logmask::mask_tokens(d) });
+            let masked = base.as_deref().map(|d| if literals { logmask::mask_detail(d) } else { logmask::mask_tokens(d) });
             let with_tag = match (&tag, masked) {
                 (Some(t), Some(d)) => Some(format!("{d}\ntenant={t}")),
                 (Some(t), None) => Some(format!("tenant={t}")),
-                (None, Some(d)) if Some(d.as_str()) != base => Some(d),
+                (None, Some(d)) if Some(d.as_str()) != base.as_deref() => Some(d),
                 _ => None,
             };
             if let Some(d) = with_tag {
@@ -116,13 +128,13 @@ pub unsafe fn rewrite(edata: *mut pg_sys::ErrorData, protected_statement: bool) 
 
         // an internal query (QUERY:) and the context (CONTEXT:, with portal parameters)
         if let Some(q) = text(e.internalquery) {
-            if literals || token_or_setting(q) {
-                e.internalquery = alloc(&logmask::mask_statement(q));
+            if literals || token_or_setting(&q) {
+                e.internalquery = alloc(&logmask::mask_statement_with(&q, backslashes()));
             }
         }
         if let Some(c) = text(e.context) {
-            let masked = if literals && c.contains("parameter $") { logmask::mask_parameters(c) } else { logmask::mask_tokens(c) };
-            if masked != c {
+            let masked = if literals { logmask::mask_context(&c, backslashes()) } else { logmask::mask_tokens(&c) };
+            if masked != *c {
                 e.context = alloc(&masked);
             }
         }
@@ -130,8 +142,8 @@ pub unsafe fn rewrite(edata: *mut pg_sys::ErrorData, protected_statement: bool) 
         // the STATEMENT: line of an error
         if e.elevel >= pg_sys::PGERROR as i32 && pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND {
             if let Some(q) = text(pg_sys::debug_query_string) {
-                if literals || token_or_setting(q) {
-                    pg_sys::debug_query_string = alloc(&logmask::mask_statement(q));
+                if literals || token_or_setting(&q) {
+                    pg_sys::debug_query_string = alloc(&logmask::mask_statement_with(&q, backslashes()));
                 }
             }
         }

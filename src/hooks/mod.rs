@@ -131,6 +131,7 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
         }
         if !edata.is_null() && (*edata).elevel >= pg_sys::PGERROR as c_int {
             client::utility_done();
+            forget_inserting();
             if crate::stats::counting_any() {
                 crate::stats::failed((*edata).sqlerrcode);
             } else if !REFUSING.with(|r| r.replace(false)) && context::is_set() {
@@ -318,7 +319,11 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
         }
         if explain || TOUCHED.with(|t| t.get().protected) || param::may_need_filling(query_desc) {
             after_executor_start(query_desc, eflags, explain);
-            if TOUCHED.with(|t| t.get().protected) && inserting() {
+            if TOUCHED.with(|t| t.get().protected)
+                && context::is_set()
+                && eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as c_int == 0
+                && writes_rows(query_desc)
+            {
                 storage_before(query_desc);
             }
         }
@@ -355,11 +360,9 @@ unsafe extern "C-unwind" fn begin_statement(key: usize, query_desc: *mut pg_sys:
     // SAFETY: reads the statement's start time (set by PostgreSQL for every client message).
     let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
     let exempt = || v.superuser;
-    // SAFETY: the QueryDesc being started, or null.
-    if !query_desc.is_null() && unsafe { inserts(query_desc) } {
-        INSERTING.with(|i| *i.borrow_mut() = Some((key, v.clone(), false)));
-    }
-    if let Err((why, place)) = crate::stats::begin(&v.tenant, &v.limits, enforce, track, key, now, exempt) {
+    // SAFETY: reads a backend-global.
+    let portal = unsafe { pg_sys::ActivePortal } as usize;
+    if let Err((why, place)) = crate::stats::begin(&v.tenant, &v.limits, enforce, track, key, portal, now, exempt) {
         refuse(&v, why, place, now);
     }
 }
@@ -387,69 +390,82 @@ fn refuse(v: &context::Verified, why: crate::stats::Refusal, place: u32, now: i6
     e.raise();
 }
 
-/// The counted statement that inserts rows, and its verified context: its rows are added to the
-/// tenant's storage estimate when it finishes, and refused if they take it over its quota.
-static INSERTING: crate::util::Backend<RefCell<Option<(usize, context::Rc<context::Verified>, bool)>>> =
-    crate::util::Backend::new(RefCell::new(None));
+/// Statements that insert rows into protected tables under a context, at any level (a client
+/// statement, EXECUTE, a function's, a trigger's), and their verified context: their rows are
+/// added to the tenant's storage estimate when they finish, and refused if they take it over its
+/// quota. Forgotten at every transaction end and error.
+static INSERTING: crate::util::Backend<RefCell<Vec<(usize, context::Rc<context::Verified>)>>> =
+    crate::util::Backend::new(RefCell::new(Vec::new()));
 
 fn inserting() -> bool {
-    INSERTING.with(|i| i.borrow().is_some())
+    INSERTING.with(|i| !i.borrow().is_empty())
 }
 
+/// Forget the inserting statements (the transaction ended, or an error ended them).
+pub fn forget_inserting() {
+    INSERTING.with(|i| {
+        if let Ok(mut i) = i.try_borrow_mut() {
+            i.clear();
+        }
+    });
+}
+
+/// Whether a started statement writes rows: INSERT, MERGE, or a writable CTE.
+///
 /// # Safety
-/// `query_desc` is a QueryDesc being started.
-unsafe fn inserts(query_desc: *mut pg_sys::QueryDesc) -> bool {
+/// `query_desc` is a started QueryDesc.
+unsafe fn writes_rows(query_desc: *mut pg_sys::QueryDesc) -> bool {
     // SAFETY: its planned statement.
     unsafe {
         let stmt = (*query_desc).plannedstmt;
-        !stmt.is_null() && matches!((*stmt).commandType, pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE)
+        !stmt.is_null()
+            && (matches!((*stmt).commandType, pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE) || (*stmt).hasModifyingCTE)
     }
 }
 
-/// Storage quota, before an inserting statement on a protected table runs: refused when the
-/// tenant is at or over its quota already.
+fn storage_over(v: &context::Verified, strictly: bool) -> bool {
+    if v.limits.storage_quota <= 0 || !crate::gucs::enforce_limits() || v.superuser {
+        return false;
+    }
+    let estimate = crate::stats::storage_estimate(&v.tenant, &v.limits);
+    if strictly { estimate > v.limits.storage_quota } else { estimate >= v.limits.storage_quota }
+}
+
+/// Storage quota, before a statement that writes a protected table runs (at any level): refused
+/// when the tenant is at or over its quota already.
 #[pg_guard]
 unsafe extern "C-unwind" fn storage_before(query_desc: *mut pg_sys::QueryDesc) {
-    // (it writes a protected table: its rows are the tenant's stored rows)
-    let Some(v) = INSERTING.with(|i| {
-        let mut i = i.borrow_mut();
-        let (k, v, protected) = i.as_mut()?;
-        (*k == query_desc as usize).then(|| {
-            *protected = true;
-            v.clone()
-        })
-    }) else {
-        return;
-    };
-    if v.limits.storage_quota > 0 && crate::gucs::enforce_limits() && !v.superuser
-        && crate::stats::storage_estimate(&v.tenant, &v.limits) >= v.limits.storage_quota
-    {
-        INSERTING.with(|i| *i.borrow_mut() = None);
+    let Ok(v) = context::verified_quietly() else { return };
+    if storage_over(&v, false) {
         crate::stats::count_refusal(&v.tenant, crate::stats::Refusal::Storage);
         // SAFETY: reads the statement's start time.
         refuse(&v, crate::stats::Refusal::Storage, 0, unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
     }
+    // SAFETY: the started QueryDesc.
+    let counts_rows = unsafe { matches!((*(*query_desc).plannedstmt).commandType, pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE) };
+    if counts_rows {
+        INSERTING.with(|i| i.borrow_mut().push((query_desc as usize, v)));
+    }
 }
 
-/// Storage quota, when an inserting statement on a protected table has run: its rows are added
-/// to the estimate, and the statement that takes the tenant over its quota is refused (its rows
-/// go with it).
+/// Storage quota, when an INSERT or MERGE on a protected table has run: its rows are added to
+/// the estimate, and the statement that takes the tenant over its quota is refused (its rows go
+/// with it).
 #[pg_guard]
 unsafe extern "C-unwind" fn storage_after(key: usize, rows: u64) {
-    let Some((v, protected)) = INSERTING.with(|i| {
+    let Some(v) = INSERTING.with(|i| {
         let mut i = i.borrow_mut();
-        if i.as_ref().is_some_and(|(k, _, _)| *k == key) { i.take().map(|(_, v, p)| (v, p)) } else { None }
+        let at = i.iter().rposition(|(k, _)| *k == key)?;
+        Some(i.remove(at).1)
     }) else {
         return;
     };
-    if !protected || rows == 0 {
+    if rows == 0 {
         return;
     }
     let rows = rows.min(i64::MAX as u64) as i64;
     crate::stats::inserted(&v.tenant, v.limits.pinned, rows);
-    if v.limits.storage_quota > 0 && crate::gucs::enforce_limits() && !v.superuser
-        && crate::stats::storage_estimate(&v.tenant, &v.limits) > v.limits.storage_quota
-    {
+    if storage_over(&v, true) {
         // (the rows are rolled back with the statement)
         crate::stats::inserted(&v.tenant, v.limits.pinned, -rows);
         crate::stats::count_refusal(&v.tenant, crate::stats::Refusal::Storage);
@@ -569,9 +585,23 @@ unsafe extern "C-unwind" fn executor_run(
             standard::AcceptInvalidationMessages();
             before_executor_run(query_desc);
         }
+        // a client's Execute of a cursor's portal (declared by SQL, started then): a statement of
+        // the tenant, counted and limited as it runs
+        let run_counted = context::is_set()
+            && !client::in_utility()
+            && !crate::stats::counting(query_desc as usize)
+            && pg_sys::ParallelWorkerNumber < 0
+            && client::is_client_text((*query_desc).sourceText);
+        if run_counted {
+            begin_statement(query_desc as usize, query_desc);
+        }
         match PREV_EXECUTOR_RUN {
             Some(prev) => prev(query_desc, direction, count, execute_once),
             None => standard::standard_ExecutorRun(query_desc, direction, count, execute_once),
+        }
+        if run_counted && crate::stats::counting(query_desc as usize) {
+            let estate = (*query_desc).estate;
+            crate::stats::end(if estate.is_null() { 0 } else { (*estate).es_processed });
         }
     }
 }

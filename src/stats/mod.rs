@@ -337,6 +337,8 @@ struct Current {
     place: u32,
     /// The statement (its QueryDesc's address): nested statements end too.
     query: usize,
+    /// The portal it runs in (ActivePortal when it started).
+    portal: usize,
     /// Count it (pg_tenancy.track_stats); otherwise it is here only to give back its place.
     track: bool,
     start: Instant,
@@ -385,9 +387,15 @@ pub fn begin(
     enforce: bool,
     track: bool,
     query: usize,
+    portal: usize,
     now_us: i64,
     exempt: impl FnOnce() -> bool,
 ) -> Result<(), (Refusal, u32)> {
+    // a statement with the client's text run while the client's counted statement runs in the
+    // same portal (a function running EXECUTE current_query()) is part of it
+    if CURRENT.with(|c| c.get()).is_some_and(|c| c.portal == portal && portal_active(portal)) {
+        return Ok(());
+    }
     finish_abandoned();
     let Some(h) = header() else { return Ok(()) };
     let Some(place) = place(tenant, l.pinned) else { return Ok(()) };
@@ -407,15 +415,22 @@ pub fn begin(
         }
         holds = true;
     }
-    if !track && !holds {
-        return Ok(());
-    }
     // (to the second: a store per statement would bounce the line between the tenant's backends)
     if now_us - e.last_active.load(Relaxed) >= 1_000_000 {
         e.last_active.store(now_us, Relaxed);
     }
-    CURRENT.with(|c| c.set(Some(Current { place, query, track, start: Instant::now(), holds })));
+    CURRENT.with(|c| c.set(Some(Current { place, query, portal, track, start: Instant::now(), holds })));
     Ok(())
+}
+
+/// Whether `portal` (an address from ActivePortal) is running now.
+fn portal_active(portal: usize) -> bool {
+    // SAFETY: compares with the backend's ActivePortal, which is null or a live portal; the
+    // stored address is only dereferenced when it is that one.
+    unsafe {
+        let p = pg_sys::ActivePortal;
+        !p.is_null() && p as usize == portal && (*p).status == pg_sys::PortalStatus::PORTAL_ACTIVE
+    }
 }
 
 /// Take one of the tenant's `cap` concurrent places, waiting up to `pg_tenancy.concurrency_wait`.

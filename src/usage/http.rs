@@ -1,8 +1,9 @@
 //! The metrics endpoint: off by default; with `pg_tenancy.metrics_port` set, a background worker
 //! connected to `pg_tenancy.metrics_database` answers `GET /metrics` with `tenancy.metrics()`
 //! (Prometheus text, version 0.0.4), so Prometheus scrapes the database without an exporter.
-//! One request at a time, each read within 2 seconds, at most 8 KiB; anything else is 404 (or
-//! 405 for another method); a database without pg_tenancy answers 503.
+//! One request at a time: the request read whole within 2 seconds (at most 8 KiB), the answer
+//! written within 5; anything but `/metrics` is 404 (another method 405); a database without
+//! pg_tenancy answers 503.
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::io::{Read, Write};
@@ -36,10 +37,13 @@ fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str)
 
 /// The request line of a request (method and path), read within the timeout.
 fn request_line(stream: &mut TcpStream) -> Option<(String, String)> {
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    // the whole request within 2 seconds (a client sending a byte at a time gets no longer)
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+        let left = deadline.checked_duration_since(std::time::Instant::now()).filter(|d| !d.is_zero())?;
+        stream.set_read_timeout(Some(left)).ok()?;
         let n = stream.read(&mut chunk).ok()?;
         if n == 0 {
             break;
@@ -53,6 +57,8 @@ fn request_line(stream: &mut TcpStream) -> Option<(String, String)> {
 
 fn serve(mut stream: TcpStream) {
     let _ = stream.set_nonblocking(false);
+    // (a client that does not read the answer is dropped after 5 seconds)
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let Some((method, path)) = request_line(&mut stream) else { return };
     let path = path.split('?').next().unwrap_or("");
     if path != "/metrics" {

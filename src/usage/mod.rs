@@ -25,7 +25,8 @@ fn valid_meter(name: &str) -> bool {
 /// Count `amount` of meter `name` (webhook events, egress bytes, API calls: whatever the
 /// application meters) for the tenant of the current context, today (UTC), against its allowance
 /// per day (the tenant's own, else its plan's). True when counted; false, counting nothing, when
-/// it would go over. Exact under concurrency. Needs a context with scope read_write or admin.
+/// it would go over (or the tenant already has 64 other meters today). Exact under concurrency.
+/// Needs a context with scope read_write or admin.
 #[pg_extern(volatile, parallel_unsafe)]
 fn meter(name: Option<&str>, amount: Option<i64>) -> bool {
     let name = name.filter(|n| valid_meter(n)).unwrap_or_else(|| TenancyError::InvalidMeter.raise());
@@ -35,6 +36,10 @@ fn meter(name: Option<&str>, amount: Option<i64>) -> bool {
         TenancyError::ReadScope.raise();
     }
     let allowance = catalog::usage::allowance(&v.tenant, name).or_raise().unwrap_or_else(|| TenancyError::UnknownTenant.raise());
+    // (nothing to count: whether it is within the allowance, with no row written)
+    if amount == 0 {
+        return true;
+    }
     match catalog::usage::add(&v.tenant, name, amount, allowance).or_raise() {
         Some(_) => true,
         None => {
