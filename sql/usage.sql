@@ -258,6 +258,8 @@ GRANT SELECT ON tenancy.storage TO pg_monitor;
 -- and drop snapshots older than two hours. Returns the tenants written.
 CREATE FUNCTION tenancy.snapshot_usage() RETURNS bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    -- (one at a time: two overlapping runs would add the same growth twice)
+    LOCK TABLE tenancy.usage_history IN SHARE ROW EXCLUSIVE MODE;
     WITH cur AS (
         SELECT s.tenant, s.statements, s.errors, s.denials, s.total_time_ms, s.histogram
           FROM tenancy._stats() s

@@ -262,6 +262,12 @@ pub fn mask_context(s: &str, backslash_escapes: bool) -> String {
             if line.contains("parameter $") || line.contains("parameters: $") {
                 return mask_parameters(line);
             }
+            // a value being parsed (`JSON data, line 1: {...`): its text goes
+            if let Some(rest) = line.strip_prefix("JSON data, line ") {
+                if let Some(k) = rest.find(": ") {
+                    return format!("JSON data, line {}: ...", &rest[..k]);
+                }
+            }
             match (line.find('"'), line.rfind('"')) {
                 (Some(a), Some(z)) if z > a => {
                     format!("{}\"{}\"{}", &line[..a], mask_statement_with(&line[a + 1..z], backslash_escapes), &line[z + 1..])
@@ -401,6 +407,7 @@ mod line_tests {
             "SQL statement \"SELECT $1 FROM t WHERE v <> $2\"\nPL/pgSQL function f() line 3 at EXECUTE"
         );
         assert_eq!(mask_context("unnamed portal with parameters: $1 = 'secret'", false), "unnamed portal with parameters: $1 = '...'");
+        assert_eq!(mask_context("JSON data, line 1: {\"a\":\"secret\", bad...", false), "JSON data, line 1: ...");
         assert_eq!(mask_statement("SELECT 'unterminated"), "SELECT $1");
         assert_eq!(mask_statement("INSERT INTO t VALUES (1, 'x'), (2, 'y')"), "INSERT INTO t VALUES ($1, $2), ($3, $4)");
         assert_eq!(mask_statement("SELECT 'é', 'ü' || café FROM t"), "SELECT $1, $2 || café FROM t");

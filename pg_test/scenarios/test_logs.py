@@ -128,6 +128,7 @@ def test_contexts_escaped_strings_and_comments_are_masked_too(logged):
     m = mark(app)
     run(app, "SELECT tenancy.set_tenant(%s, true)", T)
     assert sqlstate_of(app, "SELECT app.lg_fail()") == "22012"
+    assert sqlstate_of(app, "SELECT '{\"a\": \"json-secret-47\", bad}'::json") == "22P02"
     run(app, "SET standard_conforming_strings = off")
     assert sqlstate_of(app, "INSERT INTO app.orders (client, item) VALUES ('x\\' scs-secret-45 ', 'y') /* cm-secret-46 */") is None
     run(app, "RESET standard_conforming_strings")
@@ -135,7 +136,7 @@ def test_contexts_escaped_strings_and_comments_are_masked_too(logged):
     end = mark(app)
     text = log_since(m)
     assert end in text
-    for secret in ("ctx-secret-44", "scs-secret-45", "cm-secret-46"):
+    for secret in ("ctx-secret-44", "scs-secret-45", "cm-secret-46", "json-secret-47"):
         assert secret not in text, (secret, text)
     app.close()
 

@@ -818,6 +818,13 @@ def test_the_storage_quota_holds_by_every_route_that_inserts(plans):
                 "DO $$ BEGIN INSERT INTO app.us_q (v) VALUES ('d'); END $$"):
         assert sqlstate_of(conn, sql) == "53400", sql
     assert run(conn, "SELECT count(*) FROM app.us_q") == [(100,)]
+    # rows a writable CTE inserts count too: the one that crosses the quota is refused
+    size = run(su, "SELECT bytes FROM tenancy.tenant_storage WHERE tenant = %s", t)[0][0]
+    run(su, "SELECT tenancy.set_limit(%s, storage_bytes => %s)", t, size + 50 * size // 100)
+    cte = "WITH i AS (INSERT INTO app.us_q (v) SELECT 'x' FROM generate_series(1, 30) RETURNING 1) SELECT count(*) FROM i"
+    assert sqlstate_of(conn, cte) is None
+    assert sqlstate_of(conn, cte) == "53400"
+    assert run(conn, "SELECT count(*) FROM app.us_q") == [(130,)]
     conn.close()
     run(su, "SELECT tenancy.clear_limit(%s)", t)
 

@@ -394,8 +394,65 @@ fn refuse(v: &context::Verified, why: crate::stats::Refusal, place: u32, now: i6
 /// statement, EXECUTE, a function's, a trigger's), and their verified context: their rows are
 /// added to the tenant's storage estimate when they finish, and refused if they take it over its
 /// quota. Forgotten at every transaction end and error.
-static INSERTING: crate::util::Backend<RefCell<Vec<(usize, context::Rc<context::Verified>)>>> =
-    crate::util::Backend::new(RefCell::new(Vec::new()));
+static INSERTING: crate::util::Backend<RefCell<Vec<Inserting>>> = crate::util::Backend::new(RefCell::new(Vec::new()));
+
+struct Inserting {
+    query: usize,
+    verified: context::Rc<context::Verified>,
+    /// The protected tables it writes, and the rows this transaction had inserted into them
+    /// when it started (PostgreSQL's own per-table counters of the transaction).
+    rels: Vec<pg_sys::Oid>,
+    before: i64,
+    /// An INSERT or MERGE (its processed rows are inserted rows), not a writable CTE.
+    insert_command: bool,
+}
+
+/// Rows this transaction inserted into `rels` so far, as PostgreSQL's statistics count them
+/// (every level of subtransaction still alive; rows of aborted ones are not counted).
+fn inserted_in_transaction(rels: &[pg_sys::Oid]) -> i64 {
+    let mut n = 0i64;
+    for &rel in rels {
+        // SAFETY: the backend's pending statistics entry of the relation (or null), and its
+        // per-level transaction counters, read only.
+        unsafe {
+            let e = pg_sys::find_tabstat_entry(rel);
+            if e.is_null() {
+                continue;
+            }
+            let mut t = (*e).trans;
+            while !t.is_null() {
+                n = n.saturating_add((*t).tuples_inserted);
+                t = (*t).upper;
+            }
+        }
+    }
+    n
+}
+
+/// The protected tables a started statement writes (its result relations, those of writable
+/// CTEs included).
+///
+/// # Safety
+/// `query_desc` is a started QueryDesc.
+unsafe fn protected_results(query_desc: *mut pg_sys::QueryDesc) -> Vec<pg_sys::Oid> {
+    // SAFETY: its planned statement's result relations and range table.
+    unsafe {
+        let stmt = (*query_desc).plannedstmt;
+        let mut out = Vec::new();
+        let results = (*stmt).resultRelations;
+        if results.is_null() {
+            return out;
+        }
+        for i in 0..(*results).length as usize {
+            let rti = (*(*results).elements.add(i)).int_value;
+            let rte = pg_sys::rt_fetch(rti as pg_sys::Index, (*stmt).rtable);
+            if !rte.is_null() && protected((*rte).relid).is_some() && !out.contains(&(*rte).relid) {
+                out.push((*rte).relid);
+            }
+        }
+        out
+    }
+}
 
 fn inserting() -> bool {
     INSERTING.with(|i| !i.borrow().is_empty())
@@ -442,28 +499,37 @@ unsafe extern "C-unwind" fn storage_before(query_desc: *mut pg_sys::QueryDesc) {
         refuse(&v, crate::stats::Refusal::Storage, 0, unsafe { pg_sys::GetCurrentStatementStartTimestamp() });
     }
     // SAFETY: the started QueryDesc.
-    let counts_rows = unsafe { matches!((*(*query_desc).plannedstmt).commandType, pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE) };
-    if counts_rows {
-        INSERTING.with(|i| i.borrow_mut().push((query_desc as usize, v)));
-    }
+    let (insert_command, rels) = unsafe {
+        (
+            matches!((*(*query_desc).plannedstmt).commandType, pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE),
+            protected_results(query_desc),
+        )
+    };
+    let before = inserted_in_transaction(&rels);
+    INSERTING.with(|i| i.borrow_mut().push(Inserting { query: query_desc as usize, verified: v, rels, before, insert_command }));
 }
 
-/// Storage quota, when an INSERT or MERGE on a protected table has run: its rows are added to
-/// the estimate, and the statement that takes the tenant over its quota is refused (its rows go
-/// with it).
+/// Storage quota, when a statement that writes a protected table has run: the rows it inserted
+/// are added to the estimate, and the statement that takes the tenant over its quota is refused
+/// (its rows go with it).
 #[pg_guard]
-unsafe extern "C-unwind" fn storage_after(key: usize, rows: u64) {
-    let Some(v) = INSERTING.with(|i| {
+unsafe extern "C-unwind" fn storage_after(key: usize, processed: u64) {
+    let Some(ins) = INSERTING.with(|i| {
         let mut i = i.borrow_mut();
-        let at = i.iter().rposition(|(k, _)| *k == key)?;
-        Some(i.remove(at).1)
+        let at = i.iter().rposition(|x| x.query == key)?;
+        Some(i.remove(at))
     }) else {
         return;
     };
+    // the rows it inserted into protected tables (writable CTEs and triggers included); an
+    // INSERT or MERGE into a partitioned table counts on its partitions: its processed rows then
+    let counted = inserted_in_transaction(&ins.rels).saturating_sub(ins.before).max(0);
+    let processed = processed.min(i64::MAX as u64) as i64;
+    let rows = if ins.insert_command { counted.max(processed) } else { counted };
+    let v = ins.verified;
     if rows == 0 {
         return;
     }
-    let rows = rows.min(i64::MAX as u64) as i64;
     crate::stats::inserted(&v.tenant, v.limits.pinned, rows);
     if storage_over(&v, true) {
         // (the rows are rolled back with the statement)
