@@ -127,14 +127,16 @@ CREATE TABLE tenancy.tenant_storage (
 );
 
 -- Per tenant and UTC day: statements, failed statements and statement time, added up by
--- tenancy.snapshot_usage() from the counters' growth between snapshots (tenancy.usage_report()
--- reads it). Kept 400 days.
+-- tenancy.snapshot_usage() from the counters' growth between snapshots, and the storage
+-- tenancy.measure_storage() measured last that day (tenancy.usage_report() reads both). Kept
+-- 400 days.
 CREATE TABLE tenancy.usage_daily (
     day         date        NOT NULL,
     tenant      text        NOT NULL,
     statements  bigint      NOT NULL DEFAULT 0,
     errors      bigint      NOT NULL DEFAULT 0,
     compute_ms  double precision NOT NULL DEFAULT 0,
+    storage_bytes bigint,
     PRIMARY KEY (tenant, day)
 );
 SELECT pg_catalog.pg_extension_config_dump('tenancy.usage_daily', '');

@@ -1,6 +1,19 @@
 -- Usage: plans' limits per tenant, metering, and per-tenant statistics (src/stats, src/usage).
 -- The tables (tenancy.plans, tenancy.limits, tenancy.meter_usage) are in schema.sql.
 
+-- The allowance per day of `meter` for a tenant on plan `p` with its own limits `l` (NULL when
+-- it has none): its own, else the plan's column (webhook_events, egress_bytes), else the plan's
+-- `meters` entry; NULL = no limit. The one definition tenancy.meter(), the metrics, the alerts
+-- and effective_limits use.
+CREATE FUNCTION tenancy._allowance(p tenancy.plans, l tenancy.limits, meter text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT COALESCE((l.meters OPERATOR(pg_catalog.->>) meter)::pg_catalog.int8,
+                    CASE meter WHEN 'webhook_events' THEN p.webhook_events_per_day
+                               WHEN 'egress_bytes' THEN p.egress_bytes_per_day END,
+                    (p.meters OPERATOR(pg_catalog.->>) meter)::pg_catalog.int8);
+END;
+
 -- What applies to each tenant: its own limit where it has one, else its plan's.
 CREATE VIEW tenancy.effective_limits AS
 SELECT t.id AS tenant, t.plan, p.client_type,
@@ -8,8 +21,8 @@ SELECT t.id AS tenant, t.plan, p.client_type,
        coalesce(l.burst, p.burst) AS burst,
        coalesce(l.max_concurrent, p.max_concurrent) AS max_concurrent,
        coalesce(l.storage_bytes, p.storage_bytes) AS storage_bytes,
-       coalesce(l.meters ->> 'webhook_events', p.webhook_events_per_day::text)::bigint AS webhook_events_per_day,
-       coalesce(l.meters ->> 'egress_bytes', p.egress_bytes_per_day::text)::bigint AS egress_bytes_per_day,
+       tenancy._allowance(p, l, 'webhook_events') AS webhook_events_per_day,
+       tenancy._allowance(p, l, 'egress_bytes') AS egress_bytes_per_day,
        p.meters || coalesce(l.meters, '{}') AS meters,
        p.backup_retention_days, p.sla_p99_ms, p.monthly_price,
        l.tenant IS NOT NULL AS overridden, l.reason AS override_reason
@@ -223,7 +236,12 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     measured AS (
         SELECT t.id AS tenant, coalesce(a.row_bytes + a.rows * 28, 0) AS bytes,
                coalesce(a.row_bytes, 0) AS row_bytes, coalesce(a.rows, 0) AS rows
-          FROM tenancy.tenants t LEFT JOIN agg a ON a.tenant = t.id)
+          FROM tenancy.tenants t LEFT JOIN agg a ON a.tenant = t.id),
+    -- (the day's last measurement: the storage history of tenancy.usage_report)
+    history AS (
+        INSERT INTO tenancy.usage_daily AS d (day, tenant, storage_bytes)
+        SELECT (now() AT TIME ZONE 'UTC')::date, m.tenant, m.bytes FROM measured m
+        ON CONFLICT (tenant, day) DO UPDATE SET storage_bytes = EXCLUDED.storage_bytes)
     INSERT INTO tenancy.tenant_storage AS s (tenant, bytes, row_bytes, rows, measured_at)
     SELECT m.tenant, m.bytes, m.row_bytes, m.rows, now() FROM measured m
     ON CONFLICT (tenant) DO UPDATE
@@ -253,9 +271,9 @@ GRANT SELECT ON tenancy.storage TO pg_monitor;
 ------------------------------------------------------------------------------------------------
 -- Alerts (runbook section 5)
 ------------------------------------------------------------------------------------------------
--- Take a snapshot of every tenant's usage counters for the alerts' windows (schedule it every
--- minute: SELECT cron.schedule('tenancy-usage', '* * * * *', 'SELECT tenancy.snapshot_usage()')),
--- and drop snapshots older than two hours. Returns the tenants written.
+-- Take a snapshot of every tenant's usage counters for the alerts' windows (the usage worker
+-- runs it every pg_tenancy.snapshot_interval; or schedule it every minute), add their growth to
+-- tenancy.usage_daily, and drop snapshots older than two hours. Returns the tenants written.
 CREATE FUNCTION tenancy.snapshot_usage() RETURNS bigint
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     -- (one at a time: two overlapping runs would add the same growth twice)
@@ -297,7 +315,8 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Cost and margin per tenant over [from, to): statement time (tenancy.usage_daily, filled by
--- snapshot_usage), storage as last measured (measure_storage) and backups kept, for the
+-- snapshot_usage), storage (the average of the days measured in the period, each day's last
+-- measurement; with none, the last one before the period's end) and backups kept, for the
 -- period's share of a month, metered use, support; priced by tenancy.cost_model, against the
 -- plan's monthly price for the same share of a month. margin = (revenue - cost) / revenue; the
 -- seed's target is 0.8 to 0.9.
@@ -338,6 +357,15 @@ BEGIN
                  WHERE u.day >= period.d0 AND u.day < greatest(period.d1, period.d0 + 1)
                  GROUP BY u.tenant, u.meter) m
          GROUP BY m.tenant),
+    sto AS (
+        SELECT t.id AS tenant,
+               coalesce((SELECT avg(u.storage_bytes) FROM tenancy.usage_daily u
+                          WHERE u.tenant = t.id AND u.storage_bytes IS NOT NULL
+                            AND u.day >= period.d0 AND u.day < greatest(period.d1, period.d0 + 1)),
+                        (SELECT u.storage_bytes FROM tenancy.usage_daily u
+                          WHERE u.tenant = t.id AND u.storage_bytes IS NOT NULL AND u.day < greatest(period.d1, period.d0 + 1)
+                          ORDER BY u.day DESC LIMIT 1)) AS bytes
+          FROM tenancy.tenants t, period),
     bk AS (
         SELECT b.tenant, sum(b.archive_bytes) / 1e9 AS gb
           FROM tenancy.backups b, period
@@ -362,7 +390,7 @@ BEGIN
           LEFT JOIN use ON use.tenant = t.id
           LEFT JOIN met ON met.tenant = t.id
           LEFT JOIN bk ON bk.tenant = t.id
-          LEFT JOIN tenancy.tenant_storage st ON st.tenant = t.id
+          LEFT JOIN sto st ON st.tenant = t.id
          WHERE t.status <> 'offboarded' OR use.tenant IS NOT NULL)
     SELECT r.tenant, r.plan, r.days, r.statements, r.errors, r.compute_hours, r.storage_gb, r.backup_gb,
            r.meters, r.cost_compute, r.cost_storage, r.cost_backups, r.cost_meters, r.cost_support,
@@ -439,10 +467,7 @@ SELECT m.tenant, 'quota_use:' || m.meter, m.used::double precision / m.allowance
           JOIN tenancy.tenants t ON t.id = u.tenant
           JOIN tenancy.plans p ON p.name = t.plan
           LEFT JOIN tenancy.limits l ON l.tenant = t.id
-         CROSS JOIN LATERAL (SELECT coalesce((l.meters ->> u.meter)::bigint,
-                                             CASE u.meter WHEN 'webhook_events' THEN p.webhook_events_per_day
-                                                          WHEN 'egress_bytes' THEN p.egress_bytes_per_day END,
-                                             (p.meters ->> u.meter)::bigint) AS allowance) e
+         CROSS JOIN LATERAL (SELECT tenancy._allowance(p, l, u.meter) AS allowance) e
          WHERE u.day = (now() AT TIME ZONE 'UTC')::date) m
  WHERE m.allowance > 0 AND m.used::double precision / m.allowance > (SELECT quota_ratio FROM settings)
 UNION ALL

@@ -95,6 +95,9 @@ pub static ALERT_MIN_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(20);
 pub static METRICS_PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static METRICS_LISTEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"127.0.0.1"));
 pub static METRICS_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static USAGE_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SNAPSHOT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static STORAGE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static LOG_MASKING: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_TENANT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Milliseconds a statement over its tenant's concurrency cap waits for a place.
@@ -338,7 +341,7 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
         GucRegistry::define_int_guc(
             c"pg_tenancy.stats_max_tenants",
             c"Tenants whose usage (statements, latency, errors, denials, limits) shared memory tracks one by one.",
-            c"About 440 bytes each, reserved at server start. Past it, new tenants are counted together under tenant=\"(other)\"; \
+            c"About 512 bytes each, reserved at server start. Past it, new tenants are counted together under tenant=\"(other)\"; \
     a tenth of the places is kept for tenants whose plan has pinned_stats.",
             &STATS_MAX_TENANTS,
             100,
@@ -372,7 +375,35 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
             GucContext::Postmaster,
             GucFlags::default(),
         );
+        GucRegistry::define_string_guc(
+            c"pg_tenancy.usage_databases",
+            c"Databases (comma-separated) where a background worker runs tenancy.snapshot_usage() and tenancy.measure_storage() on their intervals.",
+            c"Empty (off) by default. One worker per database, at most 8; a database without pg_tenancy is skipped until it has it.",
+            &USAGE_DATABASES,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
     }
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.snapshot_interval",
+        c"How often the usage worker runs tenancy.snapshot_usage() (the alerts' windows and usage_daily) (0: never).",
+        c"A minute by default; see pg_tenancy.usage_databases.",
+        &SNAPSHOT_INTERVAL,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tenancy.storage_interval",
+        c"How often the usage worker runs tenancy.measure_storage() (storage quotas, tenancy.storage, usage_report) (0: never).",
+        c"An hour by default: each run reads every protected table in full.",
+        &STORAGE_INTERVAL,
+        0,
+        7 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_int_guc(
         c"pg_tenancy.alert_p99",
         c"tenancy.alerts: a tenant's p99 above this (when its plan has no sla_p99_ms) over pg_tenancy.alert_p99_window fires p99_latency.",
@@ -386,7 +417,7 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
     GucRegistry::define_int_guc(
         c"pg_tenancy.alert_p99_window",
         c"The window of the p99_latency alert.",
-        c"Needs tenancy.snapshot_usage() to run at least as often (pg_cron, every minute).",
+        c"Needs tenancy.snapshot_usage() to run at least as often (the usage worker, every minute).",
         &ALERT_P99_WINDOW,
         60,
         86_400,
@@ -623,4 +654,21 @@ pub fn metrics_listen_address() -> String {
 
 pub fn metrics_database() -> String {
     string(&METRICS_DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// The databases of `pg_tenancy.usage_databases` (names trimmed, empty ones dropped).
+pub fn usage_databases() -> Vec<String> {
+    string(&USAGE_DATABASES)
+        .map(|s| s.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// Seconds between snapshots (0: none).
+pub fn snapshot_interval() -> i32 {
+    SNAPSHOT_INTERVAL.get()
+}
+
+/// Seconds between storage measurements (0: none).
+pub fn storage_interval() -> i32 {
+    STORAGE_INTERVAL.get()
 }

@@ -124,6 +124,7 @@ pub extern "C-unwind" fn _PG_init() {
     audit::init();
     stats::init();
     usage::http::init();
+    usage::worker::init();
 }
 
 /// Required by `cargo pgrx test`.

@@ -5,6 +5,7 @@ counted (top level only, once) and by whom (the verified context, a token's too)
 tenants tracked exactly and what happens past the bound; the Prometheus text parses with a real
 parser; reset_stats; privileges. Every tenant statement runs as the application role."""
 import os
+from decimal import Decimal
 import subprocess
 import threading
 import time
@@ -312,6 +313,58 @@ def test_what_is_counted_and_for_whom(plans):
     assert run(su, "SELECT sum(statements) FROM tenancy.stats")[0][0] == before
 
 
+def test_counts_held_by_running_sessions_are_exact_and_move_once(plans):
+    """A backend keeps its statements' counts in its own slot while it stays with one tenant;
+    readers add the slots: the counts are exact while sessions stay connected, after they switch
+    tenants, after they leave, and a reset drops what the slots held before it."""
+    su = plans
+    t, u = tenant(su), tenant(su)
+    a, b = entered(t), entered(t)
+    for i in range(30):
+        run(a if i % 3 else b, "SELECT 1")
+    assert stats(su, t)["statements"] == 30
+    run(a, "SELECT count(*) FROM generate_series(1, 5)")
+    assert stats(su, t)["statements"] == 31 and stats(su, t)["rows"] >= 30
+    # a switches to u (a context switch alone is not counted): its counts of t move to t's
+    # entry, once
+    run(a, "SELECT tenancy.set_tenant(%s, true)", u)
+    for _ in range(4):
+        run(a, "SELECT 1")
+    assert (stats(su, t)["statements"], stats(su, u)["statements"]) == (31, 4)
+    # b leaves: what it held is kept
+    b.close()
+    time.sleep(0.2)
+    assert stats(su, t)["statements"] == 31
+    # while a reader reads, sessions switching tenants are counted neither twice nor never
+    stop = threading.Event()
+
+    def switcher():
+        c = entered(t)
+        n = 0
+        while not stop.is_set():
+            run(c, "SELECT tenancy.set_tenant(%s, true)", u if n % 2 else t)
+            for _ in range(3):  # the first to the entry, the next two to the slot, moved at the switch
+                run(c, "SELECT 1")
+            n += 1
+        c.close()
+    th = threading.Thread(target=switcher)
+    th.start()
+    last = 0
+    for _ in range(200):
+        now = run(su, "SELECT sum(statements) FROM tenancy.stats WHERE tenant IN (%s, %s)", t, u)[0][0]
+        assert now >= last, (now, last)  # never goes back
+        last = now
+    stop.set()
+    th.join()
+    # a reset drops what slots held before it: a's next statements count from zero
+    run(su, "SELECT tenancy.reset_stats(%s)", u)
+    assert stats(su, u)["statements"] == 0
+    run(a, "SELECT 1")
+    run(a, "SELECT 1")
+    assert stats(su, u)["statements"] == 2
+    a.close()
+
+
 def test_prometheus_text_parses_and_is_consistent(plans):
     su = plans
     t = tenant(su, "us_small")
@@ -397,10 +450,12 @@ def test_ten_thousand_tenants_are_tracked_exactly(plans):
 @pytest.fixture(scope="module")
 def small_cluster():
     env = dict(os.environ, PGT_ROOT=ROOT + "-small", PGT_PORT=str(PORT - 6),
-               PGT_EXTRA_CONF=f"pg_tenancy.stats_max_tenants = 100\npg_tenancy.metrics_port = {METRICS_PORT}")
+               PGT_EXTRA_CONF=f"pg_tenancy.stats_max_tenants = 100\npg_tenancy.metrics_port = {METRICS_PORT}\n"
+                              "pg_tenancy.usage_databases = 'postgres, usage_drop'\n"
+                              "pg_tenancy.snapshot_interval = 1\npg_tenancy.storage_interval = 2")
     subprocess.run(["bash", CLUSTER, "destroy"], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["bash", CLUSTER, "start"], env=env, check=True, stdout=subprocess.DEVNULL)
-    yield lambda **kw: connect(dbname="postgres", host=f"{ROOT}-small/sock", port=PORT - 6, **kw)
+    yield lambda dbname="postgres", **kw: connect(dbname=dbname, host=f"{ROOT}-small/sock", port=PORT - 6, **kw)
     subprocess.run(["bash", CLUSTER, "destroy"], env=env, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -575,6 +630,79 @@ def test_the_metrics_endpoint_serves_prometheus_over_http(small_cluster):
         assert urllib.request.urlopen(url + "/metrics", timeout=10).status == 200
     finally:
         idle.close()
+    su.close()
+
+
+def server_processes(conn, title):
+    """Pids of the server's processes whose title contains `title` (the postmaster's children)."""
+    backend = run(conn, "SELECT pg_backend_pid()")[0][0]
+    with open(f"/proc/{backend}/stat") as f:
+        postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == postmaster and title in cmd:
+            pids.append(int(d))
+    return pids
+
+
+def test_the_usage_worker_snapshots_and_measures_on_its_own(small_cluster):
+    su = small_cluster()
+    run(su, "CREATE EXTENSION IF NOT EXISTS pg_tenancy")
+    # the launcher is connected to no database (not in pg_stat_activity)
+    launcher = server_processes(su, "pg_tenancy usage launcher")
+    assert len(launcher) == 1, launcher
+    run(su, "INSERT INTO tenancy.plans (name, pinned_stats) VALUES ('worker_pinned', true) ON CONFLICT DO NOTHING")
+    run(su, "SELECT tenancy.create_tenant('wk1', plan => 'worker_pinned') "
+            "WHERE NOT EXISTS (SELECT 1 FROM tenancy.tenants WHERE id = 'wk1')")
+    run(su, "CREATE TABLE IF NOT EXISTS public.wk_docs (tenant_id text NOT NULL, body text)")
+    run(su, "SELECT count(*) FROM tenancy.protect('public.wk_docs') "
+            "WHERE NOT EXISTS (SELECT 1 FROM tenancy.protected_tables WHERE rel = 'public.wk_docs'::regclass)")
+    run(su, "INSERT INTO public.wk_docs SELECT 'wk1', repeat('w', 200) FROM generate_series(1, 500)")
+    with su.cursor() as cur:
+        cur.execute("SELECT tenancy.set_tenant('wk1', true); SELECT 1; SELECT 2; SELECT tenancy.reset_tenant()")
+    # nobody calls snapshot_usage() or measure_storage(): the worker does, each on its interval
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        snap = run(su, "SELECT max(statements) FROM tenancy.usage_history WHERE tenant = 'wk1'")[0][0]
+        stored = run(su, "SELECT rows FROM tenancy.tenant_storage WHERE tenant = 'wk1'")
+        if snap and snap >= 2 and stored == [(500,)]:
+            break
+        time.sleep(0.5)
+    assert snap >= 2 and stored == [(500,)], (snap, stored)
+    daily = run(su, "SELECT statements, storage_bytes FROM tenancy.usage_daily "
+                    "WHERE tenant = 'wk1' AND day = (now() AT TIME ZONE 'UTC')::date")
+    assert daily[0][0] >= 2 and daily[0][1] > 500 * 200, daily
+    # it keeps measuring: new rows are seen without anybody asking
+    run(su, "INSERT INTO public.wk_docs SELECT 'wk1', 'x' FROM generate_series(1, 100)")
+    deadline = time.time() + 20
+    while time.time() < deadline and run(su, "SELECT rows FROM tenancy.tenant_storage WHERE tenant = 'wk1'") != [(600,)]:
+        time.sleep(0.5)
+    assert run(su, "SELECT rows FROM tenancy.tenant_storage WHERE tenant = 'wk1'") == [(600,)]
+    # the same launcher all along (no error made it restart)
+    assert server_processes(su, "pg_tenancy usage launcher") == launcher
+    # a listed database (the one that did not exist until now) gets its snapshots too, and no
+    # worker holds it: DROP DATABASE goes through
+    run(su, "CREATE DATABASE usage_drop")
+    other = small_cluster(dbname="usage_drop")
+    run(other, "CREATE EXTENSION pg_tenancy")
+    # (a pinned plan: the test before may have taken every place for other tenants)
+    run(other, "INSERT INTO tenancy.plans (name, pinned_stats) VALUES ('worker_pinned', true)")
+    run(other, "SELECT tenancy.create_tenant('wk2', plan => 'worker_pinned')")
+    with other.cursor() as cur:
+        cur.execute("SELECT tenancy.set_tenant('wk2', true); SELECT 1")
+    deadline = time.time() + 20
+    while time.time() < deadline and not run(other, "SELECT count(*) FROM tenancy.usage_history WHERE tenant = 'wk2'")[0][0]:
+        time.sleep(0.5)
+    assert run(other, "SELECT count(*) FROM tenancy.usage_history WHERE tenant = 'wk2'")[0][0] >= 1
+    other.close()
+    run(su, "DROP DATABASE usage_drop")
     su.close()
 
 
@@ -793,6 +921,15 @@ def test_usage_report_prices_each_tenant_against_its_plan(plans):
     row = run(su, report, t)[0]
     assert row[9] == "EUR" and row[5] == 40 and row[4] >= 0.25
     run(su, "DELETE FROM tenancy.cost_model")
+    # storage is priced from its history: the average of the days measured in the period, else
+    # the last measurement before it
+    s = tenant(su, "us_paid")
+    run(su, "INSERT INTO tenancy.usage_daily (day, tenant, storage_bytes) VALUES "
+            "('2026-01-01', %s, 5e9), ('2026-03-01', %s, 1e9), ('2026-03-02', %s, 3e9), ('2026-04-01', %s, 7e9)", s, s, s, s)
+    gb = "SELECT storage_gb, cost_storage FROM tenancy.usage_report(%s::timestamptz, %s::timestamptz) WHERE tenant = %s"
+    assert run(su, gb, "2026-03-01 00:00+00", "2026-03-31 00:00+00", s) == [(2.0, Decimal("0.2300"))]
+    assert run(su, gb, "2026-02-01 00:00+00", "2026-02-16 00:00+00", s)[0][0] == 5.0
+    assert run(su, gb, "2025-12-01 00:00+00", "2025-12-31 00:00+00", s)[0][0] == 0.0
     assert sqlstate_of(su, "SELECT * FROM tenancy.usage_report(now(), now() - interval '1 day')") == "22023"
     app = entered(t)
     assert sqlstate_of(app, "SELECT * FROM tenancy.usage_report(now() - interval '1 day', now())") == "42501"

@@ -5,28 +5,12 @@ use pgrx::prelude::*;
 use super::{arg, one, run, Stmt, Who};
 use crate::error::Result;
 
-/// The allowance per day of meter `$2` for tenant `$1` (t, p, l: the tenant, its plan, its own
-/// limits): the tenant's own, else the plan's named column, else the plan's `meters` entry;
-/// NULL = no limit.
-macro_rules! allowance {
-    () => {
-        "COALESCE((l.meters OPERATOR(pg_catalog.->>) m.meter)::pg_catalog.int8, \
-           CASE m.meter WHEN 'webhook_events' THEN p.webhook_events_per_day \
-                        WHEN 'egress_bytes' THEN p.egress_bytes_per_day END, \
-           (p.meters OPERATOR(pg_catalog.->>) m.meter)::pg_catalog.int8)"
-    };
-}
-
 const ALLOWANCE: Stmt = Stmt {
-    sql: concat!(
-        "SELECT ",
-        allowance!(),
-        " FROM tenancy.tenants t \
+    // (tenancy._allowance: the tenant's own, else its plan's; NULL = no limit)
+    sql: "SELECT tenancy._allowance(p, l, $2) FROM tenancy.tenants t \
            JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
            LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id \
-          CROSS JOIN (SELECT $2::pg_catalog.text AS meter) m \
-          WHERE t.id OPERATOR(pg_catalog.=) $1"
-    ),
+          WHERE t.id OPERATOR(pg_catalog.=) $1",
     args: &[pg_sys::TEXTOID, pg_sys::TEXTOID],
     who: Who::Owner,
     fresh: true,
@@ -73,16 +57,12 @@ pub fn add(tenant: &str, meter: &str, amount: i64, allowance: Option<i64>) -> Re
 }
 
 const TODAY: Stmt = Stmt {
-    sql: concat!(
-        "SELECT m.tenant, m.meter, m.used, ",
-        allowance!(),
-        " FROM tenancy.meter_usage m \
+    sql: "SELECT m.tenant, m.meter, m.used, tenancy._allowance(p, l, m.meter) FROM tenancy.meter_usage m \
            JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) m.tenant \
            JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
            LEFT JOIN tenancy.limits l ON l.tenant OPERATOR(pg_catalog.=) t.id \
           WHERE m.day OPERATOR(pg_catalog.=) (pg_catalog.now() AT TIME ZONE 'UTC')::pg_catalog.date \
-          ORDER BY m.tenant, m.meter"
-    ),
+          ORDER BY m.tenant, m.meter",
     args: &[],
     who: Who::Owner,
     fresh: true,
@@ -130,3 +110,16 @@ const MEASURE: Stmt = Stmt {
 pub fn measure_storage() -> Result<Vec<(String, i64, i64)>> {
     run(&MEASURE, &[], |r| (r.get::<String>(1).unwrap_or_default(), r.get::<i64>(2).unwrap_or(0), r.get::<i64>(3).unwrap_or(0)))
 }
+
+/// Seconds until the usage worker's next snapshot is due (`$1`: the interval in seconds), from
+/// the newest snapshot taken (by the worker or by hand).
+pub const SNAPSHOT_DUE_IN: &str = "SELECT COALESCE(pg_catalog.date_part('epoch', \
+       pg_catalog.max(h.at) OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $1) OPERATOR(pg_catalog.-) pg_catalog.now()), 0) \
+       FROM tenancy.usage_history h";
+
+/// Seconds until the usage worker's next storage measurement is due (`$1`: the interval in
+/// seconds), from the last measurement (each measures every tenant; a tenant created since is
+/// estimated from the rows it inserts until the next).
+pub const STORAGE_DUE_IN: &str = "SELECT COALESCE(pg_catalog.date_part('epoch', \
+       pg_catalog.max(s.measured_at) OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $1) OPERATOR(pg_catalog.-) pg_catalog.now()), 0) \
+       FROM tenancy.tenant_storage s";

@@ -10,10 +10,16 @@
 //! tenants are counted together in the entry `(other)` (not a tenant id: no tenant can be named
 //! so); the last tenth of the places is kept for tenants whose plan has `pinned_stats`.
 //!
-//! **Cheap.** Counters are atomics (no lock on the statement path); the index is read without a
-//! lock (a place is published with a release store after its key is written, and places are never
-//! freed); the one lock, an LWLock, is taken only to give a tenant its place. The token bucket of
-//! the rate limit sits under a per-entry spinlock held for a few arithmetic operations.
+//! **Cheap.** No lock on the statement path: the index is read without a lock (a place is
+//! published with a release store after its key is written, and places are never freed); the
+//! one lock, an LWLock, is taken only to give a tenant its place. A statement's count, time,
+//! rows and latency bucket go to the backend's own slot in shared memory (one per backend, its
+//! cache lines written by that backend only) while the backend stays with one tenant, and move
+//! to the tenant's entry when it switches tenants or exits; readers add the slots to the entries
+//! (a slot moving is seen by them through its sequence number, so nothing is counted twice or
+//! missed). So two backends running the same tenant do not write the same cache lines on every
+//! statement. The rate limit's token bucket is one number taken with one compare-and-swap (the
+//! generic cell rate algorithm).
 //!
 //! **Attribution** comes from the verified tenant context, never from the statement's text: the
 //! hooks call [`begin`] for every top-level statement run under a context and [`end`] (or
@@ -23,11 +29,11 @@ use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use pg_tenancy_core::metrics::{self, Bucket, BUCKETS, ERROR_CLASSES};
+use pg_tenancy_core::metrics::{self, BUCKETS, ERROR_CLASSES};
 
 pub mod client;
 
@@ -62,33 +68,56 @@ pub enum Refusal {
 
 pub const REFUSAL_NAMES: [&str; 4] = ["rate", "concurrency", "storage", "meter"];
 
+/// A tenant's place. Laid out by how it is written: what every statement reads (and rarely
+/// writes) first, the counters slots move into next, and the limits' state, which every
+/// statement of a limited tenant writes, on a cache line of its own.
 #[repr(C)]
 pub struct Entry {
     /// The tenant's database (tenants are per database; shared memory is the cluster's).
     db: u32,
+    /// Incremented by each reset of the entry: counts a slot took before it are dropped.
+    epoch: AtomicU32,
+    max_us: AtomicU64,
+    /// Last statement (microseconds since the PostgreSQL epoch; written at most once a second).
+    last_active: AtomicI64,
     key: [u8; KEY_LEN],
     /// Statements that failed before they started running (the rest are counted by `hist`).
     unstarted: AtomicU64,
     rows: AtomicU64,
     time_us: AtomicU64,
-    max_us: AtomicU64,
     denials: AtomicU64,
     refusals: [AtomicU64; 4],
     errors: [AtomicU64; ERROR_CLASSES.len()],
     hist: [AtomicU64; BUCKETS],
-    /// Top-level statements of the tenant running now (counted only while a cap applies).
-    running: AtomicI32,
-    /// Guards `bucket`.
-    spin: AtomicBool,
-    bucket_tokens: AtomicU64,
-    bucket_at: AtomicI64,
     /// When a refusal by a limit was last written to the audit log (microseconds): at most one
     /// a second per tenant, so a flood cannot fill the audit queue.
     last_refusal_audit: AtomicI64,
-    /// Last statement (microseconds since the PostgreSQL epoch).
-    last_active: AtomicI64,
     /// Rows the tenant inserted since its storage was last measured.
     inserted_since: AtomicI64,
+    limiter: Limiter,
+}
+
+#[repr(C, align(64))]
+struct Limiter {
+    /// Top-level statements of the tenant running now (counted only while a cap applies).
+    running: AtomicI32,
+    /// The rate limit's bucket: its theoretical arrival time in nanoseconds (see metrics::gcra).
+    tat: AtomicI64,
+}
+
+/// A backend's own counts of the tenant it ran last (see the module's "Cheap"), written by that
+/// backend only.
+#[repr(C, align(64))]
+struct Slot {
+    /// Odd while the slot's counts move into their entry (a reader then reads again).
+    seq: AtomicU32,
+    /// The place the counts are of, + 1 (0: none).
+    place: AtomicU32,
+    /// The entry's epoch when the counts were taken (an entry reset since: they are dropped).
+    epoch: AtomicU32,
+    rows: AtomicU64,
+    time_us: AtomicU64,
+    hist: [AtomicU64; BUCKETS],
 }
 
 #[repr(C)]
@@ -97,9 +126,12 @@ struct Header {
     index_len: u32,
     used: AtomicU32,
     reset_at: AtomicI64,
+    /// Slots, one per backend id (MaxBackends + 1: ids start at 1).
+    slots: u32,
 }
 
-/// Shared memory: header, index (`index_len` u32s: 0 empty, else entry number + 1), entries.
+/// Shared memory: header, index (`index_len` u32s: 0 empty, else entry number + 1), entries,
+/// slots.
 struct Segment {
     base: AtomicPtr<u8>,
     lock: AtomicPtr<pg_sys::LWLock>,
@@ -114,16 +146,28 @@ struct PrevHooks {
 }
 static PREV: OnceLock<PrevHooks> = OnceLock::new();
 
-fn layout(capacity: usize) -> (usize, usize, usize) {
+/// (index length, offset of the entries, offset of the slots, size)
+fn layout(capacity: usize, slots: usize) -> (usize, usize, usize, usize) {
     let index_len = (capacity * 2).next_power_of_two();
     let header = std::mem::size_of::<Header>().next_multiple_of(64);
     let index = (index_len * 4).next_multiple_of(64);
-    (index_len, header + index, header + index + capacity * std::mem::size_of::<Entry>())
+    let slots_at = (header + index + capacity * std::mem::size_of::<Entry>()).next_multiple_of(64);
+    (index_len, header + index, slots_at, slots_at + slots * std::mem::size_of::<Slot>())
 }
 
-/// Bytes of shared memory for `capacity` places (the README states it).
-pub fn segment_size(capacity: usize) -> usize {
-    layout(capacity).2
+/// Bytes of shared memory for `capacity` places and `slots` backends (the README states it).
+pub fn segment_size(capacity: usize, slots: usize) -> usize {
+    layout(capacity, slots).3
+}
+
+/// Bytes of shared memory the statistics take.
+pub fn memory() -> Option<usize> {
+    header().map(|h| segment_size(h.capacity as usize, h.slots as usize))
+}
+
+fn slot_count() -> usize {
+    // SAFETY: MaxBackends is set before shared memory is requested (PostgreSQL 15).
+    (unsafe { pg_sys::MaxBackends }).max(0) as usize + 1
 }
 
 /// Called from _PG_init (only when preloading: the segment is sized at server start).
@@ -151,7 +195,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         if let Some(prev) = PREV.get().and_then(|p| p.request) {
             pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
         }
-        crate::util::shmem::request(segment_size(capacity()), TRANCHE);
+        crate::util::shmem::request(segment_size(capacity(), slot_count()), TRANCHE);
     }
 }
 
@@ -165,13 +209,17 @@ unsafe extern "C-unwind" fn shmem_startup() {
             pg_sys::ffi::pg_guard_ffi_boundary(|| prev());
         }
         let cap = capacity();
-        let (index_len, _, size) = layout(cap);
+        let slots = slot_count();
+        let (index_len, _, _, size) = layout(cap, slots);
         let (base, lock) = crate::util::shmem::attach(c"pg_tenancy tenant stats", size, TRANCHE, |base| {
+            // (PostgreSQL aligns shared memory to cache lines: entries and slots rely on it)
+            assert_eq!(base as usize % 64, 0, "pg_tenancy: shared memory not aligned to 64 bytes");
             let h = &mut *base.cast::<Header>();
             h.capacity = cap as u32;
             h.index_len = index_len as u32;
             h.used = AtomicU32::new(1);
             h.reset_at = AtomicI64::new(pg_sys::GetCurrentTimestamp());
+            h.slots = slots as u32;
             crate::util::put_str(&mut (*entries(base)).key, OTHER);
         });
         SEGMENT.base.store(base, Relaxed);
@@ -189,7 +237,22 @@ fn header() -> Option<&'static Header> {
 /// `base` is the segment's start.
 unsafe fn entries(base: *mut u8) -> *mut Entry {
     // SAFETY: within the segment (see layout).
-    unsafe { base.add(layout((*base.cast::<Header>()).capacity as usize).1).cast::<Entry>() }
+    unsafe { base.add(layout((*base.cast::<Header>()).capacity as usize, 0).1).cast::<Entry>() }
+}
+
+/// Slot `i` (a backend id).
+fn slot(h: &'static Header, i: usize) -> &'static Slot {
+    assert!(i < h.slots as usize);
+    let base = (h as *const Header).cast::<u8>();
+    // SAFETY: i < slots; the slots follow the entries (see layout), for the life of the server.
+    unsafe { &*base.add(layout(h.capacity as usize, 0).2).cast::<Slot>().add(i) }
+}
+
+/// This backend's slot (None for a process without a backend id).
+fn my_slot(h: &'static Header) -> Option<&'static Slot> {
+    // SAFETY: reads a backend-global.
+    let id = unsafe { pg_sys::MyBackendId };
+    (id >= 1 && (id as usize) < h.slots as usize).then(|| slot(h, id as usize))
 }
 
 fn index(h: &'static Header) -> &'static [AtomicU32] {
@@ -288,7 +351,7 @@ thread_local! {
     static PLACES: RefCell<HashMap<String, u32, crate::util::Fnv>> = RefCell::new(HashMap::default());
     /// Token buckets of tenants counted under (other): kept per backend, so that a tenant beyond
     /// the bound is still limited (per session) and never by another tenant's statements.
-    static LOCAL_BUCKETS: RefCell<HashMap<String, Bucket, crate::util::Fnv>> = RefCell::new(HashMap::default());
+    static LOCAL_BUCKETS: RefCell<HashMap<String, i64, crate::util::Fnv>> = RefCell::new(HashMap::default());
 }
 
 /// The place of `tenant` (given one if it has none), or None without shared memory.
@@ -348,26 +411,26 @@ struct Current {
 
 static CURRENT: crate::util::Backend<Cell<Option<Current>>> = crate::util::Backend::new(Cell::new(None));
 
-fn lock_bucket(e: &Entry) {
-    while e.spin.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
-        std::hint::spin_loop();
-    }
-}
-
 /// Take a token of the tenant's rate limit; whether there was one.
 fn take_token(h: &'static Header, place: u32, tenant: &str, l: &Limits, now_us: i64) -> bool {
     let burst = if l.burst >= 1.0 { l.burst } else { l.rate.max(1.0) };
+    let now_ns = now_us.saturating_mul(1000);
     if place == 0 {
-        return LOCAL_BUCKETS.with(|b| b.borrow_mut().entry(tenant.to_string()).or_default().take(now_us, l.rate, burst));
+        return LOCAL_BUCKETS.with(|b| {
+            let mut b = b.borrow_mut();
+            let tat = b.entry(tenant.to_string()).or_default();
+            metrics::gcra(*tat, now_ns, l.rate, burst).map(|t| *tat = t).is_some()
+        });
     }
-    let e = entry(h, place);
-    lock_bucket(e);
-    let mut b = Bucket { tokens: f64::from_bits(e.bucket_tokens.load(Relaxed)), at_us: e.bucket_at.load(Relaxed) };
-    let ok = b.take(now_us, l.rate, burst);
-    e.bucket_tokens.store(b.tokens.to_bits(), Relaxed);
-    e.bucket_at.store(b.at_us, Relaxed);
-    e.spin.store(false, Release);
-    ok
+    let tat = &entry(h, place).limiter.tat;
+    let mut cur = tat.load(Relaxed);
+    loop {
+        let Some(next) = metrics::gcra(cur, now_ns, l.rate, burst) else { return false };
+        match tat.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
+            Ok(_) => return true,
+            Err(seen) => cur = seen,
+        }
+    }
 }
 
 /// Whether a refusal of this tenant by a limit should be written to the audit log now (at most
@@ -437,10 +500,10 @@ fn portal_active(portal: usize) -> bool {
 fn wait_for_place(e: &Entry, cap: i32) -> bool {
     let deadline = Instant::now() + std::time::Duration::from_millis(crate::gucs::concurrency_wait_ms().max(0) as u64);
     loop {
-        if e.running.fetch_add(1, AcqRel) < cap {
+        if e.limiter.running.fetch_add(1, AcqRel) < cap {
             return true;
         }
-        e.running.fetch_sub(1, AcqRel);
+        e.limiter.running.fetch_sub(1, AcqRel);
         if Instant::now() >= deadline {
             return false;
         }
@@ -453,7 +516,7 @@ fn wait_for_place(e: &Entry, cap: i32) -> bool {
 fn release(c: &Current) {
     if c.holds {
         if let Some(h) = header() {
-            entry(h, c.place).running.fetch_sub(1, AcqRel);
+            entry(h, c.place).limiter.running.fetch_sub(1, AcqRel);
         }
     }
 }
@@ -471,6 +534,11 @@ fn release_at_exit() {
 #[pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     finish_abandoned();
+    if let Some(h) = header() {
+        if let Some(s) = my_slot(h) {
+            flush(h, s);
+        }
+    }
 }
 
 /// A statement left without [`end`] or [`failed`] (its error was not reported to the server log):
@@ -497,19 +565,79 @@ pub fn end(rows: u64) {
     let Some(c) = CURRENT.with(|c| c.take()) else { return };
     release(&c);
     let Some(h) = header().filter(|_| c.track) else { return };
-    record(entry(h, c.place), &c, rows);
+    record(h, &c, rows);
 }
 
-fn record(e: &Entry, c: &Current, rows: u64) {
+/// Whether this backend's slot holds counts not yet in their entry.
+static PENDING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+
+/// Add `v` to a counter only this backend writes (a plain store: no locked instruction).
+fn bump(a: &AtomicU64, v: u64) {
+    a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
+}
+
+fn record(h: &'static Header, c: &Current, rows: u64) {
     let us = c.start.elapsed().as_micros() as u64;
-    e.hist[metrics::bucket_of(us)].fetch_add(1, Relaxed);
+    let e = entry(h, c.place);
+    if us > e.max_us.load(Relaxed) {
+        e.max_us.fetch_max(us, Relaxed);
+    }
+    let k = metrics::bucket_of(us);
+    if let Some(s) = my_slot(h) {
+        let epoch = e.epoch.load(Relaxed);
+        if s.place.load(Relaxed) == c.place + 1 && s.epoch.load(Relaxed) == epoch {
+            bump(&s.hist[k], 1);
+            bump(&s.time_us, us);
+            if rows > 0 {
+                bump(&s.rows, rows);
+            }
+            PENDING.with(|p| p.set(true));
+            return;
+        }
+        // another tenant (or a reset since): what the slot holds goes to its entry, the slot is
+        // this tenant's from the next statement on, and this one goes to the entry directly
+        flush(h, s);
+        release_at_exit();
+        s.epoch.store(epoch, Relaxed);
+        s.place.store(c.place + 1, Release);
+    }
+    e.hist[k].fetch_add(1, Relaxed);
     e.time_us.fetch_add(us, Relaxed);
     if rows > 0 {
         e.rows.fetch_add(rows, Relaxed);
     }
-    if us > e.max_us.load(Relaxed) {
-        e.max_us.fetch_max(us, Relaxed);
+}
+
+/// Move the counts of slot `s` (this backend's) to their entry (dropped if the entry was reset
+/// since they were taken) and leave the slot without a tenant.
+fn flush(h: &'static Header, s: &Slot) {
+    let place = s.place.load(Relaxed);
+    if place == 0 {
+        return;
     }
+    if !PENDING.with(|p| p.replace(false)) {
+        s.place.store(0, Release);
+        return;
+    }
+    s.seq.fetch_add(1, AcqRel);
+    let e = entry(h, place - 1);
+    let keep = s.epoch.load(Relaxed) == e.epoch.load(Relaxed);
+    let moved = |from: &AtomicU64, to: &AtomicU64| {
+        let v = from.load(Relaxed);
+        if v != 0 {
+            if keep {
+                to.fetch_add(v, Relaxed);
+            }
+            from.store(0, Relaxed);
+        }
+    };
+    moved(&s.rows, &e.rows);
+    moved(&s.time_us, &e.time_us);
+    for (from, to) in s.hist.iter().zip(e.hist.iter()) {
+        moved(from, to);
+    }
+    s.place.store(0, Relaxed);
+    s.seq.fetch_add(1, Release);
 }
 
 /// The counted statement failed with the packed SQLSTATE `code` (from the error report, in
@@ -519,9 +647,8 @@ pub fn failed(code: i32) {
     release(&c);
     let Some(h) = header().filter(|_| c.track) else { return };
     let sqlstate = sqlstate_text(code);
-    let e = entry(h, c.place);
-    record(e, &c, 0);
-    e.errors[metrics::error_class(&sqlstate)].fetch_add(1, Relaxed);
+    record(h, &c, 0);
+    entry(h, c.place).errors[metrics::error_class(&sqlstate)].fetch_add(1, Relaxed);
 }
 
 /// A statement of `tenant` failed before it started running (parse analysis, planning, a check
@@ -611,6 +738,17 @@ pub fn snapshot() -> (Vec<Snapshot>, Option<i64>) {
     let Some(h) = header() else { return (Vec::new(), None) };
     let used = h.used.load(Acquire).min(h.capacity);
     let db = my_db();
+    // the backends' slots by the place they count (a slot taking a place after this is new
+    // counts, seen by the next read)
+    let mut by_place: HashMap<u32, Vec<&'static Slot>> = HashMap::new();
+    for i in 0..h.slots as usize {
+        let s = slot(h, i);
+        let p = s.place.load(Acquire);
+        if p != 0 {
+            by_place.entry(p - 1).or_default().push(s);
+        }
+    }
+    let load = |a: &AtomicU64| a.load(Relaxed);
     let mut out = Vec::with_capacity(used as usize);
     for i in 0..used {
         let e = entry(h, i);
@@ -618,18 +756,44 @@ pub fn snapshot() -> (Vec<Snapshot>, Option<i64>) {
         if tenant.is_empty() || (i != 0 && e.db != db) {
             continue;
         }
-        let load = |a: &AtomicU64| a.load(Relaxed);
+        let slots = by_place.get(&i).map(Vec::as_slice).unwrap_or(&[]);
+        // the entry and its slots read together: a slot that moved its counts into the entry
+        // meanwhile (its sequence changed) is read again with it
+        let mut tries = 0;
+        let (rows, time_us, hist) = loop {
+            let seqs: Vec<u32> = slots.iter().map(|s| s.seq.load(Acquire)).collect();
+            let mut rows = load(&e.rows);
+            let mut time_us = load(&e.time_us);
+            let mut hist: [u64; BUCKETS] = std::array::from_fn(|k| load(&e.hist[k]));
+            let epoch = e.epoch.load(Relaxed);
+            for s in slots {
+                if s.place.load(Relaxed) == i + 1 && s.epoch.load(Relaxed) == epoch {
+                    rows += load(&s.rows);
+                    time_us += load(&s.time_us);
+                    for (k, b) in hist.iter_mut().enumerate() {
+                        *b += load(&s.hist[k]);
+                    }
+                }
+            }
+            std::sync::atomic::fence(Acquire);
+            tries += 1;
+            let stable = seqs.iter().all(|q| q % 2 == 0) && slots.iter().zip(&seqs).all(|(s, q)| s.seq.load(Relaxed) == *q);
+            if stable || tries >= 1000 {
+                break (rows, time_us, hist);
+            }
+            std::hint::spin_loop();
+        };
         out.push(Snapshot {
             tenant,
-            statements: load(&e.unstarted) + e.hist.iter().map(load).sum::<u64>(),
-            rows: load(&e.rows),
-            time_us: load(&e.time_us),
+            statements: load(&e.unstarted) + hist.iter().sum::<u64>(),
+            rows,
+            time_us,
             max_us: load(&e.max_us),
             denials: load(&e.denials),
             refusals: std::array::from_fn(|k| load(&e.refusals[k])),
             errors: std::array::from_fn(|k| load(&e.errors[k])),
-            hist: std::array::from_fn(|k| load(&e.hist[k])),
-            running: e.running.load(Relaxed).max(0),
+            hist,
+            running: e.limiter.running.load(Relaxed).max(0),
             last_active: e.last_active.load(Relaxed),
         });
     }
@@ -641,7 +805,9 @@ pub fn snapshot() -> (Vec<Snapshot>, Option<i64>) {
 /// Returns how many entries were reset.
 pub fn reset(tenant: Option<&str>) -> usize {
     let Some(h) = header() else { return 0 };
+    // (the epoch first: counts backends' slots hold from before are dropped, not added after)
     let zero = |e: &Entry| {
+        e.epoch.fetch_add(1, AcqRel);
         for a in [&e.unstarted, &e.rows, &e.time_us, &e.max_us, &e.denials] {
             a.store(0, Relaxed);
         }

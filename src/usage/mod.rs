@@ -5,6 +5,7 @@
 use pgrx::prelude::*;
 
 pub mod http;
+pub mod worker;
 
 use pg_tenancy_core::metrics::{self, Exposition, BUCKETS, ERROR_CLASSES};
 use pg_tenancy_core::model::Scope;
@@ -167,7 +168,7 @@ fn reset_stats(tenant: default!(Option<&str>, "NULL")) -> i64 {
 fn stats_status() -> TableIterator<'static, (name!(tracked, i64), name!(capacity, i64), name!(shared_bytes, i64))> {
     require_stats();
     let (used, cap) = stats::occupancy().expect("checked");
-    TableIterator::once((used as i64, cap as i64, stats::segment_size(cap as usize) as i64))
+    TableIterator::once((used as i64, cap as i64, stats::memory().unwrap_or(0) as i64))
 }
 
 /// Every metric, in Prometheus' text exposition format (version 0.0.4).
@@ -280,10 +281,11 @@ fn _record_incident(event: &str, tenant: &str, incident: i64) {
     crate::audit::record(e, pg_sys::InvalidOid, Some(tenant), "00000", &format!("{what} (incident {incident})"));
 }
 
-/// Measure every tenant's storage now (superuser; schedule it, e.g. hourly with pg_cron): each
-/// protected table's size on disk shared among its tenants in proportion to the bytes of their
-/// rows. Inserts are refused (53400) once a tenant's measured storage, plus the rows it inserted
-/// since at its bytes per row, reaches its quota.
+/// Measure every tenant's storage now (superuser; the usage worker runs it every
+/// `pg_tenancy.storage_interval`): the bytes of the tenant's own live rows in every protected
+/// table, as stored (see `tenancy._measure_storage`). Inserts are refused (53400) once a
+/// tenant's measured storage, plus the rows it inserted since at its bytes per row, reaches its
+/// quota.
 #[pg_extern(volatile, parallel_unsafe)]
 fn measure_storage() -> TableIterator<'static, (name!(tenant, String), name!(bytes, i64), name!(rows, i64))> {
     // SAFETY: reads the current user's catalog entry.
