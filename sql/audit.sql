@@ -8,7 +8,7 @@ CREATE TABLE tenancy.audit_log (
                           'no_context', 'cross_tenant_write', 'cross_tenant_probe',
                           'forbidden_tenant', 'bypass_read', 'policy_tamper',
                           'read_only_write', 'wrong_tenant_key', 'protected_ddl', 'tenant_restored',
-                          'limit_exceeded', 'tenant_lockdown', 'tenant_unlock')),
+                          'limit_exceeded', 'tenant_lockdown', 'tenant_unlock', 'tenant_purged')),
     database          name        NOT NULL,
     role              name        NOT NULL,
     session_tenant    text,

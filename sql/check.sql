@@ -283,6 +283,24 @@ WITH prot AS (
      WHERE t.tgrelid = to_regclass('tenancy.audit_log')
        AND t.tgname IN ('audit_log_append_only', 'audit_log_no_truncate') AND t.tgenabled <> 'A'
     UNION ALL
+    -- data residency: rows of a tenant of another region in this cluster (as last measured)
+    SELECT 'ERROR', 'tenant ' || t.id,
+           format('tenant of region %s has %s rows in this cluster, which serves region %s (as measure_storage() last counted them)',
+                  t.region, s.rows, current_setting('pg_tenancy.region', true)),
+           format('-- move it to a cluster of region %s: docs/RUNBOOK.md, "Move a tenant to another region"', t.region)
+      FROM tenancy.tenants t
+      JOIN tenancy.tenant_storage s ON s.tenant = t.id
+     WHERE coalesce(current_setting('pg_tenancy.region', true), '') <> ''
+       AND t.region NOT IN ('default', current_setting('pg_tenancy.region', true))
+       AND s.rows > 0
+    UNION ALL
+    SELECT 'WARNING', 'setting pg_tenancy.region',
+           format('%s tenants declare a region but this cluster declares none: data residency is not enforced', count(*)),
+           'ALTER SYSTEM SET pg_tenancy.region = ''<region>''; SELECT pg_reload_conf();'
+      FROM tenancy.tenants t
+     WHERE t.region <> 'default' AND coalesce(current_setting('pg_tenancy.region', true), '') = ''
+    HAVING count(*) > 0
+    UNION ALL
     -- backups (once the database uses them): every tenant backed up and its restore drilled
     SELECT 'WARNING', 'tenant ' || t.id, 'no backup of the tenant kept here in the last 8 days',
            format('SELECT tenancy.backup(%L);  -- and schedule it (docs/BACKUPS.md)', t.id)

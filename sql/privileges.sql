@@ -46,7 +46,8 @@ GRANT EXECUTE ON FUNCTION
 TO PUBLIC;
 -- Usage statistics span every tenant: monitoring reads them (pg_monitor), not applications.
 GRANT EXECUTE ON FUNCTION tenancy._stats(), tenancy.metrics(), tenancy.stats_status(),
-    tenancy._quantile_ms(bigint[], double precision) TO pg_monitor;
+    tenancy._quantile_ms(bigint[], double precision),
+    tenancy._allowance(tenancy.plans, tenancy.limits, text) TO pg_monitor;
 
 -- Per-relation statistics count rows a session's own scans read, the other tenants' included
 -- (an index scan on another column reads them before the tenant filter drops them): in this

@@ -240,7 +240,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     -- (the day's last measurement: the storage history of tenancy.usage_report)
     history AS (
         INSERT INTO tenancy.usage_daily AS d (day, tenant, storage_bytes)
-        SELECT (now() AT TIME ZONE 'UTC')::date, m.tenant, m.bytes FROM measured m
+        SELECT (now() AT TIME ZONE 'UTC')::date, m.tenant, m.bytes
+          FROM measured m JOIN tenancy.tenants t ON t.id = m.tenant
+         WHERE t.status <> 'offboarded' OR m.bytes > 0
         ON CONFLICT (tenant, day) DO UPDATE SET storage_bytes = EXCLUDED.storage_bytes)
     INSERT INTO tenancy.tenant_storage AS s (tenant, bytes, row_bytes, rows, measured_at)
     SELECT m.tenant, m.bytes, m.row_bytes, m.rows, now() FROM measured m
@@ -391,7 +393,8 @@ BEGIN
           LEFT JOIN met ON met.tenant = t.id
           LEFT JOIN bk ON bk.tenant = t.id
           LEFT JOIN sto st ON st.tenant = t.id
-         WHERE t.status <> 'offboarded' OR use.tenant IS NOT NULL)
+         -- (an offboarded tenant: only for a period it still used: statements, or rows kept)
+         WHERE t.status <> 'offboarded' OR coalesce(use.statements, 0) > 0 OR coalesce(st.bytes, 0) > 0)
     SELECT r.tenant, r.plan, r.days, r.statements, r.errors, r.compute_hours, r.storage_gb, r.backup_gb,
            r.meters, r.cost_compute, r.cost_storage, r.cost_backups, r.cost_meters, r.cost_support,
            r.cost_compute + r.cost_storage + r.cost_backups + r.cost_meters + r.cost_support,

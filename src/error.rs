@@ -19,6 +19,10 @@ pub enum TenancyError {
     UnknownTenant,
     #[error("tenant is {0}")]
     Unavailable(&'static str),
+    /// Data residency: the tenant's region (`tenancy.tenants.region`) is not the cluster's
+    /// (`pg_tenancy.region`).
+    #[error("tenant is not served in this cluster's region")]
+    WrongRegion { tenant: String, here: String },
     #[error("tenant is read-only")]
     ReadOnly,
     #[error("role has read-only access to the current tenant")]
@@ -91,6 +95,9 @@ pub enum TenancyError {
     NotYet(&'static str),
     #[error("the restore cannot go on")]
     RestoreBlocked(&'static str),
+    /// purge_tenant of a tenant that is not offboarded.
+    #[error("only an offboarded tenant's rows can be purged")]
+    NotOffboarded,
     #[error("the tenant's own key cannot be read from the key store")]
     TenantKeyUnavailable(&'static str),
     /// A plan limit: what is limited, the tenant's plan, and what the limit is.
@@ -111,6 +118,7 @@ impl TenancyError {
             | TenancyError::Denied(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
             TenancyError::UnknownTenant => ERRCODE_UNDEFINED_OBJECT,    // 42704
             TenancyError::Unavailable(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
+            TenancyError::WrongRegion { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::ReadOnly => ERRCODE_READ_ONLY_SQL_TRANSACTION, // 25006
             TenancyError::InvalidTenantId | TenancyError::InvalidArgument(_) => {
                 ERRCODE_INVALID_PARAMETER_VALUE // 22023
@@ -151,6 +159,7 @@ impl TenancyError {
             TenancyError::NoBackupDir => ERRCODE_CONFIG_FILE_ERROR,                    // F0000
             TenancyError::NotYet(_) => ERRCODE_FEATURE_NOT_SUPPORTED,                  // 0A000
             TenancyError::RestoreBlocked(_) => ERRCODE_LOCK_NOT_AVAILABLE,             // 55P03
+            TenancyError::NotOffboarded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,   // 55000
             TenancyError::TenantKeyUnavailable(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::LimitExceeded(..) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,    // 53400
             TenancyError::InvalidMeter => ERRCODE_INVALID_PARAMETER_VALUE,              // 22023
@@ -190,6 +199,9 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             | TenancyError::RestoreBlocked(why)
             | TenancyError::TenantKeyUnavailable(why) => Some((*why).to_string()),
             TenancyError::LimitExceeded(_, _, limit) => Some(limit.clone()),
+            TenancyError::WrongRegion { tenant, here } => {
+                Some(format!("The tenant's region is \"{tenant}\"; this cluster serves region \"{here}\" (pg_tenancy.region)."))
+            }
             TenancyError::InvalidMeter => {
                 Some("A meter name is 1 to 63 characters: lowercase letters, digits and '_', starting with a letter.".into())
             }
@@ -219,6 +231,9 @@ tenancy.set_limit(tenant, ...) or moves it to another plan with tenancy.alter_te
                 "A superuser grants access with tenancy.grant_tenant(role, tenant, scope)."
             }
             TenancyError::UnknownTenant => "Create it with tenancy.create_tenant(...).",
+            TenancyError::WrongRegion { .. } => {
+                "Connect to the cluster of the tenant's region. Moving a tenant between regions: docs/RUNBOOK.md, \"Move a tenant to another region\"."
+            }
             TenancyError::Unavailable(_) => {
                 "A superuser can reactivate it with tenancy.set_status(tenant, 'active')."
             }
@@ -295,6 +310,7 @@ pg_tenancy.explain_analyze = 'hide'."
             TenancyError::NoBackupDir => "A superuser sets pg_tenancy.backup_dir, or use tenancy.export() to stream the archive to the client.",
             TenancyError::NotYet(_) => "See the README, \"Backups\", for what this version supports.",
             TenancyError::RestoreBlocked(_) => "The tenant's status was put back; retry when its long transactions are done (or raise pg_tenancy.restore_wait).",
+            TenancyError::NotOffboarded => "Keep its archive elsewhere first (tenancy.export), then tenancy.set_status(tenant, 'offboarded').",
             TenancyError::TenantKeyUnavailable(_) => {
                 "A shred deleted it there (then its ciphertexts and backups are gone for good), or pg_tenancy.tenant_key_command cannot reach the store."
             }

@@ -96,6 +96,7 @@ pub static METRICS_PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static METRICS_LISTEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"127.0.0.1"));
 pub static METRICS_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static USAGE_DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static REGION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static SNAPSHOT_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static STORAGE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static LOG_MASKING: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -185,6 +186,18 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         c"Defaults to tenant_id.",
         &TENANT_CLAIM,
         GucContext::Suset,
+        GucFlags::default(),
+        None,
+        hooks.verification_string,
+        None,
+    ) };
+    // SAFETY: the hooks are #[pg_guard] functions with the signatures PostgreSQL expects.
+    unsafe { GucRegistry::define_string_guc_with_hooks(
+        c"pg_tenancy.region",
+        c"The region this cluster serves: a tenant whose region is another is refused (data residency).",
+        c"Empty (no residency enforced) by default. Tenants of region 'default' are served in any region.",
+        &REGION,
+        GucContext::Sighup,
         GucFlags::default(),
         None,
         hooks.verification_string,
@@ -654,6 +667,11 @@ pub fn metrics_listen_address() -> String {
 
 pub fn metrics_database() -> String {
     string(&METRICS_DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// The region this cluster serves (`pg_tenancy.region`; None when not set).
+pub fn region() -> Option<String> {
+    string(&REGION).filter(|r| !r.is_empty())
 }
 
 /// The databases of `pg_tenancy.usage_databases` (names trimmed, empty ones dropped).

@@ -169,6 +169,15 @@ def test_plan_and_limit_changes_apply_at_the_next_statement(plans):
     # a plan change too
     run(su, "SELECT tenancy.alter_tenant(%s, plan => 'standard')", heavy)
     assert all(sqlstate_of(conn, "SELECT 1") is None for _ in range(200))
+    # a very low rate leaves no backlog once raised (0.01/s would otherwise refuse for minutes):
+    # the tenant goes on from an empty bucket of the new limits, which fills at the new rate
+    run(su, "SELECT tenancy.set_limit(%s, statements_per_second => 0.01, burst => 2)", heavy)
+    codes = [sqlstate_of(conn, "SELECT 1") for _ in range(10)]
+    assert codes.count(None) <= 2 and "53400" in codes
+    run(su, "SELECT tenancy.set_limit(%s, statements_per_second => 1000, burst => 100)", heavy)
+    time.sleep(0.2)
+    assert all(sqlstate_of(conn, "SELECT 1") is None for _ in range(50))
+    run(su, "SELECT tenancy.clear_limit(%s)", heavy)
     conn.close()
     # bad input to set_limit
     assert sqlstate_of(su, "SELECT tenancy.set_limit('no-such-tenant', statements_per_second => 5)") == "42704"
@@ -411,6 +420,10 @@ def test_reset_stats_and_privileges(plans, app):
     m = connect(user=mon)
     assert run(m, "SELECT statements, errors FROM tenancy.stats WHERE tenant = %s", t) == [(6, 5)]  # the refusals above
     assert "pg_tenancy_statements_total" in run(m, "SELECT tenancy.metrics()")[0][0]
+    # the views monitoring reads, whatever functions they call
+    for view in ("effective_limits", "alerts", "storage", "stats_buckets"):
+        run(m, f"SELECT * FROM tenancy.{view}")
+    assert run(m, "SELECT webhook_events_per_day FROM tenancy.effective_limits WHERE tenant = %s", t) == [(None,)]
     assert sqlstate_of(m, "SELECT tenancy.reset_stats()") == "42501"
     m.close()
     run(su, f"DROP ROLE {mon}")
@@ -685,6 +698,20 @@ def test_the_usage_worker_snapshots_and_measures_on_its_own(small_cluster):
     while time.time() < deadline and run(su, "SELECT rows FROM tenancy.tenant_storage WHERE tenant = 'wk1'") != [(600,)]:
         time.sleep(0.5)
     assert run(su, "SELECT rows FROM tenancy.tenant_storage WHERE tenant = 'wk1'") == [(600,)]
+    # a session holding a lock on a protected table holds up the measurement (it waits 10 s at
+    # most, then fails, logged), never the snapshot before it (its own transaction)
+    locker = small_cluster()
+    locker.autocommit = False
+    run(locker, "LOCK TABLE public.wk_docs IN ACCESS EXCLUSIVE MODE")
+    seen = run(su, "SELECT max(at) FROM tenancy.usage_history WHERE tenant = 'wk1'")[0][0]
+    with su.cursor() as cur:
+        cur.execute("SELECT tenancy.set_tenant('wk1', true); SELECT 1; SELECT tenancy.reset_tenant()")
+    deadline = time.time() + 15
+    while time.time() < deadline and run(su, "SELECT max(at) FROM tenancy.usage_history WHERE tenant = 'wk1'")[0][0] == seen:
+        time.sleep(0.3)
+    assert run(su, "SELECT max(at) FROM tenancy.usage_history WHERE tenant = 'wk1'")[0][0] != seen
+    locker.rollback()
+    locker.close()
     # the same launcher all along (no error made it restart)
     assert server_processes(su, "pg_tenancy usage launcher") == launcher
     # a listed database (the one that did not exist until now) gets its snapshots too, and no
@@ -695,6 +722,9 @@ def test_the_usage_worker_snapshots_and_measures_on_its_own(small_cluster):
     # (a pinned plan: the test before may have taken every place for other tenants)
     run(other, "INSERT INTO tenancy.plans (name, pinned_stats) VALUES ('worker_pinned', true)")
     run(other, "SELECT tenancy.create_tenant('wk2', plan => 'worker_pinned')")
+    # a database owner's settings do not stop the worker (it resets them for itself)
+    run(su, "ALTER DATABASE usage_drop SET default_transaction_read_only = on")
+    run(su, "ALTER DATABASE usage_drop SET statement_timeout = '1ms'")
     with other.cursor() as cur:
         cur.execute("SELECT tenancy.set_tenant('wk2', true); SELECT 1")
     deadline = time.time() + 20
@@ -798,6 +828,19 @@ def test_only_verified_tenants_are_counted(plans):
         sqlstate_of(conn, sql)
     conn.close()
     assert run(su, "SELECT count(*) FROM tenancy.stats WHERE tenant = %s", name) == [(0,)]
+
+
+def test_a_session_ended_between_statements_is_no_failed_statement(plans):
+    su = plans
+    t = tenant(su)
+    conn = entered(t)
+    run(conn, "SELECT 1")
+    pid = run(conn, "SELECT pg_backend_pid()")[0][0]
+    before = stats(su, t)
+    run(su, "SELECT pg_terminate_backend(%s)", pid)
+    time.sleep(0.3)
+    after = stats(su, t)
+    assert (after["statements"], after["errors"]) == (before["statements"], before["errors"])
 
 
 def test_work_the_statement_did_not_send_is_not_counted_again(plans):
@@ -921,6 +964,14 @@ def test_usage_report_prices_each_tenant_against_its_plan(plans):
     row = run(su, report, t)[0]
     assert row[9] == "EUR" and row[5] == 40 and row[4] >= 0.25
     run(su, "DELETE FROM tenancy.cost_model")
+    # an offboarded tenant that used nothing in the period is not billed (its storage measured
+    # at zero writes no history)
+    gone = tenant(su, "us_paid")
+    run(su, "SELECT tenancy.set_status(%s, 'offboarded')", gone)
+    run(su, "SELECT count(*) FROM tenancy.measure_storage()")
+    assert run(su, "SELECT count(*) FROM tenancy.usage_daily WHERE tenant = %s", gone) == [(0,)]
+    assert run(su, "SELECT count(*) FROM tenancy.usage_report(now() - interval '1 day', now() + interval '1 day') "
+                   "WHERE tenant = %s", gone) == [(0,)]
     # storage is priced from its history: the average of the days measured in the period, else
     # the last measurement before it
     s = tenant(su, "us_paid")

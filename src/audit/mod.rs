@@ -42,6 +42,7 @@ pub enum Event {
     LimitExceeded = 11,
     TenantLockdown = 12,
     TenantUnlock = 13,
+    TenantPurged = 14,
 }
 
 impl Event {
@@ -60,6 +61,7 @@ impl Event {
             Event::LimitExceeded => "limit_exceeded",
             Event::TenantLockdown => "tenant_lockdown",
             Event::TenantUnlock => "tenant_unlock",
+            Event::TenantPurged => "tenant_purged",
         }
     }
     fn from_u8(v: u8) -> Option<Event> {
@@ -77,6 +79,7 @@ impl Event {
             11 => Event::LimitExceeded,
             12 => Event::TenantLockdown,
             13 => Event::TenantUnlock,
+            14 => Event::TenantPurged,
             _ => return None,
         })
     }
@@ -240,6 +243,7 @@ pub fn record(event: Event, rel: pg_sys::Oid, attempted: Option<&str>, sqlstate:
             | Event::LimitExceeded
             | Event::TenantLockdown
             | Event::TenantUnlock
+            | Event::TenantPurged
             | Event::BypassRead
     ) {
         if let Some(t) = VERIFIED_TENANT.with(|v| v.get())() {

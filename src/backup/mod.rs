@@ -801,6 +801,40 @@ fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
     JsonB(serde_json::Value::Array(report))
 }
 
+/// Delete every row of an offboarded tenant from every protected table (children's rows before
+/// their parents'), and its captured changes: what is left here of a tenant moved to another
+/// region (its archive restored there) or offboarded for good. Superuser only; a tenant that is
+/// not `offboarded` is refused (55000). Returns the rows deleted per table; audit event
+/// `tenant_purged`. One transaction: a failure deletes nothing.
+#[pg_extern(volatile, parallel_unsafe)]
+fn purge_tenant(tenant: &str) -> JsonB {
+    require_superuser("purging a tenant's rows is a superuser's").or_raise();
+    match store::tenant_status(tenant).or_raise().as_deref() {
+        None => TenancyError::UnknownTenant.raise(),
+        Some("offboarded") => {}
+        Some(_) => TenancyError::NotOffboarded.raise(),
+    }
+    let sources = store::sources().or_raise();
+    let rels: Vec<pg_sys::Oid> = sources.iter().map(|s| s.rel).collect();
+    let order = parents_first(&rels, &store::foreign_keys(&rels).or_raise());
+    let _quiet = audit::QuietBypassReads::new();
+    let mut report = serde_json::Map::new();
+    for &k in order.iter().rev() {
+        let n = store::delete_tenant_rows(&sources[k], tenant).or_raise();
+        report.insert(sources[k].name.clone(), n.into());
+    }
+    store::forget_changes(tenant).or_raise();
+    let total: u64 = report.values().filter_map(serde_json::Value::as_u64).sum();
+    audit::record(
+        Event::TenantPurged,
+        pg_sys::InvalidOid,
+        Some(tenant),
+        "00000",
+        &format!("{total} rows of the tenant deleted from {} protected tables", report.len()),
+    );
+    JsonB(serde_json::Value::Object(report))
+}
+
 /// Indices of `rels` ordered so that a table comes after every table it references.
 fn parents_first(rels: &[pg_sys::Oid], fks: &[(pg_sys::Oid, pg_sys::Oid)]) -> Vec<usize> {
     let mut order = Vec::with_capacity(rels.len());

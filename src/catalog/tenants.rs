@@ -16,6 +16,8 @@ pub struct TenantAccess {
     pub best_scope: Option<i32>,
     /// The tenant's plan and the limits that apply to it (its own overrides, else its plan's).
     pub limits: crate::stats::Limits,
+    /// The tenant's region (`default`: none declared).
+    pub region: String,
 }
 
 const TENANT_ACCESS: Stmt = Stmt {
@@ -35,7 +37,8 @@ const TENANT_ACCESS: Stmt = Stmt {
             COALESCE(s.bytes::pg_catalog.float8 OPERATOR(pg_catalog./) NULLIF(s.rows, 0), \
                      (SELECT pg_catalog.sum(a.bytes)::pg_catalog.float8 \
                              OPERATOR(pg_catalog./) NULLIF(pg_catalog.sum(a.rows), 0) \
-                        FROM tenancy.tenant_storage a)) \
+                        FROM tenancy.tenant_storage a)), \
+            t.region \
        FROM (SELECT 1) AS one \
        LEFT JOIN tenancy.tenants t ON t.id OPERATOR(pg_catalog.=) $1 \
        LEFT JOIN tenancy.plans p ON p.name OPERATOR(pg_catalog.=) t.plan \
@@ -61,8 +64,15 @@ pub fn tenant_access(tenant: &str, role: pg_sys::Oid) -> Result<TenantAccess> {
             storage_measured: r.get::<i64>(10).unwrap_or(0),
             bytes_per_row: r.get::<f64>(11).filter(|b| b.is_finite()).unwrap_or(0.0),
         },
+        region: r.get::<String>(12).unwrap_or_else(|| "default".into()),
     })?;
-    Ok(row.unwrap_or(TenantAccess { status: None, config: None, best_scope: None, limits: Default::default() }))
+    Ok(row.unwrap_or(TenantAccess {
+        status: None,
+        config: None,
+        best_scope: None,
+        limits: Default::default(),
+        region: "default".into(),
+    }))
 }
 
 const TENANT_EXISTS: Stmt = Stmt {

@@ -196,6 +196,12 @@ fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
         Some(Some(Status::Suspended)) => return Err(TenancyError::Unavailable("suspended")),
         Some(_) => return Err(TenancyError::Unavailable("offboarded")),
     };
+    // data residency: a tenant with a region is served only by a cluster of that region
+    if let Some(here) = gucs::region() {
+        if access.region != "default" && access.region != here {
+            return Err(TenancyError::WrongRegion { tenant: access.region, here });
+        }
+    }
     Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp, limits: access.limits, superuser: is_super })
 }
 
@@ -264,6 +270,7 @@ pub(crate) fn refused(e: &TenancyError, raw: &str) {
         TenancyError::UnknownTenant => "tenant does not exist",
         TenancyError::Unavailable("suspended") => "tenant is suspended",
         TenancyError::Unavailable(_) => "tenant is offboarded",
+        TenancyError::WrongRegion { .. } => "tenant's region is not this cluster's (data residency)",
         TenancyError::InvalidTenantId => "malformed tenant context",
         TenancyError::SignedModeRequired => "plain tenant id refused in signed mode",
         TenancyError::Token(TokenError::Expired) => "token expired",

@@ -134,7 +134,12 @@ unsafe extern "C-unwind" fn emit_log(edata: *mut pg_sys::ErrorData) {
             forget_inserting();
             if crate::stats::counting_any() {
                 crate::stats::failed((*edata).sqlerrcode);
-            } else if !REFUSING.with(|r| r.replace(false)) && context::is_set() {
+            } else if !REFUSING.with(|r| r.replace(false))
+                && (*edata).elevel == pg_sys::PGERROR as c_int
+                && context::is_set()
+            {
+                // (a FATAL between statements — a terminated or timed-out idle session — is no
+                // statement of the tenant's)
                 let code = (*edata).sqlerrcode;
                 context::last_verified_tenant(|t| crate::stats::failed_unstarted(t, code));
             }

@@ -10,16 +10,16 @@
 //! tenants are counted together in the entry `(other)` (not a tenant id: no tenant can be named
 //! so); the last tenth of the places is kept for tenants whose plan has `pinned_stats`.
 //!
-//! **Cheap.** No lock on the statement path: the index is read without a lock (a place is
-//! published with a release store after its key is written, and places are never freed); the
-//! one lock, an LWLock, is taken only to give a tenant its place. A statement's count, time,
+//! **Cheap.** No lock on the statement path but a rate-limited tenant's spinlock: the index is
+//! read without a lock (a place is published with a release store after its key is written, and
+//! places are never freed); the one LWLock is taken only to give a tenant its place. A statement's count, time,
 //! rows and latency bucket go to the backend's own slot in shared memory (one per backend, its
 //! cache lines written by that backend only) while the backend stays with one tenant, and move
 //! to the tenant's entry when it switches tenants or exits; readers add the slots to the entries
 //! (a slot moving is seen by them through its sequence number, so nothing is counted twice or
 //! missed). So two backends running the same tenant do not write the same cache lines on every
-//! statement. The rate limit's token bucket is one number taken with one compare-and-swap (the
-//! generic cell rate algorithm).
+//! statement. The rate limit's token bucket and the running count sit on a cache line of their
+//! own, the bucket under a spinlock held for a few arithmetic operations.
 //!
 //! **Attribution** comes from the verified tenant context, never from the statement's text: the
 //! hooks call [`begin`] for every top-level statement run under a context and [`end`] (or
@@ -29,11 +29,11 @@ use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use pg_tenancy_core::metrics::{self, BUCKETS, ERROR_CLASSES};
+use pg_tenancy_core::metrics::{self, Bucket, BUCKETS, ERROR_CLASSES};
 
 pub mod client;
 
@@ -101,8 +101,11 @@ pub struct Entry {
 struct Limiter {
     /// Top-level statements of the tenant running now (counted only while a cap applies).
     running: AtomicI32,
-    /// The rate limit's bucket: its theoretical arrival time in nanoseconds (see metrics::gcra).
-    tat: AtomicI64,
+    /// Guards the bucket (held for a few arithmetic operations).
+    spin: AtomicBool,
+    /// The rate limit's token bucket: tokens (an f64's bits) as of `bucket_at` (microseconds).
+    bucket_tokens: AtomicU64,
+    bucket_at: AtomicI64,
 }
 
 /// A backend's own counts of the tenant it ran last (see the module's "Cheap"), written by that
@@ -351,7 +354,7 @@ thread_local! {
     static PLACES: RefCell<HashMap<String, u32, crate::util::Fnv>> = RefCell::new(HashMap::default());
     /// Token buckets of tenants counted under (other): kept per backend, so that a tenant beyond
     /// the bound is still limited (per session) and never by another tenant's statements.
-    static LOCAL_BUCKETS: RefCell<HashMap<String, i64, crate::util::Fnv>> = RefCell::new(HashMap::default());
+    static LOCAL_BUCKETS: RefCell<HashMap<String, Bucket, crate::util::Fnv>> = RefCell::new(HashMap::default());
 }
 
 /// The place of `tenant` (given one if it has none), or None without shared memory.
@@ -411,26 +414,23 @@ struct Current {
 
 static CURRENT: crate::util::Backend<Cell<Option<Current>>> = crate::util::Backend::new(Cell::new(None));
 
-/// Take a token of the tenant's rate limit; whether there was one.
+/// Take a token of the tenant's rate limit; whether there was one. (The limits of now apply to
+/// the time since the bucket was last brought up to date: a raised limit applies at once.)
 fn take_token(h: &'static Header, place: u32, tenant: &str, l: &Limits, now_us: i64) -> bool {
     let burst = if l.burst >= 1.0 { l.burst } else { l.rate.max(1.0) };
-    let now_ns = now_us.saturating_mul(1000);
     if place == 0 {
-        return LOCAL_BUCKETS.with(|b| {
-            let mut b = b.borrow_mut();
-            let tat = b.entry(tenant.to_string()).or_default();
-            metrics::gcra(*tat, now_ns, l.rate, burst).map(|t| *tat = t).is_some()
-        });
+        return LOCAL_BUCKETS.with(|b| b.borrow_mut().entry(tenant.to_string()).or_default().take(now_us, l.rate, burst));
     }
-    let tat = &entry(h, place).limiter.tat;
-    let mut cur = tat.load(Relaxed);
-    loop {
-        let Some(next) = metrics::gcra(cur, now_ns, l.rate, burst) else { return false };
-        match tat.compare_exchange_weak(cur, next, Relaxed, Relaxed) {
-            Ok(_) => return true,
-            Err(seen) => cur = seen,
-        }
+    let m = &entry(h, place).limiter;
+    while m.spin.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
+        std::hint::spin_loop();
     }
+    let mut b = Bucket { tokens: f64::from_bits(m.bucket_tokens.load(Relaxed)), at_us: m.bucket_at.load(Relaxed) };
+    let ok = b.take(now_us, l.rate, burst);
+    m.bucket_tokens.store(b.tokens.to_bits(), Relaxed);
+    m.bucket_at.store(b.at_us, Relaxed);
+    m.spin.store(false, Release);
+    ok
 }
 
 /// Whether a refusal of this tenant by a limit should be written to the audit log now (at most

@@ -42,38 +42,49 @@ fn databases() -> Vec<String> {
 
 /// Main function of the launcher: connected to no database, it starts a short-lived worker in
 /// each listed database every `pg_tenancy.snapshot_interval` (at most a minute apart), which runs
-/// what is due there and leaves, so no worker holds a database (`DROP DATABASE` is not held up).
+/// what is due there and leaves, so no worker holds a database for longer than its work. A
+/// database whose previous worker is still running (a long measurement, or one waiting for a
+/// lock) is skipped this round, never waited for: the others go on.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let mut warned = false;
+    let dbs = databases();
+    let mut running: Vec<Option<pgrx::bgworkers::DynamicBackgroundWorker>> = dbs.iter().map(|_| None).collect();
+    // (what was last said of each database, so that a lasting condition is logged once)
+    let mut said: Vec<u8> = vec![0; dbs.len()];
     loop {
-        let mut running = Vec::new();
-        for db in databases() {
+        for (k, db) in dbs.iter().enumerate() {
+            // (polled: PostgreSQL's notice that a worker stopped does not wake a process
+            // connected to no database)
+            let busy = running[k].as_ref().is_some_and(|w| matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)));
+            if busy {
+                if said[k] != 1 {
+                    said[k] = 1;
+                    pgrx::log!("pg_tenancy usage: database \"{db}\": the previous round is still running (a long measurement, or one waiting for a lock); rounds are skipped until it ends");
+                }
+                continue;
+            }
             let started = BackgroundWorkerBuilder::new(&format!("pg_tenancy usage {db}"))
                 .set_type("pg_tenancy usage")
                 .set_library("pg_tenancy")
                 .set_function("pg_tenancy_usage_main")
-                .set_extra(&db)
+                .set_extra(db)
                 .enable_spi_access()
                 .set_restart_time(None)
                 .load_dynamic();
             match started {
-                Ok(w) => running.push(w),
-                Err(_) if !warned => {
-                    warned = true;
-                    pgrx::log!("pg_tenancy usage: could not start a worker (max_worker_processes reached?); trying again each interval");
+                Ok(w) => {
+                    running[k] = Some(w);
+                    said[k] = 0;
                 }
-                Err(_) => {}
-            }
-        }
-        // One round at a time: a long storage measurement delays the next round, never doubles
-        // it. (Polled: PostgreSQL's notice that a worker stopped does not wake a process
-        // connected to no database.)
-        while running.iter().any(|w| matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted))) {
-            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) || BackgroundWorker::sigterm_received() {
-                return;
+                Err(_) => {
+                    running[k] = None;
+                    if said[k] != 2 {
+                        said[k] = 2;
+                        pgrx::log!("pg_tenancy usage: database \"{db}\": no background worker slot (max_worker_processes); trying again each round");
+                    }
+                }
             }
         }
         let every = match crate::gucs::snapshot_interval() {
@@ -81,7 +92,9 @@ pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
             n => n.min(60),
         };
         if !BackgroundWorker::wait_latch(Some(Duration::from_secs(every as u64))) || BackgroundWorker::sigterm_received() {
-            break;
+            // (exit code 1: a launcher stopped by a signal while the server runs is restarted)
+            // SAFETY: leaves the process the way PostgreSQL's own workers do.
+            unsafe { pg_sys::proc_exit(1) };
         }
         if BackgroundWorker::sighup_received() {
             // SAFETY: rereads the configuration file, as every process does on SIGHUP.
@@ -90,8 +103,30 @@ pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
     }
 }
 
-/// Run what is due in this database.
-fn tick() {
+/// What a worker sets first: whatever the database's or a role's settings say, it acts as the
+/// superuser it connected as, reads and writes, resolves nothing through a search_path, waits
+/// for a lock at most 10 seconds (a measurement is not cut short by a statement_timeout), and
+/// takes no parallel workers.
+const SESSION: [&str; 11] = [
+    "RESET SESSION AUTHORIZATION",
+    "SET ROLE NONE",
+    "SET search_path = pg_catalog, pg_temp",
+    "SET statement_timeout = 0",
+    "SET lock_timeout = '10s'",
+    "SET idle_in_transaction_session_timeout = 0",
+    "SET default_transaction_read_only = off",
+    "SET default_transaction_isolation = 'read committed'",
+    "SET max_parallel_workers_per_gather = 0",
+    "SET transform_null_equals = off",
+    "SET application_name = 'pg_tenancy usage'",
+];
+
+/// Run one job in its own transaction if it is due: a failure names the database and the job
+/// (and ends this worker; the next round tries again), and never undoes the other job.
+fn job(db: &str, what: &str, interval: i32, due: &str, run: &str) {
+    if interval <= 0 {
+        return;
+    }
     BackgroundWorker::transaction(|| {
         let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_tenancy')")
             .ok()
@@ -100,19 +135,23 @@ fn tick() {
         if !installed {
             return;
         }
-        for (interval, due, run) in [
-            (crate::gucs::snapshot_interval(), crate::catalog::usage::SNAPSHOT_DUE_IN, "SELECT tenancy.snapshot_usage()"),
-            (crate::gucs::storage_interval(), crate::catalog::usage::STORAGE_DUE_IN, "SELECT count(*) FROM tenancy.measure_storage()"),
-        ] {
-            if interval <= 0 {
-                continue;
-            }
-            let left = Spi::get_one_with_args::<f64>(due, &[interval.into()]).ok().flatten().unwrap_or(0.0);
-            // (half a second early is on time: the launcher's rounds are not to the millisecond)
-            if left <= 0.5 {
-                Spi::run(run).unwrap_or_else(|e| pgrx::error!("pg_tenancy usage worker: {e}"));
-            }
+        let left = Spi::get_one_with_args::<f64>(due, &[interval.into()]).ok().flatten().unwrap_or(0.0);
+        // (half a second early is on time: the launcher's rounds are not to the millisecond)
+        if left > 0.5 {
+            return;
         }
+        PgTryBuilder::new(|| {
+            Spi::run(run).ok();
+        })
+        .catch_others(|e| {
+            let (code, message) = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (format!("{:?}", r.sql_error_code()), r.message().to_string()),
+            };
+            pgrx::error!("pg_tenancy usage: database \"{db}\": {what} failed ({code}): {message}; the next round tries again")
+        })
+        .execute();
     })
 }
 
@@ -123,11 +162,12 @@ pub extern "C-unwind" fn pg_tenancy_usage_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
     let db = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
-    // (nothing it runs is resolved through a search_path; a measurement of a large database is
-    // not cut short by a database's statement_timeout)
     BackgroundWorker::transaction(|| {
-        Spi::run("SET search_path = pg_catalog, pg_temp").ok();
-        Spi::run("SET statement_timeout = 0").ok();
+        for set in SESSION {
+            Spi::run(set).unwrap_or_else(|e| pgrx::error!("pg_tenancy usage: {e}"));
+        }
     });
-    tick();
+    use crate::catalog::usage::{SNAPSHOT_DUE_IN, STORAGE_DUE_IN};
+    job(&db, "tenancy.snapshot_usage()", crate::gucs::snapshot_interval(), SNAPSHOT_DUE_IN, "SELECT tenancy.snapshot_usage()");
+    job(&db, "tenancy.measure_storage()", crate::gucs::storage_interval(), STORAGE_DUE_IN, "SELECT count(*) FROM tenancy.measure_storage()");
 }
