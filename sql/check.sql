@@ -294,6 +294,35 @@ WITH prot AS (
        AND t.region NOT IN ('default', current_setting('pg_tenancy.region', true))
        AND s.rows > 0
     UNION ALL
+    -- data residency within the cluster: a partition of a protected table, list-partitioned by
+    -- tenant, outside the tablespace of its tenants' region (tenancy.region_tablespaces);
+    -- tenants of region 'default' may be anywhere
+    SELECT CASE WHEN count(DISTINCT t.region) > 1 THEN 'ERROR' ELSE 'WARNING' END,
+           pt.part::regclass::text,
+           CASE WHEN count(DISTINCT t.region) > 1
+                THEN format('partition holds tenants of %s regions: it cannot be in each one''s tablespace',
+                            count(DISTINCT t.region))
+                ELSE format('partition of region %s is in tablespace %s, not in its region''s %s',
+                            min(t.region), min(pt.spc), min(rt.tablespace)) END,
+           CASE WHEN count(DISTINCT t.region) > 1
+                THEN '-- one partition per region (or per tenant)'
+                ELSE format('ALTER TABLE %s SET TABLESPACE %I;', pt.part::regclass, min(rt.tablespace)) END
+      FROM (SELECT i.inhrelid AS part,
+                   coalesce((SELECT s.spcname FROM pg_tablespace s WHERE s.oid = c.reltablespace),
+                            (SELECT s.spcname FROM pg_database d JOIN pg_tablespace s ON s.oid = d.dattablespace
+                              WHERE d.datname = current_database())) AS spc,
+                   (regexp_matches(pg_get_expr(c.relpartbound, c.oid), '''([^'']*)''', 'g'))[1] AS tenant
+              FROM prot p
+              JOIN pg_partitioned_table pp ON pp.partrelid = p.rel AND pp.partstrat = 'l'
+                                          AND pp.partnatts = 1 AND pp.partattrs[0] = p.attnum
+              JOIN pg_inherits i ON i.inhparent = p.rel
+              JOIN pg_class c ON c.oid = i.inhrelid) pt
+      JOIN tenancy.tenants t ON t.id = pt.tenant AND t.region <> 'default'
+      LEFT JOIN tenancy.region_tablespaces rt ON rt.region = t.region
+     GROUP BY pt.part
+    HAVING (count(DISTINCT t.region) > 1 AND EXISTS (SELECT 1 FROM tenancy.region_tablespaces))
+        OR (count(DISTINCT t.region) = 1 AND min(rt.tablespace) IS NOT NULL AND min(rt.tablespace) <> min(pt.spc))
+    UNION ALL
     SELECT 'WARNING', 'setting pg_tenancy.region',
            format('%s tenants declare a region but this cluster declares none: data residency is not enforced', count(*)),
            'ALTER SYSTEM SET pg_tenancy.region = ''<region>''; SELECT pg_reload_conf();'

@@ -61,6 +61,15 @@ CREATE TABLE tenancy.tenants (
 COMMENT ON TABLE tenancy.tenants IS
     'One row per tenant. config holds feature flags (config->''flags''), SLA and anything per tenant.';
 
+-- Where each region's data lives in this cluster (data residency within one cluster): the
+-- partitions of tables list-partitioned by tenant belong in the tablespace of their tenant's
+-- region; tenancy.check() reports those that are not.
+CREATE TABLE tenancy.region_tablespaces (
+    region      text        PRIMARY KEY,
+    tablespace  name        NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('tenancy.region_tablespaces', '');
+
 -- A tenant's own limits (tenancy.set_limit): a non-NULL column overrides the plan's (a heavy
 -- tenant's own rate; 'Infinity' lifts a rate limit). meters: allowances per day by meter name.
 CREATE TABLE tenancy.limits (

@@ -168,3 +168,51 @@ def test_a_tenant_moves_to_another_region_by_the_runbook(two_regions):
     assert not [r for r in run(us, "SELECT problem FROM tenancy.check()") if "region" in r[0]]
     us.close()
     eu.close()
+
+
+def test_partitions_live_in_their_regions_tablespace(regions):
+    """Within one cluster, a region maps to a tablespace (tenancy.region_tablespaces): check()
+    reports a tenant's partition of a table list-partitioned by tenant that lives elsewhere, and
+    a partition holding tenants of two regions."""
+    import os
+    import shutil
+    su, eu, us, anywhere = regions
+    dirs = {}
+    for name in ("rg_eu", "rg_us"):
+        d = f"/tmp/pgt_ts_{name}"
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        shutil.chown(d, "postgres", "postgres")
+        dirs[name] = d
+        run(su, f"DROP TABLESPACE IF EXISTS {name}")
+        run(su, f"CREATE TABLESPACE {name} LOCATION '{d}'")
+    try:
+        run(su, "CREATE TABLE public.rg_parts (tenant_id text NOT NULL, body text) PARTITION BY LIST (tenant_id)")
+        run(su, f"CREATE TABLE public.rg_parts_eu PARTITION OF public.rg_parts FOR VALUES IN ('{eu}') TABLESPACE rg_eu")
+        run(su, f"CREATE TABLE public.rg_parts_us PARTITION OF public.rg_parts FOR VALUES IN ('{us}')")  # default tablespace
+        run(su, f"CREATE TABLE public.rg_parts_mixed PARTITION OF public.rg_parts FOR VALUES IN ('{anywhere}')")
+        run(su, "SELECT count(*) FROM tenancy.protect('public.rg_parts')")
+        placement = "SELECT severity, object, problem, fix FROM tenancy.check() WHERE problem LIKE '%%tablespace%%'"
+        # no mapping: nothing to say
+        assert run(su, placement) == []
+        run(su, "INSERT INTO tenancy.region_tablespaces VALUES ('eu-west', 'rg_eu'), ('us-east', 'rg_us')")
+        found = run(su, placement)
+        # the us tenant's partition is in the default tablespace; the eu one is where it belongs;
+        # the tenant without a region may be anywhere
+        assert [(f[0], f[1]) for f in found] == [("WARNING", "public.rg_parts_us")], found
+        assert "region us-east" in found[0][2] and found[0][3] == "ALTER TABLE public.rg_parts_us SET TABLESPACE rg_us;"
+        run(su, found[0][3])
+        assert run(su, placement) == []
+        # a partition holding tenants of two regions cannot be placed ('default' ones go anywhere)
+        e2, u2 = unique("eu"), unique("us")
+        run(su, "SELECT tenancy.create_tenant(%s, region => 'eu-west'), tenancy.create_tenant(%s, region => 'us-east')", e2, u2)
+        run(su, f"CREATE TABLE public.rg_parts_both PARTITION OF public.rg_parts FOR VALUES IN ('{e2}', '{u2}', '{unique('x')}') TABLESPACE rg_us")
+        found = run(su, placement)
+        assert [(f[0], f[1]) for f in found] == [("ERROR", "public.rg_parts_both")], found
+        assert "2 regions" in found[0][2]
+    finally:
+        run(su, "DROP TABLE IF EXISTS public.rg_parts")
+        run(su, "DELETE FROM tenancy.region_tablespaces")
+        for name, d in dirs.items():
+            run(su, f"DROP TABLESPACE IF EXISTS {name}")
+            shutil.rmtree(d, ignore_errors=True)
