@@ -287,7 +287,9 @@ WITH prot AS (
     SELECT 'ERROR', 'tenant ' || t.id,
            format('tenant of region %s has %s rows in this cluster, which serves region %s (as measure_storage() last counted them)',
                   t.region, s.rows, current_setting('pg_tenancy.region', true)),
-           format('-- move it to a cluster of region %s: docs/RUNBOOK.md, "Move a tenant to another region"', t.region)
+           CASE WHEN t.status = 'offboarded'
+                THEN format('SELECT tenancy.purge_tenant(%L);  -- once its archive is kept elsewhere', t.id)
+                ELSE format('-- move it to a cluster of region %s: docs/RUNBOOK.md, "Move a tenant to another region"', t.region) END
       FROM tenancy.tenants t
       JOIN tenancy.tenant_storage s ON s.tenant = t.id
      WHERE coalesce(current_setting('pg_tenancy.region', true), '') <> ''
@@ -327,7 +329,8 @@ WITH prot AS (
            format('%s tenants declare a region but this cluster declares none: data residency is not enforced', count(*)),
            'ALTER SYSTEM SET pg_tenancy.region = ''<region>''; SELECT pg_reload_conf();'
       FROM tenancy.tenants t
-     WHERE t.region <> 'default' AND coalesce(current_setting('pg_tenancy.region', true), '') = ''
+     WHERE t.region <> 'default' AND t.status <> 'offboarded'
+       AND coalesce(current_setting('pg_tenancy.region', true), '') = ''
     HAVING count(*) > 0
     UNION ALL
     -- backups (once the database uses them): every tenant backed up and its restore drilled

@@ -49,7 +49,9 @@ CREATE TABLE tenancy.tenants (
     name        text        NOT NULL,
     plan        text        NOT NULL DEFAULT 'standard'
                 REFERENCES tenancy.plans (name) ON UPDATE CASCADE,
-    region      text        NOT NULL DEFAULT 'default',
+    -- (lowercase letters, digits, '-' and '_': one spelling per region, as pg_tenancy.region)
+    region      text        NOT NULL DEFAULT 'default'
+                CONSTRAINT tenants_region_check CHECK (region ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
     status      text        NOT NULL DEFAULT 'active'
                 CONSTRAINT tenants_status_check
                 CHECK (status IN ('active', 'read_only', 'suspended', 'offboarded')),

@@ -71,6 +71,11 @@ BEGIN
         RAISE EXCEPTION 'tenant plan and region must not be null' USING ERRCODE = '22023',
             HINT = 'Omit them to get ''standard'' and ''default''.';
     END IF;
+    IF region !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid region' USING ERRCODE = '22023',
+            DETAIL = 'A region is 1 to 63 characters: lowercase letters, digits, ''-'' and ''_'', as pg_tenancy.region.',
+            HINT = 'For example ''eu-west''; ''default'' for a tenant served in any region.';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM tenancy.plans p WHERE p.name = plan) THEN
         RAISE EXCEPTION 'plan does not exist' USING ERRCODE = '42704',
             HINT = 'Plans are rows of tenancy.plans (INSERT INTO tenancy.plans (name, ...) VALUES (...)).';
@@ -132,6 +137,11 @@ BEGIN
     IF plan IS NOT NULL AND NOT EXISTS (SELECT 1 FROM tenancy.plans p WHERE p.name = plan) THEN
         RAISE EXCEPTION 'plan does not exist' USING ERRCODE = '42704',
             HINT = 'Plans are rows of tenancy.plans (INSERT INTO tenancy.plans (name, ...) VALUES (...)).';
+    END IF;
+    IF region IS NOT NULL AND region !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid region' USING ERRCODE = '22023',
+            DETAIL = 'A region is 1 to 63 characters: lowercase letters, digits, ''-'' and ''_'', as pg_tenancy.region.',
+            HINT = 'For example ''eu-west''; ''default'' for a tenant served in any region.';
     END IF;
     UPDATE tenancy.tenants t
        SET name = coalesce(name, t.name), plan = coalesce(plan, t.plan),

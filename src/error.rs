@@ -98,6 +98,8 @@ pub enum TenancyError {
     /// purge_tenant of a tenant that is not offboarded.
     #[error("only an offboarded tenant's rows can be purged")]
     NotOffboarded,
+    #[error("the tenant's rows cannot be purged here")]
+    PurgeBlocked(&'static str),
     #[error("the tenant's own key cannot be read from the key store")]
     TenantKeyUnavailable(&'static str),
     /// A plan limit: what is limited, the tenant's plan, and what the limit is.
@@ -160,6 +162,7 @@ impl TenancyError {
             TenancyError::NotYet(_) => ERRCODE_FEATURE_NOT_SUPPORTED,                  // 0A000
             TenancyError::RestoreBlocked(_) => ERRCODE_LOCK_NOT_AVAILABLE,             // 55P03
             TenancyError::NotOffboarded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,   // 55000
+            TenancyError::PurgeBlocked(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::TenantKeyUnavailable(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, // 55000
             TenancyError::LimitExceeded(..) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,    // 53400
             TenancyError::InvalidMeter => ERRCODE_INVALID_PARAMETER_VALUE,              // 22023
@@ -197,6 +200,7 @@ integer or a UUID is written in that type's canonical form (no leading zeros; a 
             TenancyError::ArchiveUnreadable(why)
             | TenancyError::NotYet(why)
             | TenancyError::RestoreBlocked(why)
+            | TenancyError::PurgeBlocked(why)
             | TenancyError::TenantKeyUnavailable(why) => Some((*why).to_string()),
             TenancyError::LimitExceeded(_, _, limit) => Some(limit.clone()),
             TenancyError::WrongRegion { tenant, here } => {
@@ -311,6 +315,7 @@ pg_tenancy.explain_analyze = 'hide'."
             TenancyError::NotYet(_) => "See the README, \"Backups\", for what this version supports.",
             TenancyError::RestoreBlocked(_) => "The tenant's status was put back; retry when its long transactions are done (or raise pg_tenancy.restore_wait).",
             TenancyError::NotOffboarded => "Keep its archive elsewhere first (tenancy.export), then tenancy.set_status(tenant, 'offboarded').",
+            TenancyError::PurgeBlocked(_) => "Protect the referencing table (tenancy.protect) or delete its rows of the tenant first; nothing was deleted.",
             TenancyError::TenantKeyUnavailable(_) => {
                 "A shred deleted it there (then its ciphertexts and backups are gone for good), or pg_tenancy.tenant_key_command cannot reach the store."
             }

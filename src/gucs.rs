@@ -199,7 +199,7 @@ through tenancy.set_tenant_token() or SET LOCAL pg_tenancy.tenant = '<token>'.",
         &REGION,
         GucContext::Sighup,
         GucFlags::default(),
-        None,
+        Some(check_region),
         hooks.verification_string,
         None,
     ) };
@@ -547,6 +547,29 @@ unsafe extern "C-unwind" fn check_secret_source(
             pg_sys::pstrdup(c"Those settings are readable by every role.".as_ptr());
         pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
             c"Use pg_tenancy.jwt_secret_file (a path is not a secret), or ALTER SYSTEM SET pg_tenancy.jwt_secret.".as_ptr(),
+        );
+    }
+    false
+}
+
+/// Check hook of `pg_tenancy.region`: empty, or spelt as a tenant's region must be (lowercase
+/// letters, digits, '-' and '_', 1 to 63 characters; not `default`, which means "any region").
+#[pg_guard]
+unsafe extern "C-unwind" fn check_region(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
+    let value: &[u8] = unsafe { if (*newval).is_null() { b"" } else { std::ffi::CStr::from_ptr(*newval).to_bytes() } };
+    if value.is_empty() || (pg_tenancy_core::tenant_id::valid_region(value) && value != b"default") {
+        return true;
+    }
+    // SAFETY: the GUC_check_* strings are read by PostgreSQL right after this returns false.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(
+            c"A region is 1 to 63 characters: lowercase letters, digits, '-' and '_' (not 'default', which a tenant uses for any region).".as_ptr(),
         );
     }
     false

@@ -45,6 +45,14 @@ pub fn valid(id: &str) -> bool {
     check(id).is_ok()
 }
 
+/// Whether `region` is spelt as a region must be (`tenancy.tenants.region`, `pg_tenancy.region`):
+/// 1 to 63 characters, lowercase letters, digits, '-' and '_', not starting with '-' or '_'.
+pub fn valid_region(region: &[u8]) -> bool {
+    (1..=63).contains(&region.len())
+        && (region[0].is_ascii_lowercase() || region[0].is_ascii_digit())
+        && region.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// An optional minus sign and digits: what integer input would read (after our character rule,
 /// which already excludes `+` and white space).
 fn integer_like(id: &str) -> bool {
@@ -85,6 +93,17 @@ fn canonical_uuid(id: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn regions() {
+        for ok in ["eu-west", "default", "us_east_1", "1a"] {
+            assert!(super::valid_region(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "EU-WEST", "eu-west ", "-eu", "_eu", "eu.west", "é"] {
+            assert!(!super::valid_region(bad.as_bytes()), "{bad:?}");
+        }
+        assert!(!super::valid_region("a".repeat(64).as_bytes()));
+    }
+
     use super::*;
 
     #[test]

@@ -74,9 +74,20 @@ def test_a_tenant_of_another_region_is_refused_and_audited(regions):
     for t in (eu, anywhere):
         run(app, "SELECT tenancy.set_tenant(%s, true)", t)
         assert run(app, "SELECT tenancy.current_tenant()") == [(t,)]
-    # superusers are refused too: the data must not be served from here at all
+    # superusers are refused the context too (they still read the table directly, as always:
+    # audited as bypass_read)
     assert sqlstate_of(su, "SELECT tenancy.set_tenant(%s)", us) == "55000"
     app.close()
+
+
+def test_regions_are_spelt_one_way(regions):
+    su, eu, us, anywhere = regions
+    for bad in ("EU-WEST", "eu-west ", "", "eu.west", "x" * 64):
+        assert sqlstate_of(su, "SELECT tenancy.create_tenant(%s, region => %s)", unique("r"), bad) == "22023", bad
+        assert sqlstate_of(su, "SELECT tenancy.alter_tenant(%s, region => %s)", eu, bad) == "22023", bad
+        assert sqlstate_of(su, "UPDATE tenancy.tenants SET region = %s WHERE id = %s", bad, eu) == "23514", bad
+    for bad in ("EU-WEST", "default", "eu west"):
+        assert sqlstate_of(su, "ALTER SYSTEM SET pg_tenancy.region = %s", bad) == "22023", bad
 
 
 def test_check_reports_rows_of_another_regions_tenant(regions):
@@ -149,17 +160,32 @@ def test_a_tenant_moves_to_another_region_by_the_runbook(two_regions):
     run(us, "SELECT tenancy.alter_tenant('mover', region => 'eu-west')")
     assert sqlstate_of(us, "SELECT tenancy.set_tenant('mover')") == "55000"
     assert sqlstate_of(eu, "SELECT tenancy.set_tenant('mover')") is None
+    # nor can its archive come back here (residency holds for imports and restores too)
+    assert sqlstate_of(us, "SELECT tenancy.import(%s::text[], true)", archive) == "55000"
     # 5. the source copy goes: offboarded, keys shredded, rows purged (children first)
     assert sqlstate_of(us, "SELECT tenancy.purge_tenant('mover')") == "55000"  # not offboarded yet
+    assert sqlstate_of(us, "SELECT tenancy.purge_tenant(NULL)") == "22023"
+    assert sqlstate_of(us, "SELECT tenancy.purge_tenant('nobody')") == "42704"
     run(us, "SELECT tenancy.set_status('mover', 'offboarded')")
     run(us, "SELECT tenancy.shred('mover', 'mover')")
+    # a table that is not protected with a foreign key into a protected one (made with the guard
+    # off, as in a restore of a dump): refused, nothing deleted
+    run(us, "SET pg_tenancy.guard = off")
+    run(us, "CREATE TABLE public.loose (tenant_id text, doc int, FOREIGN KEY (tenant_id, doc) REFERENCES public.docs ON DELETE CASCADE)")
+    run(us, "RESET pg_tenancy.guard")
+    assert run(us, "SELECT count(*) FROM tenancy.protected_tables WHERE rel = 'public.loose'::regclass") == [(0,)]
+    run(us, "INSERT INTO public.loose VALUES ('mover', 1)")
+    assert sqlstate_of(us, "SELECT tenancy.purge_tenant('mover')") == "55000"
+    assert run(us, "SELECT count(*) FROM public.docs WHERE tenant_id = 'mover'") == [(300,)]
+    run(us, "DROP TABLE public.loose")
     purged = run(us, "SELECT tenancy.purge_tenant('mover')")[0][0]
     assert purged == {"public.docs": 300, "public.notes": 100}, purged
     assert run(us, "SELECT count(*) FROM public.docs WHERE tenant_id = 'mover'") == [(0,)]
     assert run(us, "SELECT count(*) FROM public.docs WHERE tenant_id = 'stayer'") == [(50,)]
     # the purge is in the denial log (written by the audit worker, shortly)
     deadline = time.time() + 10
-    audited = "SELECT count(*) FROM tenancy.audit_log WHERE event = 'tenant_purged' AND attempted_tenant = 'mover'"
+    audited = "SELECT count(*) FROM tenancy.audit_log WHERE event = 'tenant_purged' AND attempted_tenant = 'mover' " \
+              "AND detail = '400 rows of the tenant deleted from 2 protected tables'"
     while time.time() < deadline and run(us, audited) != [(1,)]:
         time.sleep(0.2)
     assert run(us, audited) == [(1,)]

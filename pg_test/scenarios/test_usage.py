@@ -618,11 +618,15 @@ def test_the_metrics_endpoint_serves_prometheus_over_http(small_cluster):
     with su.cursor() as cur:
         cur.execute("SELECT tenancy.set_tenant('http1', true); SELECT 1; SELECT tenancy.reset_tenant()")
     url = f"http://127.0.0.1:{METRICS_PORT}"
-    for _ in range(50):
+    # (the worker may still be starting, or restarting after the cluster's first minutes)
+    deadline = time.time() + 30
+    while True:
         try:
-            resp = urllib.request.urlopen(url + "/metrics", timeout=5)
+            resp = urllib.request.urlopen(url + "/metrics", timeout=10)
             break
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:
+            if time.time() > deadline:
+                raise
             time.sleep(0.2)
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")

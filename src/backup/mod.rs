@@ -41,6 +41,19 @@ fn check_tenant(tenant: &str) -> Result<()> {
     Ok(())
 }
 
+/// Data residency: a tenant of another region than this cluster's (`pg_tenancy.region`) is
+/// neither imported nor restored here.
+fn check_region(tenant: &str) -> Result<()> {
+    if let Some(here) = gucs::region() {
+        if let Some(region) = catalog::tenants::tenant_region(tenant)? {
+            if region != "default" && region != here {
+                return Err(TenancyError::WrongRegion { tenant: region, here });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn new_id() -> Uuid {
     let mut b = [0u8; 16];
     // SAFETY: fills the buffer from the OS random source; false only if none is available.
@@ -301,6 +314,7 @@ fn import(archive: Vec<String>, allow_unencrypted: default!(bool, false)) -> Uui
         TenancyError::Denied("an unencrypted archive is imported only with allow_unencrypted => true").raise();
     }
     check_tenant(&m.tenant).or_raise();
+    check_region(&m.tenant).or_raise();
     let id = uuid_of(&m.id).or_raise();
     let parent = m.parent.as_deref().map(uuid_of).transpose().or_raise();
     let known = store::registered(id).or_raise();
@@ -527,6 +541,7 @@ thread_local! {
 fn _restore_check(tenant: &str, backup: Uuid, mode: &str, into_schema: Option<&str>) {
     require_superuser("restores are a superuser's").or_raise();
     check_tenant(tenant).or_raise();
+    check_region(tenant).or_raise();
     if store::tenant_status(tenant).or_raise().as_deref() == Some("offboarded") {
         TenancyError::Unavailable("offboarded").raise();
     }
@@ -807,8 +822,9 @@ fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
 /// not `offboarded` is refused (55000). Returns the rows deleted per table; audit event
 /// `tenant_purged`. One transaction: a failure deletes nothing.
 #[pg_extern(volatile, parallel_unsafe)]
-fn purge_tenant(tenant: &str) -> JsonB {
+fn purge_tenant(tenant: Option<&str>) -> JsonB {
     require_superuser("purging a tenant's rows is a superuser's").or_raise();
+    let tenant = tenant.ok_or(TenancyError::InvalidArgument("tenant")).or_raise();
     match store::tenant_status(tenant).or_raise().as_deref() {
         None => TenancyError::UnknownTenant.raise(),
         Some("offboarded") => {}
@@ -816,6 +832,10 @@ fn purge_tenant(tenant: &str) -> JsonB {
     }
     let sources = store::sources().or_raise();
     let rels: Vec<pg_sys::Oid> = sources.iter().map(|s| s.rel).collect();
+    if store::referencing_outside(&rels).or_raise() {
+        // its deletes would cascade into (or be blocked by) rows nobody counts as the tenant's
+        TenancyError::PurgeBlocked("a table that is not protected has a foreign key into a protected one").raise();
+    }
     let order = parents_first(&rels, &store::foreign_keys(&rels).or_raise());
     let _quiet = audit::QuietBypassReads::new();
     let mut report = serde_json::Map::new();
@@ -825,13 +845,8 @@ fn purge_tenant(tenant: &str) -> JsonB {
     }
     store::forget_changes(tenant).or_raise();
     let total: u64 = report.values().filter_map(serde_json::Value::as_u64).sum();
-    audit::record(
-        Event::TenantPurged,
-        pg_sys::InvalidOid,
-        Some(tenant),
-        "00000",
-        &format!("{total} rows of the tenant deleted from {} protected tables", report.len()),
-    );
+    let tables = report.values().filter(|n| n.as_u64().is_some_and(|n| n > 0)).count();
+    audit::record(Event::TenantPurged, pg_sys::InvalidOid, Some(tenant), "00000", &format!("{total} rows of the tenant deleted from {tables} protected tables"));
     JsonB(serde_json::Value::Object(report))
 }
 
@@ -854,7 +869,9 @@ fn parents_first(rels: &[pg_sys::Oid], fks: &[(pg_sys::Oid, pg_sys::Oid)]) -> Ve
             }
         }
         if order.len() == before {
-            // a cycle of foreign keys: the rest in any order (PostgreSQL checks at statement end)
+            // a cycle of foreign keys: the rest in any order (a restore inserts each table in one
+            // statement, so a deferrable cycle works; a non-deferrable one fails with 23503, as it
+            // does for a purge's deletes, one statement per table)
             order.extend((0..rels.len()).filter(|&i| !placed[i]));
             break;
         }

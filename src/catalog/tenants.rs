@@ -75,6 +75,18 @@ pub fn tenant_access(tenant: &str, role: pg_sys::Oid) -> Result<TenantAccess> {
     }))
 }
 
+const TENANT_REGION: Stmt = Stmt {
+    sql: "SELECT region FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// The tenant's region (None: no such tenant).
+pub fn tenant_region(tenant: &str) -> Result<Option<String>> {
+    Ok(one(&TENANT_REGION, &[arg(tenant)], |r| r.get::<String>(1))?.flatten())
+}
+
 const TENANT_EXISTS: Stmt = Stmt {
     sql: "SELECT EXISTS (SELECT 1 FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1)",
     args: &[pg_sys::TEXTOID],
