@@ -10,6 +10,23 @@ WITH prot AS (
       FROM tenancy.protected_tables p
 ), col AS (
     SELECT coalesce(nullif(current_setting('pg_tenancy.tenant_column', true), ''), 'tenant_id')::name AS name
+), dbspc AS (
+    SELECT s.spcname FROM pg_database d JOIN pg_tablespace s ON s.oid = d.dattablespace
+     WHERE d.datname = current_database()
+), parts AS (
+    -- each tenant of each partition of a protected table list-partitioned by the tenant column,
+    -- with the tablespace its region maps to (tenancy.region_tablespaces; 'default' tenants:
+    -- anywhere)
+    SELECT i.inhrelid AS part, t.id AS tenant, t.region, rt.tablespace AS wanted
+      FROM prot p
+      JOIN pg_partitioned_table pp ON pp.partrelid = p.rel AND pp.partstrat = 'l'
+                                  AND pp.partnatts = 1 AND pp.partattrs[0] = p.attnum
+      JOIN pg_inherits i ON i.inhparent = p.rel
+      JOIN pg_class c ON c.oid = i.inhrelid
+      -- (the bound's values: quoted text or uuid, or bare integers)
+     CROSS JOIN LATERAL regexp_matches(pg_get_expr(c.relpartbound, c.oid), '''([^'']*)''|(-?[0-9]+)', 'g') m
+      JOIN tenancy.tenants t ON t.id = coalesce(m[1], m[2]) AND t.region <> 'default'
+      JOIN tenancy.region_tablespaces rt ON rt.region = t.region
 ), findings AS (
     -- tables with the tenant column that are not protected
     SELECT 'ERROR' AS severity, c.oid::regclass::text AS object,
@@ -296,34 +313,35 @@ WITH prot AS (
        AND t.region NOT IN ('default', current_setting('pg_tenancy.region', true))
        AND s.rows > 0
     UNION ALL
-    -- data residency within the cluster: a partition of a protected table, list-partitioned by
-    -- tenant, outside the tablespace of its tenants' region (tenancy.region_tablespaces);
-    -- tenants of region 'default' may be anywhere
-    SELECT CASE WHEN count(DISTINCT t.region) > 1 THEN 'ERROR' ELSE 'WARNING' END,
-           pt.part::regclass::text,
-           CASE WHEN count(DISTINCT t.region) > 1
-                THEN format('partition holds tenants of %s regions: it cannot be in each one''s tablespace',
-                            count(DISTINCT t.region))
+    -- data residency within the cluster: a partition (and its indexes) outside the tablespace
+    -- of its tenants' region
+    SELECT CASE WHEN count(DISTINCT x.wanted) > 1 THEN 'ERROR' ELSE 'WARNING' END,
+           x.part::regclass::text,
+           CASE WHEN count(DISTINCT x.wanted) > 1
+                THEN format('partition holds tenants of %s regions with different tablespaces: it cannot be in each one''s tablespace',
+                            count(DISTINCT x.region))
                 ELSE format('partition of region %s is in tablespace %s, not in its region''s %s',
-                            min(t.region), min(pt.spc), min(rt.tablespace)) END,
-           CASE WHEN count(DISTINCT t.region) > 1
+                            min(x.region), min(x.spc), min(x.wanted)) END,
+           CASE WHEN count(DISTINCT x.wanted) > 1
                 THEN '-- one partition per region (or per tenant)'
-                ELSE format('ALTER TABLE %s SET TABLESPACE %I;', pt.part::regclass, min(rt.tablespace)) END
-      FROM (SELECT i.inhrelid AS part,
-                   coalesce((SELECT s.spcname FROM pg_tablespace s WHERE s.oid = c.reltablespace),
-                            (SELECT s.spcname FROM pg_database d JOIN pg_tablespace s ON s.oid = d.dattablespace
-                              WHERE d.datname = current_database())) AS spc,
-                   (regexp_matches(pg_get_expr(c.relpartbound, c.oid), '''([^'']*)''', 'g'))[1] AS tenant
-              FROM prot p
-              JOIN pg_partitioned_table pp ON pp.partrelid = p.rel AND pp.partstrat = 'l'
-                                          AND pp.partnatts = 1 AND pp.partattrs[0] = p.attnum
-              JOIN pg_inherits i ON i.inhparent = p.rel
-              JOIN pg_class c ON c.oid = i.inhrelid) pt
-      JOIN tenancy.tenants t ON t.id = pt.tenant AND t.region <> 'default'
-      LEFT JOIN tenancy.region_tablespaces rt ON rt.region = t.region
-     GROUP BY pt.part
-    HAVING (count(DISTINCT t.region) > 1 AND EXISTS (SELECT 1 FROM tenancy.region_tablespaces))
-        OR (count(DISTINCT t.region) = 1 AND min(rt.tablespace) IS NOT NULL AND min(rt.tablespace) <> min(pt.spc))
+                ELSE format('ALTER TABLE %s SET TABLESPACE %I;', x.part::regclass, min(x.wanted)) END
+      FROM (SELECT pa.*, coalesce((SELECT s.spcname FROM pg_tablespace s WHERE s.oid = c.reltablespace),
+                                  (SELECT spcname FROM dbspc)) AS spc
+              FROM parts pa JOIN pg_class c ON c.oid = pa.part) x
+     GROUP BY x.part
+    HAVING count(DISTINCT x.wanted) > 1 OR min(x.wanted) <> min(x.spc)
+    UNION ALL
+    SELECT 'WARNING', ix.indexrelid::regclass::text,
+           format('index of a partition of region %s is in tablespace %s, not in its region''s %s',
+                  min(pa.region), coalesce(min(s.spcname), min(d.spcname)), min(pa.wanted)),
+           format('ALTER INDEX %s SET TABLESPACE %I;', ix.indexrelid::regclass, min(pa.wanted))
+      FROM parts pa
+      JOIN pg_index ix ON ix.indrelid = pa.part
+      JOIN pg_class ic ON ic.oid = ix.indexrelid
+      LEFT JOIN pg_tablespace s ON s.oid = ic.reltablespace
+     CROSS JOIN dbspc d
+     GROUP BY ix.indexrelid
+    HAVING count(DISTINCT pa.wanted) = 1 AND min(pa.wanted) <> coalesce(min(s.spcname), min(d.spcname))
     UNION ALL
     SELECT 'WARNING', 'setting pg_tenancy.region',
            format('%s tenants declare a region but this cluster declares none: data residency is not enforced', count(*)),

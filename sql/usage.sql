@@ -242,7 +242,11 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         INSERT INTO tenancy.usage_daily AS d (day, tenant, storage_bytes)
         SELECT (now() AT TIME ZONE 'UTC')::date, m.tenant, m.bytes
           FROM measured m JOIN tenancy.tenants t ON t.id = m.tenant
+         -- (an offboarded tenant: while it keeps rows, and the day they are gone)
          WHERE t.status <> 'offboarded' OR m.bytes > 0
+            OR (SELECT u.storage_bytes FROM tenancy.usage_daily u
+                 WHERE u.tenant = m.tenant AND u.storage_bytes IS NOT NULL
+                 ORDER BY u.day DESC LIMIT 1) > 0
         ON CONFLICT (tenant, day) DO UPDATE SET storage_bytes = EXCLUDED.storage_bytes)
     INSERT INTO tenancy.tenant_storage AS s (tenant, bytes, row_bytes, rows, measured_at)
     SELECT m.tenant, m.bytes, m.row_bytes, m.rows, now() FROM measured m

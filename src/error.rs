@@ -315,7 +315,7 @@ pg_tenancy.explain_analyze = 'hide'."
             TenancyError::NotYet(_) => "See the README, \"Backups\", for what this version supports.",
             TenancyError::RestoreBlocked(_) => "The tenant's status was put back; retry when its long transactions are done (or raise pg_tenancy.restore_wait).",
             TenancyError::NotOffboarded => "Keep its archive elsewhere first (tenancy.export), then tenancy.set_status(tenant, 'offboarded').",
-            TenancyError::PurgeBlocked(_) => "Protect the referencing table (tenancy.protect) or delete its rows of the tenant first; nothing was deleted.",
+            TenancyError::PurgeBlocked(_) => "Nothing was deleted. See the detail: protect the referencing table (tenancy.protect), or review and approve the code, then purge again.",
             TenancyError::TenantKeyUnavailable(_) => {
                 "A shred deleted it there (then its ciphertexts and backups are gone for good), or pg_tenancy.tenant_key_command cannot reach the store."
             }

@@ -836,6 +836,15 @@ fn purge_tenant(tenant: Option<&str>) -> JsonB {
         // its deletes would cascade into (or be blocked by) rows nobody counts as the tenant's
         TenancyError::PurgeBlocked("a table that is not protected has a foreign key into a protected one").raise();
     }
+    // the deletes run as the superuser: no trigger or other code nobody approved may run in them
+    for src in &sources {
+        if store::unapproved_code(src.rel).or_raise().is_some() {
+            TenancyError::PurgeBlocked(
+                "code no superuser approved runs over a protected table's rows (tenancy.check() lists it): approve it with tenancy.approve_function() first",
+            )
+            .raise();
+        }
+    }
     let order = parents_first(&rels, &store::foreign_keys(&rels).or_raise());
     let _quiet = audit::QuietBypassReads::new();
     let mut report = serde_json::Map::new();

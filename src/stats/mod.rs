@@ -570,6 +570,8 @@ pub fn end(rows: u64) {
 
 /// Whether this backend's slot holds counts not yet in their entry.
 static PENDING: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// Whether this process emptied its slot once (what a slot holds before is nobody's).
+static SLOT_CLEAN: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 
 /// Add `v` to a counter only this backend writes (a plain store: no locked instruction).
 fn bump(a: &AtomicU64, v: u64) {
@@ -584,6 +586,7 @@ fn record(h: &'static Header, c: &Current, rows: u64) {
     }
     let k = metrics::bucket_of(us);
     if let Some(s) = my_slot(h) {
+        claim(s);
         let epoch = e.epoch.load(Relaxed);
         if s.place.load(Relaxed) == c.place + 1 && s.epoch.load(Relaxed) == epoch {
             bump(&s.hist[k], 1);
@@ -608,6 +611,21 @@ fn record(h: &'static Header, c: &Current, rows: u64) {
     }
 }
 
+/// Empty slot `s` the first time this process uses it: what it holds then (nothing, unless a
+/// process with the same backend id left without its exit callbacks) is nobody's.
+fn claim(s: &Slot) {
+    if SLOT_CLEAN.with(|c| c.replace(true)) {
+        return;
+    }
+    s.seq.fetch_add(1, AcqRel);
+    std::sync::atomic::fence(Release);
+    for a in s.hist.iter().chain([&s.rows, &s.time_us]) {
+        a.store(0, Relaxed);
+    }
+    s.place.store(0, Release);
+    s.seq.fetch_add(1, Release);
+}
+
 /// Move the counts of slot `s` (this backend's) to their entry (dropped if the entry was reset
 /// since they were taken) and leave the slot without a tenant.
 fn flush(h: &'static Header, s: &Slot) {
@@ -620,6 +638,8 @@ fn flush(h: &'static Header, s: &Slot) {
         return;
     }
     s.seq.fetch_add(1, AcqRel);
+    // (the seqlock's writer: the odd sequence is visible before any count moves)
+    std::sync::atomic::fence(Release);
     let e = entry(h, place - 1);
     let keep = s.epoch.load(Relaxed) == e.epoch.load(Relaxed);
     let moved = |from: &AtomicU64, to: &AtomicU64| {
@@ -636,7 +656,7 @@ fn flush(h: &'static Header, s: &Slot) {
     for (from, to) in s.hist.iter().zip(e.hist.iter()) {
         moved(from, to);
     }
-    s.place.store(0, Relaxed);
+    s.place.store(0, Release);
     s.seq.fetch_add(1, Release);
 }
 
@@ -778,10 +798,20 @@ pub fn snapshot() -> (Vec<Snapshot>, Option<i64>) {
             std::sync::atomic::fence(Acquire);
             tries += 1;
             let stable = seqs.iter().all(|q| q % 2 == 0) && slots.iter().zip(&seqs).all(|(s, q)| s.seq.load(Relaxed) == *q);
-            if stable || tries >= 1000 {
+            if stable {
                 break (rows, time_us, hist);
             }
-            std::hint::spin_loop();
+            // (a backend moving its counts is a few instructions away from done, unless it was
+            // descheduled: never return a read that may count them twice; after a second of
+            // trying, the entry alone, which never counts them twice)
+            if tries > 100 {
+                // SAFETY: sleeps 10 microseconds; interrupts are checked.
+                unsafe { pg_sys::pg_usleep(10) };
+                pgrx::check_for_interrupts!();
+            }
+            if tries > 100_000 {
+                break (load(&e.rows), load(&e.time_us), std::array::from_fn(|k| load(&e.hist[k])));
+            }
         };
         out.push(Snapshot {
             tenant,

@@ -49,27 +49,33 @@ fn databases() -> Vec<String> {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let dbs = databases();
-    let mut running: Vec<Option<pgrx::bgworkers::DynamicBackgroundWorker>> = dbs.iter().map(|_| None).collect();
-    // (what was last said of each database, so that a lasting condition is logged once)
-    let mut said: Vec<u8> = vec![0; dbs.len()];
+    // one worker per database and job (a snapshot never waits for a long measurement, and a
+    // job that keeps failing never stops the other)
+    let jobs: Vec<(String, &str)> = databases().into_iter().flat_map(|db| [(db.clone(), "snapshot"), (db, "storage")]).collect();
+    let mut running: Vec<Option<pgrx::bgworkers::DynamicBackgroundWorker>> = jobs.iter().map(|_| None).collect();
+    // (what was last said of each, so that a lasting condition is logged once)
+    let mut said: Vec<u8> = vec![0; jobs.len()];
     loop {
-        for (k, db) in dbs.iter().enumerate() {
+        for (k, (db, job)) in jobs.iter().enumerate() {
+            let interval = if *job == "snapshot" { crate::gucs::snapshot_interval() } else { crate::gucs::storage_interval() };
+            if interval <= 0 {
+                continue;
+            }
             // (polled: PostgreSQL's notice that a worker stopped does not wake a process
             // connected to no database)
             let busy = running[k].as_ref().is_some_and(|w| matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)));
             if busy {
                 if said[k] != 1 {
                     said[k] = 1;
-                    pgrx::log!("pg_tenancy usage: database \"{db}\": the previous round is still running (a long measurement, or one waiting for a lock); rounds are skipped until it ends");
+                    pgrx::log!("pg_tenancy usage: database \"{db}\": the previous {job} is still running (a long measurement, or one waiting for a lock); rounds are skipped until it ends");
                 }
                 continue;
             }
-            let started = BackgroundWorkerBuilder::new(&format!("pg_tenancy usage {db}"))
+            let started = BackgroundWorkerBuilder::new(&format!("pg_tenancy usage {job} {db}"))
                 .set_type("pg_tenancy usage")
                 .set_library("pg_tenancy")
                 .set_function("pg_tenancy_usage_main")
-                .set_extra(db)
+                .set_extra(&format!("{job}:{db}"))
                 .enable_spi_access()
                 .set_restart_time(None)
                 .load_dynamic();
@@ -82,7 +88,7 @@ pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
                     running[k] = None;
                     if said[k] != 2 {
                         said[k] = 2;
-                        pgrx::log!("pg_tenancy usage: database \"{db}\": no background worker slot (max_worker_processes); trying again each round");
+                        pgrx::log!("pg_tenancy usage: database \"{db}\": no background worker slot for the {job} (max_worker_processes); trying again each round");
                     }
                 }
             }
@@ -141,7 +147,7 @@ fn job(db: &str, what: &str, interval: i32, due: &str, run: &str) {
             return;
         }
         PgTryBuilder::new(|| {
-            Spi::run(run).ok();
+            Spi::run(run).unwrap_or_else(|e| pgrx::error!("{e}"));
         })
         .catch_others(|e| {
             let (code, message) = match &e {
@@ -155,12 +161,18 @@ fn job(db: &str, what: &str, interval: i32, due: &str, run: &str) {
     })
 }
 
-/// Main function of a usage worker (its database in bgw_extra): run what is due, then leave.
+/// Main function of a usage worker (`job:database` in bgw_extra): run its job if it is due, then
+/// leave. PostgreSQL's own SIGTERM handling stays (pg_terminate_backend and a fast shutdown end
+/// a long measurement at once).
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tenancy_usage_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
-    let db = BackgroundWorker::get_extra().to_string();
+    // SAFETY: unblocks the signals PostgreSQL blocked while starting the worker, keeping its
+    // handlers.
+    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+    let extra = BackgroundWorker::get_extra().to_string();
+    let Some((job_name, db)) = extra.split_once(':') else { return };
+    let db = db.to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     BackgroundWorker::transaction(|| {
         for set in SESSION {
@@ -168,6 +180,8 @@ pub extern "C-unwind" fn pg_tenancy_usage_main(_arg: pg_sys::Datum) {
         }
     });
     use crate::catalog::usage::{SNAPSHOT_DUE_IN, STORAGE_DUE_IN};
-    job(&db, "tenancy.snapshot_usage()", crate::gucs::snapshot_interval(), SNAPSHOT_DUE_IN, "SELECT tenancy.snapshot_usage()");
-    job(&db, "tenancy.measure_storage()", crate::gucs::storage_interval(), STORAGE_DUE_IN, "SELECT count(*) FROM tenancy.measure_storage()");
+    match job_name {
+        "snapshot" => job(&db, "tenancy.snapshot_usage()", crate::gucs::snapshot_interval(), SNAPSHOT_DUE_IN, "SELECT tenancy.snapshot_usage()"),
+        _ => job(&db, "tenancy.measure_storage()", crate::gucs::storage_interval(), STORAGE_DUE_IN, "SELECT count(*) FROM tenancy.measure_storage()"),
+    }
 }
