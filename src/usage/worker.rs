@@ -1,10 +1,10 @@
 //! The usage workers: with `pg_tenancy.usage_databases` set, a launcher (connected to no
-//! database) starts a short-lived worker in each listed database every
-//! `pg_tenancy.snapshot_interval` (at most a minute apart); it runs `tenancy.snapshot_usage()`
-//! when a snapshot is due (the alerts' windows, `tenancy.usage_daily`) and
+//! database) starts short-lived workers in each listed database every
+//! `pg_tenancy.snapshot_interval` (at most a minute apart), one per job: `tenancy.snapshot_usage()`
+//! when a snapshot is due (the alerts' windows, `tenancy.usage_daily`), and
 //! `tenancy.measure_storage()` when `pg_tenancy.storage_interval` has passed (storage quotas, the
-//! storage history of the cost report), then leaves, so neither needs pg_cron and no worker holds
-//! a database. When each is due is read from what it wrote last (the newest snapshot, the last
+//! storage history of the cost report); each leaves when done, so neither needs pg_cron and no
+//! worker holds a database. When each is due is read from what it wrote last (the newest snapshot, the last
 //! measurement), so a restart neither repeats nor skips one. A database without pg_tenancy is
 //! left alone.
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, SignalWakeFlags};
