@@ -825,7 +825,8 @@ fn _restore_swap(tenant: &str, backup: Uuid, schema: &str) -> JsonB {
 fn purge_tenant(tenant: Option<&str>) -> JsonB {
     require_superuser("purging a tenant's rows is a superuser's").or_raise();
     let tenant = tenant.ok_or(TenancyError::InvalidArgument("tenant")).or_raise();
-    match store::tenant_status(tenant).or_raise().as_deref() {
+    // (locked: the tenant cannot be reactivated while its rows go)
+    match store::tenant_status_locked(tenant).or_raise().as_deref() {
         None => TenancyError::UnknownTenant.raise(),
         Some("offboarded") => {}
         Some(_) => TenancyError::NotOffboarded.raise(),

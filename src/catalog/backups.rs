@@ -897,6 +897,18 @@ pub fn tenant_status(tenant: &str) -> Result<Option<String>> {
     Ok(one(&TENANT_STATUS, &[arg(tenant)], |r| r.get::<String>(1))?.flatten())
 }
 
+const TENANT_STATUS_LOCKED: Stmt = Stmt {
+    sql: "SELECT status FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1 FOR UPDATE",
+    args: &[pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// The tenant's status, its row locked until the transaction ends (no status change meanwhile).
+pub fn tenant_status_locked(tenant: &str) -> Result<Option<String>> {
+    Ok(one(&TENANT_STATUS_LOCKED, &[arg(tenant)], |r| r.get::<String>(1))?.flatten())
+}
+
 const EXPIRED: Stmt = Stmt {
     sql: "WITH RECURSIVE needed(id) AS ( \
               SELECT id FROM tenancy.backups WHERE expires_at OPERATOR(pg_catalog.>=) pg_catalog.now() \
