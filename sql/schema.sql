@@ -13,6 +13,14 @@ LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
             OR e.value::text !~ '^[0-9]{1,18}$')
 $$;
 
+-- A region's one spelling (tenancy.tenants.region; pg_tenancy.region checks the same in
+-- pg_tenancy_core::tenant_id::valid_region): 1 to 63 lowercase letters, digits, '-' and '_'.
+CREATE FUNCTION tenancy._valid_region(r text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT r OPERATOR(pg_catalog.~) '^[a-z0-9][a-z0-9_-]{0,62}$';
+END;
+
 -- Plans: what a tenant may use (seed section 3). NULL limits are no limit. A tenant's own
 -- overrides are in tenancy.limits; tenancy.effective_limits shows what applies.
 CREATE TABLE tenancy.plans (
@@ -49,9 +57,8 @@ CREATE TABLE tenancy.tenants (
     name        text        NOT NULL,
     plan        text        NOT NULL DEFAULT 'standard'
                 REFERENCES tenancy.plans (name) ON UPDATE CASCADE,
-    -- (lowercase letters, digits, '-' and '_': one spelling per region, as pg_tenancy.region)
     region      text        NOT NULL DEFAULT 'default'
-                CONSTRAINT tenants_region_check CHECK (region ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
+                CONSTRAINT tenants_region_check CHECK (tenancy._valid_region(region)),
     status      text        NOT NULL DEFAULT 'active'
                 CONSTRAINT tenants_status_check
                 CHECK (status IN ('active', 'read_only', 'suspended', 'offboarded')),

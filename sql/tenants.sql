@@ -48,6 +48,18 @@ CREATE TRIGGER tenancy_invalidate_update AFTER UPDATE ON tenancy.keys
 ------------------------------------------------------------------------------------------------
 -- Tenants
 ------------------------------------------------------------------------------------------------
+-- An invalid region (not tenancy._valid_region): 22023 with what a region is.
+CREATE FUNCTION tenancy._check_region(region text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT tenancy._valid_region(region) THEN
+        RAISE EXCEPTION 'invalid region' USING ERRCODE = '22023',
+            DETAIL = 'A region is 1 to 63 characters: lowercase letters, digits, ''-'' and ''_'', as pg_tenancy.region.',
+            HINT = 'For example ''eu-west''; ''default'' for a tenant served in any region.';
+    END IF;
+END
+$$;
+
 CREATE FUNCTION tenancy.create_tenant(
     id text, name text DEFAULT NULL, plan text DEFAULT 'standard', region text DEFAULT 'default',
     config jsonb DEFAULT '{}')
@@ -71,11 +83,7 @@ BEGIN
         RAISE EXCEPTION 'tenant plan and region must not be null' USING ERRCODE = '22023',
             HINT = 'Omit them to get ''standard'' and ''default''.';
     END IF;
-    IF region !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
-        RAISE EXCEPTION 'invalid region' USING ERRCODE = '22023',
-            DETAIL = 'A region is 1 to 63 characters: lowercase letters, digits, ''-'' and ''_'', as pg_tenancy.region.',
-            HINT = 'For example ''eu-west''; ''default'' for a tenant served in any region.';
-    END IF;
+    PERFORM tenancy._check_region(region);
     IF NOT EXISTS (SELECT 1 FROM tenancy.plans p WHERE p.name = plan) THEN
         RAISE EXCEPTION 'plan does not exist' USING ERRCODE = '42704',
             HINT = 'Plans are rows of tenancy.plans (INSERT INTO tenancy.plans (name, ...) VALUES (...)).';
@@ -138,10 +146,8 @@ BEGIN
         RAISE EXCEPTION 'plan does not exist' USING ERRCODE = '42704',
             HINT = 'Plans are rows of tenancy.plans (INSERT INTO tenancy.plans (name, ...) VALUES (...)).';
     END IF;
-    IF region IS NOT NULL AND region !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
-        RAISE EXCEPTION 'invalid region' USING ERRCODE = '22023',
-            DETAIL = 'A region is 1 to 63 characters: lowercase letters, digits, ''-'' and ''_'', as pg_tenancy.region.',
-            HINT = 'For example ''eu-west''; ''default'' for a tenant served in any region.';
+    IF region IS NOT NULL THEN
+        PERFORM tenancy._check_region(region);
     END IF;
     UPDATE tenancy.tenants t
        SET name = coalesce(name, t.name), plan = coalesce(plan, t.plan),

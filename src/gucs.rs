@@ -6,7 +6,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use pgrx::pg_guard;
 use pgrx::PostgresGucEnum;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 /// How the tenant context may be set by roles that are not superusers.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -390,8 +390,8 @@ Its counters, such as rows removed by the tenant filter, would otherwise describ
         );
         GucRegistry::define_string_guc(
             c"pg_tenancy.usage_databases",
-            c"Databases (comma-separated) where a background worker runs tenancy.snapshot_usage() and tenancy.measure_storage() on their intervals.",
-            c"Empty (off) by default. One worker per database, at most 8; a database without pg_tenancy is skipped until it has it.",
+            c"Databases (comma-separated) where background workers run tenancy.snapshot_usage() and tenancy.measure_storage() on their intervals.",
+            c"Empty (off) by default. At most 8 databases; short-lived workers, one per database and job; a database without pg_tenancy is left alone.",
             &USAGE_DATABASES,
             GucContext::Postmaster,
             GucFlags::default(),
@@ -538,16 +538,27 @@ unsafe extern "C-unwind" fn check_secret_source(
     if empty || !matches!(source, PGC_S_DATABASE | PGC_S_USER | PGC_S_DATABASE_USER | PGC_S_TEST) {
         return true;
     }
-    // SAFETY: the GUC_check_* strings are read by PostgreSQL right after this returns false.
+    refuse_value(
+        Some(c"pg_tenancy.jwt_secret cannot be stored in database, role or function settings"),
+        c"Those settings are readable by every role.",
+        Some(c"Use pg_tenancy.jwt_secret_file (a path is not a secret), or ALTER SYSTEM SET pg_tenancy.jwt_secret."),
+    )
+}
+
+/// What a check hook returns to refuse a value (22023), with the message (else PostgreSQL's
+/// own "invalid value for parameter"), detail and hint PostgreSQL reports.
+fn refuse_value(message: Option<&CStr>, detail: &CStr, hint: Option<&CStr>) -> bool {
+    // SAFETY: the GUC_check_* strings are palloc'd copies PostgreSQL reads right after the
+    // check hook returns false.
     unsafe {
         pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
-        pg_sys::GUC_check_errmsg_string =
-            pg_sys::pstrdup(c"pg_tenancy.jwt_secret cannot be stored in database, role or function settings".as_ptr());
-        pg_sys::GUC_check_errdetail_string =
-            pg_sys::pstrdup(c"Those settings are readable by every role.".as_ptr());
-        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
-            c"Use pg_tenancy.jwt_secret_file (a path is not a secret), or ALTER SYSTEM SET pg_tenancy.jwt_secret.".as_ptr(),
-        );
+        if let Some(m) = message {
+            pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(m.as_ptr());
+        }
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+        if let Some(h) = hint {
+            pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(h.as_ptr());
+        }
     }
     false
 }
@@ -561,18 +572,14 @@ unsafe extern "C-unwind" fn check_region(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     // SAFETY: PostgreSQL passes a valid pointer to a (possibly NULL) C string.
-    let value: &[u8] = unsafe { if (*newval).is_null() { b"" } else { std::ffi::CStr::from_ptr(*newval).to_bytes() } };
-    if value.is_empty() || (pg_tenancy_core::tenant_id::valid_region(value) && value != b"default") {
-        return true;
-    }
-    // SAFETY: the GUC_check_* strings are read by PostgreSQL right after this returns false.
-    unsafe {
-        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
-        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(
-            c"A region is 1 to 63 characters: lowercase letters, digits, '-' and '_' (not 'default', which a tenant uses for any region).".as_ptr(),
-        );
-    }
-    false
+    let value: &[u8] = unsafe { if (*newval).is_null() { b"" } else { CStr::from_ptr(*newval).to_bytes() } };
+    value.is_empty()
+        || (pg_tenancy_core::tenant_id::valid_region(value) && value != b"default")
+        || refuse_value(
+            None,
+            c"A region is 1 to 63 characters: lowercase letters, digits, '-' and '_' (not 'default', which a tenant uses for any region).",
+            None,
+        )
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -694,7 +701,7 @@ pub fn metrics_database() -> String {
 
 /// The region this cluster serves (`pg_tenancy.region`; None when not set).
 pub fn region() -> Option<String> {
-    string(&REGION).filter(|r| !r.is_empty())
+    string(&REGION)
 }
 
 /// The databases of `pg_tenancy.usage_databases` (names trimmed, empty ones dropped).

@@ -44,14 +44,10 @@ fn check_tenant(tenant: &str) -> Result<()> {
 /// Data residency: a tenant of another region than this cluster's (`pg_tenancy.region`) is
 /// neither imported nor restored here.
 fn check_region(tenant: &str) -> Result<()> {
-    if let Some(here) = gucs::region() {
-        if let Some(region) = catalog::tenants::tenant_region(tenant)? {
-            if region != "default" && region != here {
-                return Err(TenancyError::WrongRegion { tenant: region, here });
-            }
-        }
+    match catalog::tenants::tenant_region(tenant)? {
+        Some(region) => crate::context::served_here(region),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn new_id() -> Uuid {

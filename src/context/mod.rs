@@ -196,13 +196,17 @@ fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
         Some(Some(Status::Suspended)) => return Err(TenancyError::Unavailable("suspended")),
         Some(_) => return Err(TenancyError::Unavailable("offboarded")),
     };
-    // data residency: a tenant with a region is served only by a cluster of that region
-    if let Some(here) = gucs::region() {
-        if access.region != "default" && access.region != here {
-            return Err(TenancyError::WrongRegion { tenant: access.region, here });
-        }
-    }
+    served_here(access.region)?;
     Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp, limits: access.limits, superuser: is_super })
+}
+
+/// Data residency: a tenant of `region` is served by this cluster (`pg_tenancy.region` unset,
+/// the tenant's region `default`, or the cluster's own), else WrongRegion.
+pub(crate) fn served_here(region: String) -> Result<()> {
+    match gucs::region() {
+        Some(here) if region != "default" && region != here => Err(TenancyError::WrongRegion { tenant: region, here }),
+        _ => Ok(()),
+    }
 }
 
 fn check_expiry(v: &Verified, now: i64) -> Result<()> {

@@ -12,9 +12,9 @@
 //!
 //! **Cheap.** No lock on the statement path but a rate-limited tenant's spinlock: the index is
 //! read without a lock (a place is published with a release store after its key is written, and
-//! places are never freed); the one LWLock is taken only to give a tenant its place. A statement's count, time,
-//! rows and latency bucket go to the backend's own slot in shared memory (one per backend, its
-//! cache lines written by that backend only) while the backend stays with one tenant, and move
+//! places are never freed); the one LWLock is taken only to give a tenant its place. A
+//! statement's count, time, rows and latency bucket go to the backend's own slot in shared
+//! memory (one per backend, its cache lines written by that backend only) while the backend stays with one tenant, and move
 //! to the tenant's entry when it switches tenants or exits; readers add the slots to the entries
 //! (a slot moving is seen by them through its sequence number, so nothing is counted twice or
 //! missed). So two backends running the same tenant do not write the same cache lines on every
@@ -802,8 +802,8 @@ pub fn snapshot() -> (Vec<Snapshot>, Option<i64>) {
                 break (rows, time_us, hist);
             }
             // (a backend moving its counts is a few instructions away from done, unless it was
-            // descheduled: never return a read that may count them twice; after a second of
-            // trying, the entry alone, which never counts them twice)
+            // descheduled: never return a read that may count them twice; after 100,000 tries
+            // (a second or more), the entry alone, which never counts them twice)
             if tries > 100 {
                 // SAFETY: sleeps 10 microseconds; interrupts are checked.
                 unsafe { pg_sys::pg_usleep(10) };

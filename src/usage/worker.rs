@@ -4,15 +4,15 @@
 //! when a snapshot is due (the alerts' windows, `tenancy.usage_daily`), and
 //! `tenancy.measure_storage()` when `pg_tenancy.storage_interval` has passed (storage quotas, the
 //! storage history of the cost report); each leaves when done, so neither needs pg_cron and no
-//! worker holds a database. When each is due is read from what it wrote last (the newest snapshot, the last
-//! measurement), so a restart neither repeats nor skips one. A database without pg_tenancy is
-//! left alone.
+//! worker holds a database. When each is due is read from what it wrote last (the newest
+//! snapshot, the last measurement), so a restart neither repeats nor skips one. A database
+//! without pg_tenancy is left alone.
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::time::Duration;
 
-/// At most this many usage workers (the first databases listed).
-const MAX_WORKERS: usize = 8;
+/// At most this many databases (the first listed).
+const MAX_DATABASES: usize = 8;
 
 /// Register the launcher (from _PG_init, while the postmaster loads the library).
 pub fn init() {
@@ -29,22 +29,22 @@ pub fn init() {
         .load();
 }
 
-/// The databases listed (each once, the first MAX_WORKERS).
+/// The databases listed (each once, the first MAX_DATABASES).
 fn databases() -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     for db in crate::gucs::usage_databases() {
-        if !seen.contains(&db) && seen.len() < MAX_WORKERS {
+        if !seen.contains(&db) && seen.len() < MAX_DATABASES {
             seen.push(db);
         }
     }
     seen
 }
 
-/// Main function of the launcher: connected to no database, it starts a short-lived worker in
-/// each listed database every `pg_tenancy.snapshot_interval` (at most a minute apart), which runs
-/// what is due there and leaves, so no worker holds a database for longer than its work. A
-/// database whose previous worker is still running (a long measurement, or one waiting for a
-/// lock) is skipped this round, never waited for: the others go on.
+/// Main function of the launcher: connected to no database, it starts a short-lived worker per
+/// listed database and job every `pg_tenancy.snapshot_interval` (at most a minute apart), which
+/// runs its job if it is due and leaves, so no worker holds a database for longer than its work.
+/// A job whose previous worker is still running (a long measurement, or one waiting for a lock)
+/// is skipped this round, never waited for: the others go on.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
@@ -110,10 +110,10 @@ pub extern "C-unwind" fn pg_tenancy_usage_launcher_main(_arg: pg_sys::Datum) {
 }
 
 /// What a worker sets first: whatever the database's or a role's settings say, it acts as the
-/// superuser it connected as, reads and writes, resolves nothing through a search_path, waits
-/// for a lock at most 10 seconds (a measurement is not cut short by a statement_timeout), and
-/// takes no parallel workers.
-const SESSION: [&str; 11] = [
+/// superuser it connected as, in no tenant's context, reads and writes, resolves nothing through
+/// a search_path, waits for a lock at most 10 seconds (a measurement is not cut short by a
+/// statement_timeout), and takes no parallel workers.
+const SESSION: [&str; 12] = [
     "RESET SESSION AUTHORIZATION",
     "SET ROLE NONE",
     "SET search_path = pg_catalog, pg_temp",
@@ -125,6 +125,7 @@ const SESSION: [&str; 11] = [
     "SET max_parallel_workers_per_gather = 0",
     "SET transform_null_equals = off",
     "SET application_name = 'pg_tenancy usage'",
+    "SET pg_tenancy.tenant = ''",
 ];
 
 /// Run one job in its own transaction if it is due: a failure names the database and the job
