@@ -1,49 +1,65 @@
 -- Privileges: nothing by default, then exactly what applications and owners need.
 
 REVOKE ALL ON ALL TABLES IN SCHEMA tenancy FROM PUBLIC;
-REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA tenancy FROM PUBLIC;
-REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA tenancy FROM PUBLIC;
 GRANT USAGE ON SCHEMA tenancy TO PUBLIC;
-GRANT EXECUTE ON FUNCTION
-    tenancy.set_tenant(text, boolean),
-    tenancy.set_tenant_token(text, boolean),
-    tenancy.reset_tenant(),
-    tenancy.current_tenant(),
-    tenancy.current_tenant(anyelement),
-    tenancy.writable_tenant(),
-    tenancy.has_tenant(),
-    tenancy.tenant_scope(),
-    tenancy.flag(text),
-    tenancy.config(text),
-    tenancy.valid_tenant_id(text),
-    tenancy.grant_tenant(regrole, text, text),
-    tenancy.revoke_tenant(regrole, text),
-    tenancy._grant_tenant(oid, text, text),
-    tenancy._revoke_tenant(oid, text),
-    tenancy.protect(regclass, name, boolean),
-    tenancy._protect(oid, text, boolean),
-    tenancy.protect_schema(name, name, boolean),
-    tenancy._protect_schema(text, text, boolean),
-    tenancy.policy_sql(regclass, name),
-    tenancy._policy_sql(oid, text),
-    tenancy.truncate_guard(),
-    tenancy._capture(),
-    tenancy._guard_exempt(oid),
-    tenancy._guard_ddl(),
-    tenancy._guard_drop(),
-    tenancy.encrypt(bytea, text),
-    tenancy.encrypt(text, text),
-    tenancy.decrypt(bytea, text),
-    tenancy.decrypt_text(bytea, text),
-    tenancy.rewrap(bytea, text),
-    tenancy.key_version(bytea),
-    tenancy.blind_index(text, text),
-    tenancy.active_key_version(),
-    tenancy.cipher_implementation(),
-    tenancy.reencrypt(regclass, name, text, integer),
-    tenancy._write_denied(text),
-    tenancy.meter(text, bigint)
-TO PUBLIC;
+-- Functions applications call keep PostgreSQL's default privilege (EXECUTE for PUBLIC) as a
+-- NULL ACL: revoking it and granting it back would store the same rights as an explicit ACL,
+-- which every statement calling the function then reads and copies out of pg_proc when it
+-- starts (bench/README.md, set_tenant). Every other function and procedure is revoked from PUBLIC.
+DO $$
+DECLARE
+    f regprocedure;
+    public_ones regprocedure[] := ARRAY[
+        'tenancy.set_tenant(text, boolean)',
+        'tenancy.set_tenant_token(text, boolean)',
+        'tenancy.reset_tenant()',
+        'tenancy.current_tenant()',
+        'tenancy.current_tenant(anyelement)',
+        'tenancy.writable_tenant()',
+        'tenancy.has_tenant()',
+        'tenancy.tenant_scope()',
+        'tenancy.flag(text)',
+        'tenancy.config(text)',
+        'tenancy.valid_tenant_id(text)',
+        'tenancy.grant_tenant(regrole, text, text)',
+        'tenancy.revoke_tenant(regrole, text)',
+        'tenancy._grant_tenant(oid, text, text)',
+        'tenancy._revoke_tenant(oid, text)',
+        'tenancy.protect(regclass, name, boolean)',
+        'tenancy._protect(oid, text, boolean)',
+        'tenancy.protect_schema(name, name, boolean)',
+        'tenancy._protect_schema(text, text, boolean)',
+        'tenancy.policy_sql(regclass, name)',
+        'tenancy._policy_sql(oid, text)',
+        'tenancy.truncate_guard()',
+        'tenancy._capture()',
+        'tenancy._guard_exempt(oid)',
+        'tenancy._guard_ddl()',
+        'tenancy._guard_drop()',
+        'tenancy.encrypt(bytea, text)',
+        'tenancy.encrypt(text, text)',
+        'tenancy.decrypt(bytea, text)',
+        'tenancy.decrypt_text(bytea, text)',
+        'tenancy.rewrap(bytea, text)',
+        'tenancy.key_version(bytea)',
+        'tenancy.blind_index(text, text)',
+        'tenancy.active_key_version()',
+        'tenancy.cipher_implementation()',
+        'tenancy.reencrypt(regclass, name, text, integer)',
+        'tenancy._write_denied(text)',
+        'tenancy.meter(text, bigint)'
+    ]::pg_catalog.regprocedure[];
+BEGIN
+    FOR f IN
+        SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace OPERATOR(pg_catalog.=) 'tenancy'::pg_catalog.regnamespace
+           AND p.prokind OPERATOR(pg_catalog.=) ANY (ARRAY['f', 'p', 'w', 'a']::"char"[])
+           AND p.oid OPERATOR(pg_catalog.<>) ALL (public_ones::pg_catalog.oid[])
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON ROUTINE %s FROM PUBLIC', f);
+    END LOOP;
+END
+$$;
 -- Usage statistics span every tenant: monitoring reads them (pg_monitor), not applications.
 GRANT EXECUTE ON FUNCTION tenancy._stats(), tenancy.metrics(), tenancy.stats_status(),
     tenancy._quantile_ms(bigint[], double precision),

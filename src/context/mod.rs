@@ -12,7 +12,6 @@
 //! that governs verification changes.
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::ffi::CStr;
 pub use std::rc::Rc;
 
@@ -35,11 +34,46 @@ pub fn valid_tenant_id(id: &str) -> bool {
     pg_tenancy_core::tenant_id::valid(id)
 }
 
-/// A context value verified for one role.
+/// A context value as this backend keeps it: inline when it is a tenant id (at most 63 bytes),
+/// on the heap when it is longer (a token). Inline, the cache's comparison of a value reads the
+/// same cache lines as the role it was verified for (bench/README.md, set_tenant).
 #[derive(Debug, Clone)]
+enum Raw {
+    Inline { len: u8, bytes: [u8; 63] },
+    Heap(Box<[u8]>),
+}
+
+impl Raw {
+    fn new(b: &[u8]) -> Raw {
+        if b.len() <= 63 {
+            let mut bytes = [0u8; 63];
+            bytes[..b.len()].copy_from_slice(b);
+            Raw::Inline { len: b.len() as u8, bytes }
+        } else {
+            Raw::Heap(b.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Raw::Inline { len, bytes } => &bytes[..*len as usize],
+            Raw::Heap(b) => b,
+        }
+    }
+
+    /// The value as text (it was valid UTF-8 when verified).
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+}
+
+/// A context value verified for one role. (`repr(C)`: the value and the role, which every
+/// lookup compares, come first, on the entry's first cache line.)
+#[derive(Debug, Clone)]
+#[repr(C)]
 pub struct Verified {
-    raw: String,
     user: pg_sys::Oid,
+    raw: Raw,
     pub tenant: String,
     pub scope: Scope,
     pub read_only: bool,
@@ -71,12 +105,18 @@ impl Verified {
 /// tenants keeps them all warm (bench/README.md: 1,000 tenants); past this the cache starts over.
 const CACHE_CAPACITY: usize = 4096;
 
-thread_local! {
-    /// Verified context values, by raw setting value; each entry lists the roles it was verified for.
-    static CACHE: RefCell<HashMap<Vec<u8>, Vec<Rc<Verified>>, crate::util::Fnv>> = RefCell::new(HashMap::default());
-}
+/// Verified context values, each with the hash of its value (FNV-1a; one entry per value and
+/// role). An open-addressing table of (hash, entry): a lookup reads the control bytes, the slot
+/// and the entry it points to, nothing else.
+static CACHE: crate::util::Backend<RefCell<hashbrown::HashTable<(u64, Rc<Verified>)>>> =
+    crate::util::Backend::new(RefCell::new(hashbrown::HashTable::new()));
 
-static CACHE_LEN: crate::util::Backend<Cell<usize>> = crate::util::Backend::new(Cell::new(0));
+fn hash_of(raw: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = crate::util::FnvHasher::default();
+    h.write(raw);
+    h.finish()
+}
 /// The last verification used: most statements of a session use the one the statement before
 /// used, so a byte comparison finds it without hashing.
 static LAST: crate::util::Backend<RefCell<Option<Rc<Verified>>>> = crate::util::Backend::new(RefCell::new(None));
@@ -127,7 +167,6 @@ pub fn generation() -> u64 {
 fn empty_if_stale() {
     if STALE.with(|s| s.replace(false)) {
         CACHE.with(|c| c.borrow_mut().clear());
-        CACHE_LEN.with(|n| n.set(0));
         LAST.with(|l| *l.borrow_mut() = None);
     }
 }
@@ -197,7 +236,7 @@ fn verify_fresh(raw: &str, user: pg_sys::Oid, now: i64) -> Result<Verified> {
         Some(_) => return Err(TenancyError::Unavailable("offboarded")),
     };
     served_here(access.region)?;
-    Ok(Verified { raw: raw.to_string(), user, tenant, scope, read_only, config: access.config, exp, limits: access.limits, superuser: is_super })
+    Ok(Verified { raw: Raw::new(raw.as_bytes()), user, tenant, scope, read_only, config: access.config, exp, limits: access.limits, superuser: is_super })
 }
 
 /// Data residency: a tenant of `region` is served by this cluster (`pg_tenancy.region` unset,
@@ -224,12 +263,13 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
     let hit = LAST
         .with(|l| l.borrow().as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw).cloned())
         .or_else(|| {
-            CACHE.with(|c| c.borrow().get(raw).and_then(|vs| vs.iter().find(|v| v.user == user)).cloned())
+            let hash = hash_of(raw);
+            CACHE.with(|c| c.borrow().find(hash, |(h, v)| *h == hash && v.user == user && v.raw.as_bytes() == raw).map(|(_, v)| v.clone()))
         });
     if let Some(v) = hit {
         if v.exp.is_some() {
             if let Err(e) = check_expiry(&v, unix_now()) {
-                refused(&e, &v.raw);
+                refused(&e, v.raw.as_str());
                 return Err(e);
             }
         }
@@ -254,12 +294,14 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
     };
     // (the lookup may have taken invalidations: what it read is as of now, the rest is not)
     empty_if_stale();
-    if CACHE_LEN.with(|n| n.get()) >= CACHE_CAPACITY {
-        CACHE.with(|c| c.borrow_mut().clear());
-        CACHE_LEN.with(|n| n.set(0));
-    }
-    CACHE.with(|c| c.borrow_mut().entry(v.raw.as_bytes().to_vec()).or_default().push(v.clone()));
-    CACHE_LEN.with(|n| n.set(n.get() + 1));
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= CACHE_CAPACITY {
+            c.clear();
+        }
+        let hash = hash_of(v.raw.as_bytes());
+        c.insert_unique(hash, (hash, v.clone()), |(h, _)| *h);
+    });
     LAST.with(|l| *l.borrow_mut() = Some(v.clone()));
     Ok(f(&v))
 }
@@ -303,8 +345,12 @@ pub fn session_tenant_for_log() -> String {
     if !token::looks_like_token(&raw) {
         return crate::audit::loggable_tenant(&raw);
     }
+    let hash = hash_of(raw.as_bytes());
     CACHE
-        .with(|c| c.try_borrow().ok().and_then(|c| c.get(raw.as_bytes()).and_then(|vs| vs.first().map(|v| v.tenant.clone()))))
+        .with(|c| {
+            let c = c.try_borrow().ok()?;
+            c.find(hash, |(h, v)| *h == hash && v.raw.as_bytes() == raw.as_bytes()).map(|(_, v)| v.tenant.clone())
+        })
         .unwrap_or_else(|| "(unverified token)".to_string())
 }
 
@@ -387,6 +433,12 @@ pub fn last_verified_tenant<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
         let v = l.as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw)?;
         Some(f(&v.tenant))
     })
+}
+
+/// Whether the last verification made is of `raw` for `user` (set_tenant() tells the setting's
+/// check hook that the value it sets was just verified).
+pub(crate) fn last_is(raw: &[u8], user: pg_sys::Oid) -> bool {
+    LAST.with(|l| l.try_borrow().ok().is_some_and(|l| l.as_ref().is_some_and(|v| v.user == user && v.raw.as_bytes() == raw)))
 }
 
 /// Whether a context value is set at all (not whether it verifies).

@@ -43,9 +43,9 @@ unsafe extern "C" {
 static WARNED: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 /// Who set the current value (see [`Setter`]); kept by the assign hook.
 static SETTER: crate::util::Backend<Cell<Setter>> = crate::util::Backend::new(Cell::new(Setter::Unknown));
-/// While set_tenant() sets a value it just verified for the role calling it: that value and
-/// role (the check hook does not verify them a second time).
-static PREVERIFIED: crate::util::Backend<std::cell::RefCell<Option<(Vec<u8>, pg_sys::Oid)>>> = crate::util::Backend::new(std::cell::RefCell::new(None));
+/// While set_tenant() sets a value it just verified for the role calling it (the last
+/// verification made): the check hook does not verify it a second time.
+static PREVERIFIED: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 
 /// Who set the value in force.
 pub fn setter() -> Setter {
@@ -104,9 +104,8 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
         && !worker
         // SAFETY: a plain read of a backend-global.
         && (crate::util::pg::snapshot_set() || unsafe { !pg_sys::ActivePortal.is_null() });
-    let preverified = PREVERIFIED.with(|p| {
-        p.borrow().as_ref().is_some_and(|(v, r)| v.as_slice() == value && setter == Setter::Role(*r))
-    });
+    let preverified = PREVERIFIED.with(|p| p.get())
+        && matches!(setter, Setter::Role(r) if r == current && super::last_is(value, r));
     let outcome = match setter {
         Setter::Role(_) if preverified && source == PGC_S_SESSION => Ok(()),
         Setter::Role(role) if in_xact && source == PGC_S_SESSION => with_verified(value, role, |_| ()),
@@ -163,14 +162,39 @@ pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, extra: *
 
 /// `set_context` for a value the caller just verified for the current role.
 pub(super) fn set_context_verified(value: &str, session: bool) {
-    PREVERIFIED.with(|p| *p.borrow_mut() = Some((value.as_bytes().to_vec(), crate::util::pg::user())));
-    let _done = crate::util::OnDrop(|| PREVERIFIED.with(|p| *p.borrow_mut() = None));
+    PREVERIFIED.with(|p| p.set(true));
+    let _done = crate::util::OnDrop(|| PREVERIFIED.with(|p| p.set(false)));
     set_context(value, session);
+}
+
+/// `value` NUL-terminated: on the stack when short (every tenant id), else on the heap.
+enum CValue {
+    Short([u8; 128]),
+    Long(CString),
+}
+
+impl CValue {
+    fn new(value: &str) -> CValue {
+        if value.len() < 128 && !value.as_bytes().contains(&0) {
+            let mut b = [0u8; 128];
+            b[..value.len()].copy_from_slice(value.as_bytes());
+            CValue::Short(b)
+        } else {
+            CValue::Long(CString::new(value).unwrap_or_default())
+        }
+    }
+
+    fn as_ptr(&self) -> *const c_char {
+        match self {
+            CValue::Short(b) => b.as_ptr().cast(),
+            CValue::Long(c) => c.as_ptr(),
+        }
+    }
 }
 
 pub(super) fn set_context(value: &str, session: bool) {
     let name = c"pg_tenancy.tenant";
-    let value = CString::new(value).unwrap_or_default();
+    let cvalue = CValue::new(value);
     // SAFETY: valid NUL-terminated strings; errors are raised (elevel ERROR) as PostgreSQL errors.
     unsafe {
         let context = if pg_sys::superuser() {
@@ -182,7 +206,7 @@ pub(super) fn set_context(value: &str, session: bool) {
             if session { pg_sys::GucAction::GUC_ACTION_SET } else { pg_sys::GucAction::GUC_ACTION_LOCAL };
         pg_sys::set_config_option(
             name.as_ptr(),
-            value.as_ptr(),
+            cvalue.as_ptr(),
             context,
             pg_sys::GucSource::PGC_S_SESSION,
             action,
