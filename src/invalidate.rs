@@ -104,8 +104,10 @@ unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     if event == XACT_EVENT_PRE_COMMIT {
-        // SAFETY: a #[pg_guard] function of ours (it may raise: the commit then fails).
-        unsafe { on_pre_commit() };
+        if crate::crypto::shreds_pending() {
+            // SAFETY: a #[pg_guard] function of ours (it may raise: the commit then fails).
+            unsafe { on_pre_commit() };
+        }
     } else if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT) {
         param::forget_runs();
         crate::hooks::forget_inserting();

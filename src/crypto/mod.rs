@@ -242,6 +242,12 @@ fn shred(tenant: &str, confirm: Option<&str>) -> i64 {
 static PENDING_SHREDS: crate::util::Backend<std::cell::RefCell<Vec<(i32, String)>>> =
     crate::util::Backend::new(std::cell::RefCell::new(Vec::new()));
 
+/// Whether this transaction made shreds whose commands run at its commit (a cell read: the
+/// commit of every other transaction does not enter an error boundary for them).
+pub fn shreds_pending() -> bool {
+    PENDING_SHREDS.with(|p| p.try_borrow().map_or(true, |p| !p.is_empty()))
+}
+
 /// At commit: run the key store commands of the shreds this transaction made; one that fails
 /// fails the commit (the shred is rolled back with it).
 pub fn run_pending_shreds() {
