@@ -101,6 +101,7 @@ unsafe extern "C-unwind" fn on_namespace_change(_arg: pg_sys::Datum, _cacheid: c
 
 /// (Called at every transaction event: the common ones return after two comparisons, without
 /// an error boundary; what does work runs in `on_abort`.)
+#[link_section = ".text.hot.pg_tenancy"]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     if event == XACT_EVENT_PRE_COMMIT {

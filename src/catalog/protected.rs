@@ -65,6 +65,7 @@ pub fn any_in_schema(nsp: pg_sys::Oid) -> bool {
 ///
 /// # Safety
 /// `range_table` is a valid range table (List of RangeTblEntry) or NULL.
+#[inline(always)]
 pub unsafe fn cached_any(range_table: *mut pg_sys::List) -> Option<bool> {
     PROTECTED.with(|p| {
         let p = p.try_borrow().ok()?;

@@ -7,6 +7,11 @@
 //! column and constraint fields). pg_tenancy's own work runs before and after that call, in
 //! `#[pg_guard]` functions, which turn a Rust panic into an ERROR.
 //!
+//! The executor and permission hooks (with the transaction callback) live in one section,
+//! `.text.hot.pg_tenancy`, kept together by the linker (.cargo/config.toml): a statement that
+//! passes through them touches a few adjacent cache lines of pg_tenancy's code rather than one
+//! page per hook (0.16 to 0.09-0.11 us per statement on unprotected tables, bench/README.md).
+//!
 //! `ExecutorCheckPerms_hook` (once per statement, before it runs), for each protected table in
 //! the range table:
 //! - with no tenant context, a statement subject to row security is refused (28000) and
@@ -171,6 +176,7 @@ impl Touched {
 // ---------------------------------------------------------------------------------------------
 
 /// (No `#[pg_guard]`: see the module documentation.)
+#[link_section = ".text.hot.pg_tenancy"]
 unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, ereport: bool) -> bool {
     // SAFETY: the previous hook has PostgreSQL's signature; an error it raises passes through.
     unsafe {
@@ -304,6 +310,7 @@ unsafe extern "C-unwind" fn after_planning(stmt: *mut pg_sys::PlannedStmt) {
 // ---------------------------------------------------------------------------------------------
 
 /// (No `#[pg_guard]`: see the module documentation.)
+#[link_section = ".text.hot.pg_tenancy"]
 unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: c_int) {
     // SAFETY: the previous hook or the standard function, with PostgreSQL's arguments; an error
     // either raises passes through. Only Copy values live in this frame.
@@ -459,11 +466,13 @@ unsafe fn protected_results(query_desc: *mut pg_sys::QueryDesc) -> Vec<pg_sys::O
     }
 }
 
+#[link_section = ".text.hot.pg_tenancy"]
 fn inserting() -> bool {
     INSERTING.with(|i| !i.borrow().is_empty())
 }
 
 /// Forget the inserting statements (the transaction ended, or an error ended them).
+#[link_section = ".text.hot.pg_tenancy"]
 pub fn forget_inserting() {
     INSERTING.with(|i| {
         if let Ok(mut i) = i.try_borrow_mut() {
@@ -643,6 +652,7 @@ unsafe extern "C-unwind" fn after_executor_start(query_desc: *mut pg_sys::QueryD
 /// (No `#[pg_guard]`: see the module documentation.) A statement whose tenant parameters were
 /// filled is verified again before it runs again, if grants or tenants changed since: a cursor
 /// runs at every fetch.
+#[link_section = ".text.hot.pg_tenancy"]
 unsafe extern "C-unwind" fn executor_run(
     query_desc: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
@@ -683,6 +693,7 @@ unsafe extern "C-unwind" fn before_executor_run(query_desc: *mut pg_sys::QueryDe
 }
 
 /// (No `#[pg_guard]`: see the module documentation.)
+#[link_section = ".text.hot.pg_tenancy"]
 unsafe extern "C-unwind" fn executor_end(query_desc: *mut pg_sys::QueryDesc) {
     // SAFETY: as in executor_start (forgetting a statement only touches a cell; counting it only
     // atomics in shared memory).
@@ -700,6 +711,7 @@ unsafe extern "C-unwind" fn executor_end(query_desc: *mut pg_sys::QueryDesc) {
 }
 
 /// (No `#[pg_guard]`: see the module documentation.)
+#[link_section = ".text.hot.pg_tenancy"]
 unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
     // SAFETY: as in executor_start.
     unsafe {
