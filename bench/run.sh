@@ -59,6 +59,8 @@ pair "set_tenant() vs set_config()" set_tenant.sql set_config.sql
 echo
 echo "server side only (PL/pgSQL loops, COMMIT per iteration, no network; bench/hotpath.sql):"
 psql -X -q -U bench_app -d "$DB" -f hotpath.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
+echo "set_tenant() vs set_config() of the same setting and of an unverified one (bench/set_tenant_cost.sql):"
+psql -X -q -U bench_app -d "$DB" -v rounds=15 -f set_tenant_cost.sql 2>&1 | grep -v -e '^psql:.*WARNING' -e '^DETAIL'
 
 echo
 echo "encryption (bench/crypto.sh; best of 3 per line):"

@@ -35,8 +35,8 @@ pub fn valid_tenant_id(id: &str) -> bool {
 }
 
 /// A context value as this backend keeps it: inline when it is a tenant id (at most 63 bytes),
-/// on the heap when it is longer (a token). Inline, the cache's comparison of a value reads the
-/// same cache lines as the role it was verified for (bench/README.md, set_tenant).
+/// on the heap when it is longer (a token). Inline, the comparison of the last verification
+/// with the value in place reads the same cache lines as the role it was verified for.
 #[derive(Debug, Clone)]
 enum Raw {
     Inline { len: u8, bytes: [u8; 63] },
@@ -105,11 +105,53 @@ impl Verified {
 /// tenants keeps them all warm (bench/README.md: 1,000 tenants); past this the cache starts over.
 const CACHE_CAPACITY: usize = 4096;
 
-/// Verified context values, each with the hash of its value (FNV-1a; one entry per value and
-/// role). An open-addressing table of (hash, entry): a lookup reads the control bytes, the slot
-/// and the entry it points to, nothing else.
-static CACHE: crate::util::Backend<RefCell<hashbrown::HashTable<(u64, Rc<Verified>)>>> =
+/// Verified context values, one slot per value and role, in one open-addressing table: each
+/// slot is one cache line holding the hash of its value (FNV-1a), the role, whether it expires
+/// and the value itself when it fits (every tenant id up to 42 bytes, UUIDs included), so that a
+/// lookup that only needs to know the value verifies (set_tenant()) reads the control bytes and
+/// one line of one contiguous array, never the entry the slot points to.
+static CACHE: crate::util::Backend<RefCell<hashbrown::HashTable<Slot>>> =
     crate::util::Backend::new(RefCell::new(hashbrown::HashTable::new()));
+
+/// Longest value a slot holds inline.
+const SLOT_INLINE: usize = 42;
+
+#[repr(C, align(64))]
+struct Slot {
+    hash: u64,
+    v: Rc<Verified>,
+    user: pg_sys::Oid,
+    expires: bool,
+    /// Length of the value when inline, else `u8::MAX` (compared through `v`).
+    len: u8,
+    key: [u8; SLOT_INLINE],
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
+
+impl Slot {
+    fn new(hash: u64, v: Rc<Verified>) -> Slot {
+        let raw = v.raw.as_bytes();
+        let mut key = [0u8; SLOT_INLINE];
+        let len = if raw.len() <= SLOT_INLINE {
+            key[..raw.len()].copy_from_slice(raw);
+            raw.len() as u8
+        } else {
+            u8::MAX
+        };
+        Slot { hash, user: v.user, expires: v.exp.is_some(), len, key, v }
+    }
+
+    fn is(&self, hash: u64, raw: &[u8], user: pg_sys::Oid) -> bool {
+        self.hash == hash
+            && self.user == user
+            && if self.len == u8::MAX {
+                self.v.raw.as_bytes() == raw
+            } else {
+                &self.key[..self.len as usize] == raw
+            }
+    }
+}
 
 fn hash_of(raw: &[u8]) -> u64 {
     use std::hash::Hasher;
@@ -264,7 +306,7 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
         .with(|l| l.borrow().as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw).cloned())
         .or_else(|| {
             let hash = hash_of(raw);
-            CACHE.with(|c| c.borrow().find(hash, |(h, v)| *h == hash && v.user == user && v.raw.as_bytes() == raw).map(|(_, v)| v.clone()))
+            CACHE.with(|c| c.borrow().find(hash, |s| s.is(hash, raw, user)).map(|s| s.v.clone()))
         });
     if let Some(v) = hit {
         if v.exp.is_some() {
@@ -300,10 +342,23 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
             c.clear();
         }
         let hash = hash_of(v.raw.as_bytes());
-        c.insert_unique(hash, (hash, v.clone()), |(h, _)| *h);
+        c.insert_unique(hash, Slot::new(hash, v.clone()), |s| s.hash);
     });
     LAST.with(|l| *l.borrow_mut() = Some(v.clone()));
     Ok(f(&v))
+}
+
+/// Whether `raw` verifies for `user`, as [`with_verified`] says, without reading the verified
+/// entry when the cache holds a verification that cannot have expired (set_tenant(): the entry
+/// is read by the first statement that uses the context).
+pub(crate) fn verifies(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
+    empty_if_stale();
+    let hash = hash_of(raw);
+    let hit = CACHE.with(|c| c.borrow().find(hash, |s| s.is(hash, raw, user)).map(|s| !s.expires));
+    if hit == Some(true) {
+        return Ok(());
+    }
+    with_verified(raw, user, |_| ())
 }
 
 /// A context value was refused: record `forbidden_tenant` (configuration errors are not attempts).
@@ -349,7 +404,7 @@ pub fn session_tenant_for_log() -> String {
     CACHE
         .with(|c| {
             let c = c.try_borrow().ok()?;
-            c.find(hash, |(h, v)| *h == hash && v.raw.as_bytes() == raw.as_bytes()).map(|(_, v)| v.tenant.clone())
+            c.find(hash, |s| s.hash == hash && s.v.raw.as_bytes() == raw.as_bytes()).map(|s| s.v.tenant.clone())
         })
         .unwrap_or_else(|| "(unverified token)".to_string())
 }
@@ -435,11 +490,6 @@ pub fn last_verified_tenant<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
     })
 }
 
-/// Whether the last verification made is of `raw` for `user` (set_tenant() tells the setting's
-/// check hook that the value it sets was just verified).
-pub(crate) fn last_is(raw: &[u8], user: pg_sys::Oid) -> bool {
-    LAST.with(|l| l.try_borrow().ok().is_some_and(|l| l.as_ref().is_some_and(|v| v.user == user && v.raw.as_bytes() == raw)))
-}
 
 /// Whether a context value is set at all (not whether it verifies).
 pub fn is_set() -> bool {

@@ -43,9 +43,11 @@ unsafe extern "C" {
 static WARNED: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 /// Who set the current value (see [`Setter`]); kept by the assign hook.
 static SETTER: crate::util::Backend<Cell<Setter>> = crate::util::Backend::new(Cell::new(Setter::Unknown));
-/// While set_tenant() sets a value it just verified for the role calling it (the last
-/// verification made): the check hook does not verify it a second time.
-static PREVERIFIED: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
+/// While set_tenant() sets a value it just verified for the role calling it: that value (in the
+/// function's argument, alive for the call) and that role. The check hook does not verify the
+/// same value for the same role a second time.
+static PREVERIFIED: crate::util::Backend<Cell<Option<(*const u8, usize, pg_sys::Oid)>>> =
+    crate::util::Backend::new(Cell::new(None));
 
 /// Who set the value in force.
 pub fn setter() -> Setter {
@@ -104,8 +106,9 @@ pub unsafe extern "C-unwind" fn check_tenant_guc(
         && !worker
         // SAFETY: a plain read of a backend-global.
         && (crate::util::pg::snapshot_set() || unsafe { !pg_sys::ActivePortal.is_null() });
-    let preverified = PREVERIFIED.with(|p| p.get())
-        && matches!(setter, Setter::Role(r) if r == current && super::last_is(value, r));
+    let preverified = matches!((PREVERIFIED.get(), setter), (Some((p, n, r)), Setter::Role(s))
+        // SAFETY: set_context_verified's value, alive until it returns (it clears this first).
+        if s == current && r == current && unsafe { std::slice::from_raw_parts(p, n) } == value);
     let outcome = match setter {
         Setter::Role(_) if preverified && source == PGC_S_SESSION => Ok(()),
         Setter::Role(role) if in_xact && source == PGC_S_SESSION => with_verified(value, role, |_| ()),
@@ -160,10 +163,10 @@ pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, extra: *
 }
 
 
-/// `set_context` for a value the caller just verified for the current role.
-pub(super) fn set_context_verified(value: &str, session: bool) {
-    PREVERIFIED.with(|p| p.set(true));
-    let _done = crate::util::OnDrop(|| PREVERIFIED.with(|p| p.set(false)));
+/// `set_context` for a value the caller just verified for `user`, the current role.
+pub(super) fn set_context_verified(value: &str, user: pg_sys::Oid, session: bool) {
+    PREVERIFIED.set(Some((value.as_ptr(), value.len(), user)));
+    let _done = crate::util::OnDrop(|| PREVERIFIED.set(None));
     set_context(value, session);
 }
 

@@ -5,7 +5,7 @@ use pgrx::JsonB;
 use pg_tenancy_core::token::{self, TokenError};
 
 use super::setting::{set_context, set_context_verified};
-use super::{load_secret, valid_tenant_id, with_context, with_verified};
+use super::{load_secret, valid_tenant_id, verifies, with_context};
 use crate::error::{OrRaise, TenancyError};
 
 #[no_mangle]
@@ -50,8 +50,9 @@ pub unsafe extern "C-unwind" fn tenancy_set_tenant(fcinfo: pg_sys::FunctionCallI
     }
     // Verified once, here, for the role calling (the setter); the setting's check hook is told
     // it was (see setting::set_context_verified). A plain id is its own tenant: returned as given.
-    with_verified(tenant.as_bytes(), crate::util::pg::user(), |_| ()).or_raise();
-    set_context_verified(tenant, session);
+    let user = crate::util::pg::user();
+    verifies(tenant.as_bytes(), user).or_raise();
+    set_context_verified(tenant, user, session);
     arg
 }
 
