@@ -105,6 +105,32 @@ def test_literals_parameters_and_row_values_are_masked_under_a_context(logged):
     app.close()
 
 
+def test_a_pooled_connection_back_on_a_tenant_is_logged_as_that_tenant(logged):
+    # set_tenant() of a tenant the connection already verified answers from the cache without
+    # touching the verified entry; the log lines of the statements after it still name the tenant
+    other = TENANTS[7]
+    app = connect(user=APP)
+    for t in (T, other, T):
+        run(app, "BEGIN")
+        run(app, "SELECT tenancy.set_tenant(%s)", t)
+        run(app, "COMMIT")
+    m = mark(app)
+    run(app, "SELECT tenancy.set_tenant(%s, true)", other)
+    run(app, "SELECT tenancy.set_tenant(%s, true)", T)
+    assert sqlstate_of(app, "SELECT 1/0 FROM app.lg_plain WHERE v = 'pool-secret-38'") == "22012"
+    run(app, "SELECT tenancy.reset_tenant()")
+    end = mark(app)
+    text = log_since(m)
+    assert end in text
+    assert "pool-secret-38" not in text, text
+    line = next(l for l in text.splitlines() if "statement: SELECT" in l and "FROM app.lg_plain" in l)
+    assert f"[tenant={T}]" in line, (line, text)
+    lines = text.splitlines()
+    error = next(i for i, l in enumerate(lines) if "ERROR:  division by zero" in l)
+    assert lines[error + 1].endswith(f"DETAIL:  tenant={T}"), (lines[error:error + 2], text)
+    app.close()
+
+
 def test_a_session_without_context_on_plain_tables_is_logged_as_is(logged):
     app = connect(user=APP)
     m = mark(app)

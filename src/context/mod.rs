@@ -106,22 +106,25 @@ impl Verified {
 const CACHE_CAPACITY: usize = 4096;
 
 /// Verified context values, one slot per value and role, in one open-addressing table: each
-/// slot is one cache line holding the hash of its value (FNV-1a), the role, whether it expires
-/// and the value itself when it fits (every tenant id up to 42 bytes, UUIDs included), so that a
-/// lookup that only needs to know the value verifies (set_tenant()) reads the control bytes and
-/// one line of one contiguous array, never the entry the slot points to.
+/// slot is one cache line holding the hash of its value (FNV-1a), the role, whether the value is
+/// a plain tenant id (not a token: no expiry), whether the role is a superuser, and the value
+/// itself when it fits (every tenant id up to 41 bytes, UUIDs included), so that set_tenant(),
+/// which only needs to know that a plain id verifies, reads the control bytes and one line of
+/// one contiguous array, never the entry the slot points to.
 static CACHE: crate::util::Backend<RefCell<hashbrown::HashTable<Slot>>> =
     crate::util::Backend::new(RefCell::new(hashbrown::HashTable::new()));
 
 /// Longest value a slot holds inline.
-const SLOT_INLINE: usize = 42;
+const SLOT_INLINE: usize = 41;
 
 #[repr(C, align(64))]
 struct Slot {
     hash: u64,
     v: Rc<Verified>,
     user: pg_sys::Oid,
-    expires: bool,
+    /// A plain tenant id (not a token), so it never expires.
+    plain: bool,
+    superuser: bool,
     /// Length of the value when inline, else `u8::MAX` (compared through `v`).
     len: u8,
     key: [u8; SLOT_INLINE],
@@ -139,7 +142,8 @@ impl Slot {
         } else {
             u8::MAX
         };
-        Slot { hash, user: v.user, expires: v.exp.is_some(), len, key, v }
+        let plain = v.exp.is_none() && !token::looks_like_token(v.raw.as_str());
+        Slot { hash, user: v.user, plain, superuser: v.superuser, len, key, v }
     }
 
     fn is(&self, hash: u64, raw: &[u8], user: pg_sys::Oid) -> bool {
@@ -348,17 +352,14 @@ pub(crate) fn with_verified<R>(raw: &[u8], user: pg_sys::Oid, f: impl FnOnce(&Ve
     Ok(f(&v))
 }
 
-/// Whether `raw` verifies for `user`, as [`with_verified`] says, without reading the verified
-/// entry when the cache holds a verification that cannot have expired (set_tenant(): the entry
-/// is read by the first statement that uses the context).
-pub(crate) fn verifies(raw: &[u8], user: pg_sys::Oid) -> Result<()> {
+/// Whether the cache holds a verification of `raw` as a plain tenant id (not a token: nothing
+/// to re-check) for `user`, and if so whether `user` is a superuser, without reading the
+/// verified entry (set_tenant(): the first statement that uses the context reads it). None
+/// when [`with_verified`] must say.
+pub(crate) fn verified_plain(raw: &[u8], user: pg_sys::Oid) -> Option<bool> {
     empty_if_stale();
     let hash = hash_of(raw);
-    let hit = CACHE.with(|c| c.borrow().find(hash, |s| s.is(hash, raw, user)).map(|s| !s.expires));
-    if hit == Some(true) {
-        return Ok(());
-    }
-    with_verified(raw, user, |_| ())
+    CACHE.with(|c| c.borrow().find(hash, |s| s.plain && s.is(hash, raw, user)).map(|s| s.superuser))
 }
 
 /// A context value was refused: record `forbidden_tenant` (configuration errors are not attempts).
@@ -477,17 +478,20 @@ pub fn resolve() -> Result<Verified> {
     with_context(|v| v.clone())
 }
 
-/// The tenant of the context, if this backend verified the value in place for the role running
-/// now the last time it looked (no query, no check of expiry: for attributing an error report,
-/// where nothing may be run). None otherwise.
+/// The tenant of the context, if this backend holds a verification of the value in place for the
+/// role running now (the last one used, or one in the cache: set_tenant() verifies from the
+/// cache without making it the last one), with no query and no check of expiry: for attributing
+/// an error report or a log line, where nothing may be run. None otherwise.
 pub fn last_verified_tenant<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
     let raw = raw_value()?;
     let user = crate::util::pg::user();
-    LAST.with(|l| {
-        let l = l.try_borrow().ok()?;
-        let v = l.as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw)?;
-        Some(f(&v.tenant))
-    })
+    let v = LAST
+        .with(|l| l.try_borrow().ok()?.as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw).cloned())
+        .or_else(|| {
+            let hash = hash_of(raw);
+            CACHE.with(|c| c.try_borrow().ok()?.find(hash, |s| s.is(hash, raw, user)).map(|s| s.v.clone()))
+        })?;
+    Some(f(&v.tenant))
 }
 
 

@@ -163,11 +163,12 @@ pub unsafe extern "C-unwind" fn on_tenant_assign(newval: *const c_char, extra: *
 }
 
 
-/// `set_context` for a value the caller just verified for `user`, the current role.
-pub(super) fn set_context_verified(value: &str, user: pg_sys::Oid, session: bool) {
+/// `set_context` for a value the caller just verified for `user`, the current role (a superuser
+/// or not, as the verification says).
+pub(super) fn set_context_verified(value: &str, user: pg_sys::Oid, superuser: bool, session: bool) {
     PREVERIFIED.set(Some((value.as_ptr(), value.len(), user)));
     let _done = crate::util::OnDrop(|| PREVERIFIED.set(None));
-    set_context(value, session);
+    set_context_as(value, superuser, session);
 }
 
 /// `value` NUL-terminated: on the stack when short (every tenant id), else on the heap.
@@ -196,11 +197,17 @@ impl CValue {
 }
 
 pub(super) fn set_context(value: &str, session: bool) {
+    // SAFETY: a catalog lookup through the syscache; an error is raised as a PostgreSQL error.
+    set_context_as(value, unsafe { pg_sys::superuser() }, session)
+}
+
+/// Set the setting as the current role, a superuser or not.
+fn set_context_as(value: &str, superuser: bool, session: bool) {
     let name = c"pg_tenancy.tenant";
     let cvalue = CValue::new(value);
     // SAFETY: valid NUL-terminated strings; errors are raised (elevel ERROR) as PostgreSQL errors.
     unsafe {
-        let context = if pg_sys::superuser() {
+        let context = if superuser {
             pg_sys::GucContext::PGC_SUSET
         } else {
             pg_sys::GucContext::PGC_USERSET

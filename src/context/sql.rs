@@ -5,7 +5,7 @@ use pgrx::JsonB;
 use pg_tenancy_core::token::{self, TokenError};
 
 use super::setting::{set_context, set_context_verified};
-use super::{load_secret, valid_tenant_id, verifies, with_context};
+use super::{load_secret, valid_tenant_id, verified_plain, with_context, with_verified};
 use crate::error::{OrRaise, TenancyError};
 
 #[no_mangle]
@@ -26,34 +26,71 @@ pub extern "C" fn pg_finfo_tenancy_set_tenant() -> &'static pg_sys::Pg_finfo_rec
 #[pg_guard]
 pub unsafe extern "C-unwind" fn tenancy_set_tenant(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: two arguments, as declared; a non-null text argument is a valid varlena, detoasted
-    // (copied into the call's memory context when it was toasted or compressed).
-    let (arg, tenant, session) = unsafe {
+    // (copied into the call's memory context) when it is compressed or stored out of line, as
+    // pg_detoast_datum_packed() does.
+    let (arg, bytes, session) = unsafe {
         let args = (*fcinfo).args.as_slice(2);
         if args[0].isnull {
             TenancyError::InvalidArgument("tenant").raise();
         }
-        let text = pg_sys::pg_detoast_datum_packed(args[0].value.cast_mut_ptr());
-        let tenant = std::str::from_utf8(std::slice::from_raw_parts(
-            pgrx::varlena::vardata_any(text).cast::<u8>(),
-            pgrx::varlena::varsize_any_exhdr(text),
-        ))
-        .unwrap_or_else(|_| TenancyError::InvalidTenantId.raise());
-        (pg_sys::Datum::from(text), tenant, !args[1].isnull && args[1].value.value() != 0)
+        let mut text = args[0].value.cast_mut_ptr::<pg_sys::varlena>();
+        if pgrx::varlena::varatt_is_4b_c(text) || pgrx::varlena::varatt_is_1b_e(text) {
+            text = pg_sys::pg_detoast_datum_packed(text);
+        }
+        let bytes =
+            std::slice::from_raw_parts(pgrx::varlena::vardata_any(text).cast::<u8>(), pgrx::varlena::varsize_any_exhdr(text));
+        (pg_sys::Datum::from(text), bytes, !args[1].isnull && args[1].value.value() != 0)
     };
-    if tenant.is_empty() || token::looks_like_token(tenant) {
-        // A token is not a tenant id: refuse rather than guess what the caller meant. (A
-        // malformed id, or an alias such as `007` for `7`, is refused and recorded below.)
-        TenancyError::InvalidTenantId.raise();
-    }
-    if !crate::util::preloaded() {
-        TenancyError::PreloadRequired.raise();
-    }
+    // What is verified, set and compared by the check hook is one copy of the argument, on the
+    // stack (every tenant id fits), not the argument's memory itself.
+    let copy = ArgCopy::new(bytes);
+    let bytes = copy.as_bytes();
+    let user = crate::util::pg::user();
     // Verified once, here, for the role calling (the setter); the setting's check hook is told
     // it was (see setting::set_context_verified). A plain id is its own tenant: returned as given.
-    let user = crate::util::pg::user();
-    verifies(tenant.as_bytes(), user).or_raise();
-    set_context_verified(tenant, user, session);
+    let (tenant, superuser) = match verified_plain(bytes, user) {
+        // SAFETY: the bytes equal a value verified as a plain tenant id, which is UTF-8.
+        Some(superuser) => (unsafe { std::str::from_utf8_unchecked(bytes) }, superuser),
+        None => {
+            let tenant = std::str::from_utf8(bytes).unwrap_or_else(|_| TenancyError::InvalidTenantId.raise());
+            if tenant.is_empty() || token::looks_like_token(tenant) {
+                // A token is not a tenant id: refuse rather than guess what the caller meant. (A
+                // malformed id, or an alias such as `007` for `7`, is refused and recorded below.)
+                TenancyError::InvalidTenantId.raise();
+            }
+            if !crate::util::preloaded() {
+                TenancyError::PreloadRequired.raise();
+            }
+            (tenant, with_verified(bytes, user, |v| v.superuser).or_raise())
+        }
+    };
+    set_context_verified(tenant, user, superuser, session);
     arg
+}
+
+/// A copy of set_tenant()'s argument: on the stack when short (every tenant id), else on the heap.
+enum ArgCopy {
+    Short(u8, [u8; 127]),
+    Long(Vec<u8>),
+}
+
+impl ArgCopy {
+    fn new(b: &[u8]) -> ArgCopy {
+        if b.len() <= 127 {
+            let mut a = [0u8; 127];
+            a[..b.len()].copy_from_slice(b);
+            ArgCopy::Short(b.len() as u8, a)
+        } else {
+            ArgCopy::Long(b.to_vec())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            ArgCopy::Short(n, a) => &a[..*n as usize],
+            ArgCopy::Long(v) => v,
+        }
+    }
 }
 
 /// Enter the tenant named by a signed token (HS256 JWT) for the transaction or the session.
