@@ -18,6 +18,7 @@ DECLARE
         'tenancy.writable_tenant()',
         'tenancy.has_tenant()',
         'tenancy.tenant_scope()',
+        'tenancy.schema_version()',
         'tenancy.flag(text)',
         'tenancy.config(text)',
         'tenancy.valid_tenant_id(text)',

@@ -64,6 +64,9 @@ CREATE TABLE tenancy.tenants (
                 CHECK (status IN ('active', 'read_only', 'suspended', 'offboarded')),
     config      jsonb       NOT NULL DEFAULT '{}'
                 CONSTRAINT tenants_config_check CHECK (jsonb_typeof(config) = 'object'),
+    -- the version of the last migration applied for the tenant (tenancy.migrate; 0: none)
+    schema_version integer  NOT NULL DEFAULT 0
+                CONSTRAINT tenants_schema_version_check CHECK (schema_version >= 0),
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -221,6 +224,45 @@ COMMENT ON TABLE tenancy.protected_tables IS
 SELECT pg_catalog.pg_extension_config_dump('tenancy.tenants', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.grants', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');
+
+-- Versioned migrations applied by tenant cohorts (tenancy.migrate, sql/migrations.sql): `up`
+-- once before any tenant moves (expand), `per_tenant` in each tenant's context and transaction,
+-- `down` per tenant when it moves back, `cleanup` once when no tenant is left on the version,
+-- `contract` once when every tenant has moved. run_as: the role the per-tenant steps run as.
+CREATE TABLE tenancy.migrations (
+    name          text        PRIMARY KEY
+                  CONSTRAINT migrations_name_check CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    version       integer     NOT NULL UNIQUE CONSTRAINT migrations_version_check CHECK (version > 0),
+    up            text        NOT NULL,
+    per_tenant    text,
+    down          text,
+    cleanup       text,
+    contract      text,
+    run_as        regrole,
+    -- the search_path every step runs with (NULL: pg_catalog, pg_temp; names qualified)
+    search_path   text,
+    created_by    regrole,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    expanded_at   timestamptz,
+    contracted_at timestamptz
+);
+COMMENT ON TABLE tenancy.migrations IS
+    'Versioned migrations applied by tenant cohorts (tenancy.migrate); tenants.schema_version points at the last one applied.';
+-- One row per migration and tenant: applied, failed (with the SQLSTATE only: an error message can
+-- hold row values) or rolled back; attempts counts the runs that reached the tenant.
+CREATE TABLE tenancy.migration_ledger (
+    migration    text        NOT NULL REFERENCES tenancy.migrations (name) ON DELETE CASCADE,
+    tenant       text        NOT NULL REFERENCES tenancy.tenants (id) ON DELETE CASCADE,
+    state        text        NOT NULL
+                 CONSTRAINT migration_ledger_state_check CHECK (state IN ('applied', 'failed', 'rolled_back')),
+    attempts     integer     NOT NULL DEFAULT 1,
+    sqlstate     text,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (migration, tenant)
+);
+SELECT pg_catalog.pg_extension_config_dump('tenancy.migrations', '');
+SELECT pg_catalog.pg_extension_config_dump('tenancy.migration_ledger', '');
 
 -- Tenant keys, only ever stored wrapped by the master key (whose identity, a hash, is kek_id).
 -- kind 'data' encrypts; kind 'index' keys tenancy.blind_index() and is not rotated with data keys.

@@ -103,6 +103,7 @@ extension_sql_file!(
         crypto::rotate_key,
     ]
 );
+extension_sql_file!("../sql/migrations.sql", name = "migrations", requires = ["usage"]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]

@@ -5,6 +5,7 @@ superuser, nor BYPASSRLS: a test run as the owner would pass for the wrong reaso
 """
 import os
 import shutil
+import time
 import uuid
 
 import psycopg2
@@ -123,3 +124,14 @@ def sqlstate_of(conn, sql, *args):
 
 def unique(prefix="c"):
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_for_server():
+    """After a kill -9 of a backend: wait until the server has restarted and takes connections."""
+    for _ in range(300):
+        try:
+            connect().close()
+            return
+        except psycopg2.OperationalError:
+            time.sleep(0.1)
+    pytest.fail("the server did not come back")

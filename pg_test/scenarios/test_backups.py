@@ -14,7 +14,7 @@ import time
 import psycopg2
 import pytest
 
-from conftest import APP, DB, OWNER, PORT, ROOT, SOCK, connect, new_key_file, run, sqlstate_of
+from conftest import APP, DB, OWNER, PORT, ROOT, SOCK, connect, new_key_file, run, sqlstate_of, wait_for_server
 
 BACKUP_DIR = f"{ROOT}/backups"
 TABLES = ["app.bk_orders", "app.bk_lines", "app.bk_events"]
@@ -371,16 +371,6 @@ def test_the_paused_tenant_cannot_write_and_a_restore_waits_for_writes_under_way
     assert run(su, "SELECT count(*) FROM app.bk_orders WHERE tenant_id = 'bk-b' AND item IN ('in flight', 'during')") == [(0,)]
     assert run(su, "SELECT status FROM tenancy.tenants WHERE id = 'bk-b'") == [("active",)]
     w.close(), app.close(), su.close()
-
-
-def wait_for_server():
-    for _ in range(300):
-        try:
-            connect().close()
-            return
-        except psycopg2.OperationalError:
-            time.sleep(0.1)
-    pytest.fail("the server did not come back")
 
 
 def test_kill_9_in_the_middle_of_a_restore_leaves_live_data_as_it_was(bk):

@@ -139,7 +139,7 @@ def test_no_planted_object_ever_runs(planted):
         for sql in ["SELECT tenancy.current_tenant()", "SELECT tenancy.writable_tenant()",
                     "SELECT tenancy.tenant_scope()", "SELECT tenancy.flag('x')", "SELECT tenancy.config('x')",
                     "SELECT tenancy.active_key_version()", "SELECT tenancy.blind_index('a@b.c')",
-                    "SELECT tenancy.has_tenant()"]:
+                    "SELECT tenancy.has_tenant()", "SELECT tenancy.schema_version()"]:
             run(app, sql)
         for i in range(20):
             c = run(app, "SELECT tenancy.encrypt(%s::text, 'ctx')", f"v{i}")[0][0]

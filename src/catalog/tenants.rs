@@ -87,6 +87,20 @@ pub fn tenant_region(tenant: &str) -> Result<Option<String>> {
     Ok(one(&TENANT_REGION, &[arg(tenant)], |r| r.get::<String>(1))?.flatten())
 }
 
+const SCHEMA_VERSION: Stmt = Stmt {
+    sql: "SELECT schema_version FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1",
+    args: &[pg_sys::TEXTOID],
+    who: Who::Owner,
+    fresh: true,
+};
+
+/// The tenant's schema version as of the statement's snapshot (None: no such tenant). Read at
+/// each call rather than kept with the verification: a migration moves one tenant per
+/// transaction, and sending every backend an invalidation for each would cost more than this.
+pub fn schema_version(tenant: &str) -> Result<Option<i32>> {
+    Ok(one(&SCHEMA_VERSION, &[arg(tenant)], |r| r.get::<i32>(1))?.flatten())
+}
+
 const TENANT_EXISTS: Stmt = Stmt {
     sql: "SELECT EXISTS (SELECT 1 FROM tenancy.tenants WHERE id OPERATOR(pg_catalog.=) $1)",
     args: &[pg_sys::TEXTOID],

@@ -133,6 +133,14 @@ fn writable_tenant() -> String {
     r.or_raise()
 }
 
+/// The current tenant's schema version: the version of the last migration applied for it
+/// (tenancy.migrate; 0 when none). Raises as current_tenant() does without a usable context.
+#[pg_extern(stable, parallel_safe)]
+fn schema_version() -> i32 {
+    let tenant = with_context(|v| v.tenant.clone()).or_raise();
+    crate::catalog::tenants::schema_version(&tenant).or_raise().unwrap_or(0)
+}
+
 /// Whether a usable tenant context is set (never raises for a missing or refused context).
 #[pg_extern(stable, parallel_safe)]
 fn has_tenant() -> bool {
