@@ -29,7 +29,7 @@ BEGIN
             CASE (round + j) % 3
             WHEN 0 THEN
                 v := v + 1;
-                PERFORM tenancy.add_migration('mb-noop-' || v, v, 'SELECT 1');
+                PERFORM tenancy.add_migration('mb-noop-' || v, v, 'SELECT 1', ddl_as => 'mb_owner');
                 COMMIT;
                 t0 := clock_timestamp();
                 CALL tenancy.migrate('mb-noop-' || v, NULL, rep);
@@ -37,7 +37,7 @@ BEGIN
             WHEN 1 THEN
                 v := v + 1;
                 PERFORM tenancy.add_migration('mb-touch-' || v, v, 'SELECT 1',
-                    per_tenant => 'UPDATE mb.orders SET v = v + 1', run_as => 'mb_app');
+                    per_tenant => 'UPDATE mb.orders SET v = v + 1', run_as => 'mb_app', ddl_as => 'mb_owner');
                 COMMIT;
                 t0 := clock_timestamp();
                 CALL tenancy.migrate('mb-touch-' || v, NULL, rep);

@@ -9,7 +9,9 @@
 --
 -- The procedures commit between tenants, so they take no SET clause: every name and operator
 -- in them is qualified, and the work is done by functions that pin their search_path. A
--- migration's own SQL runs with the migration's search_path (NULL: pg_catalog, pg_temp).
+-- migration's own SQL never runs as the superuser who calls: `up`, `cleanup` and `contract` run
+-- as `ddl_as`, the per-tenant steps as `run_as`, each in a security-restricted operation with
+-- the migration's search_path, pg_temp last (tenancy._run_step, src/migrations.rs).
 
 -- A tenant's bucket for percentage cohorts, 0..99, the same on every server and version (md5).
 CREATE FUNCTION tenancy._bucket(id text) RETURNS integer
@@ -84,7 +86,7 @@ $$;
 CREATE FUNCTION tenancy.add_migration(name text, version integer, up text, per_tenant text DEFAULT NULL,
                                       down text DEFAULT NULL, cleanup text DEFAULT NULL,
                                       contract text DEFAULT NULL, run_as regrole DEFAULT NULL,
-                                      search_path text DEFAULT NULL) RETURNS void
+                                      ddl_as regrole DEFAULT NULL, search_path text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     top integer;
@@ -113,14 +115,18 @@ BEGIN
                 HINT = 'Row security confines each per-tenant step to its tenant only for a role it applies to.';
         END IF;
     END IF;
+    IF add_migration.ddl_as IS NULL OR EXISTS (SELECT 1 FROM pg_authid a WHERE a.oid = add_migration.ddl_as AND a.rolsuper) THEN
+        RAISE EXCEPTION 'a migration needs ddl_as, a role that is not a superuser' USING ERRCODE = '22023',
+            HINT = 'ddl_as is the role up, cleanup and contract run as: the owner of the tables they change. A superuser''s rights would run whatever its objects hold (triggers, functions) with them.';
+    END IF;
     IF add_migration.search_path IS NOT NULL THEN
         PERFORM set_config('search_path', add_migration.search_path, true);   -- (checks its syntax)
         PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);
     END IF;
-    INSERT INTO tenancy.migrations (name, version, up, per_tenant, down, cleanup, contract, run_as, search_path, created_by)
+    INSERT INTO tenancy.migrations (name, version, up, per_tenant, down, cleanup, contract, run_as, ddl_as, search_path, created_by)
     VALUES (add_migration.name, add_migration.version, add_migration.up, add_migration.per_tenant,
             add_migration.down, add_migration.cleanup, add_migration.contract, add_migration.run_as,
-            add_migration.search_path, current_user::regrole);
+            add_migration.ddl_as, add_migration.search_path, current_user::regrole);
 END
 $$;
 
@@ -157,45 +163,41 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT COALESCE(max(x.version), 0) FROM tenancy.migrations x WHERE x.version < _prev_version.version
 $$;
 
--- Run `sql` with the migration's search_path (the caller's function pins its own again after).
-CREATE FUNCTION tenancy._run_step(m tenancy.migrations, sql text) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    PERFORM set_config('search_path', COALESCE(m.search_path, 'pg_catalog, pg_temp'), true);
-    EXECUTE sql;
-END
-$$;
-
--- Run `sql` in `tenant`'s context as the migration's run_as, with the migration's search_path;
--- the role and the context are put back after it (an error rolls them back with the step's
--- subtransaction). run_as is a safety net for mistakes in a superuser's own SQL (row security
--- keeps the step in its tenant), not a sandbox: that SQL could RESET ROLE.
+-- Run a per-tenant step in `tenant`'s context as the migration's run_as (tenancy._run_step:
+-- a security-restricted operation, the context pinned, every setting undone after it).
 CREATE FUNCTION tenancy._run_in_tenant(m tenancy.migrations, tenant text, sql text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    role name := (SELECT a.rolname FROM pg_authid a WHERE a.oid = m.run_as);
-    prev_role text := current_setting('role');
-    prev_tenant text := COALESCE(current_setting('pg_tenancy.tenant', true), '');
     context text := tenant;
 BEGIN
-    IF role IS NULL THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_authid a WHERE a.oid = m.run_as) THEN
         RAISE EXCEPTION 'the migration''s run_as role does not exist' USING ERRCODE = '42704',
             HINT = 'Register the migration again with a role that exists.';
     END IF;
-    -- the context for run_as (verified for it): in signed mode a token, minted here for the
-    -- step (ten minutes), since a plain id is refused there to every role but superusers
+    -- (checked again at every step: the role may have been altered since the migration was added)
+    IF EXISTS (SELECT 1 FROM pg_authid a WHERE a.oid = m.run_as AND (a.rolsuper OR a.rolbypassrls)) THEN
+        RAISE EXCEPTION 'run_as may not be a superuser or bypass row security' USING ERRCODE = '22023',
+            HINT = 'Row security confines each per-tenant step to its tenant only for a role it applies to.';
+    END IF;
+    -- in signed mode a token, minted for the step (one minute): a plain id is refused there to
+    -- every role but superusers
     IF current_setting('pg_tenancy.context_mode') = 'signed' THEN
         context := tenancy._sign_token(jsonb_build_object(current_setting('pg_tenancy.tenant_claim'), tenant,
-                                                          'exp', extract(epoch FROM now())::bigint + 600));
+                                                          'exp', extract(epoch FROM now())::bigint + 60));
     END IF;
-    PERFORM set_config('role', role, true);
-    PERFORM set_config('pg_tenancy.tenant', context, true);
-    PERFORM set_config('search_path', COALESCE(m.search_path, 'pg_catalog, pg_temp'), true);
-    EXECUTE sql;
-    -- (the search_path is the migration's until this function returns)
-    PERFORM pg_catalog.set_config('role', 'none', true);
-    PERFORM pg_catalog.set_config('role', prev_role, true);
-    PERFORM pg_catalog.set_config('pg_tenancy.tenant', prev_tenant, true);
+    PERFORM tenancy._run_step(m.run_as::oid, context, m.search_path, sql, false);
+END
+$$;
+
+-- Run an up, cleanup or contract step as the migration's ddl_as, with no tenant context.
+CREATE FUNCTION tenancy._run_ddl(m tenancy.migrations, sql text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_authid a WHERE a.oid = m.ddl_as AND NOT a.rolsuper) THEN
+        RAISE EXCEPTION 'the migration''s ddl_as role does not exist or is a superuser' USING ERRCODE = '22023',
+            HINT = 'Register the migration again with the owner of the tables it changes as ddl_as.';
+    END IF;
+    PERFORM tenancy._run_step(m.ddl_as::oid, NULL, m.search_path, sql, true);
 END
 $$;
 
@@ -226,7 +228,7 @@ BEGIN
             DETAIL = format('Version %s is not expanded.', prev),
             HINT = 'Migrations apply in version order: migrate the previous one first.';
     END IF;
-    PERFORM tenancy._run_step(m, m.up);
+    PERFORM tenancy._run_ddl(m, m.up);
     UPDATE tenancy.migrations x SET expanded_at = clock_timestamp(), contracted_at = NULL WHERE x.name = migration;
     RETURN true;
 END
@@ -320,7 +322,7 @@ BEGIN
         RETURN false;
     END IF;
     IF m.cleanup IS NOT NULL THEN
-        PERFORM tenancy._run_step(m, m.cleanup);
+        PERFORM tenancy._run_ddl(m, m.cleanup);
     END IF;
     UPDATE tenancy.migrations x SET expanded_at = NULL WHERE x.name = migration;
     RETURN true;
@@ -417,7 +419,7 @@ BEGIN
         RETURN;
     END IF;
     IF m.contract IS NOT NULL THEN
-        PERFORM tenancy._run_step(m, m.contract);
+        PERFORM tenancy._run_ddl(m, m.contract);
     END IF;
     UPDATE tenancy.migrations x SET contracted_at = clock_timestamp() WHERE x.name = migration;
 END

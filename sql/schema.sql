@@ -228,7 +228,8 @@ SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');
 -- Versioned migrations applied by tenant cohorts (tenancy.migrate, sql/migrations.sql): `up`
 -- once before any tenant moves (expand), `per_tenant` in each tenant's context and transaction,
 -- `down` per tenant when it moves back, `cleanup` once when no tenant is left on the version,
--- `contract` once when every tenant has moved. run_as: the role the per-tenant steps run as.
+-- `contract` once when every tenant has moved. run_as: the role the per-tenant steps run as;
+-- ddl_as: the role the others run as (src/migrations.rs: never as the superuser calling).
 CREATE TABLE tenancy.migrations (
     name          text        PRIMARY KEY
                   CONSTRAINT migrations_name_check CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
@@ -239,7 +240,9 @@ CREATE TABLE tenancy.migrations (
     cleanup       text,
     contract      text,
     run_as        regrole,
-    -- the search_path every step runs with (NULL: pg_catalog, pg_temp; names qualified)
+    -- the role up, cleanup and contract run as (the owner of what they change; not a superuser)
+    ddl_as        regrole     NOT NULL,
+    -- the search_path every step runs with, pg_temp last (NULL: pg_catalog; names qualified)
     search_path   text,
     created_by    regrole,
     created_at    timestamptz NOT NULL DEFAULT now(),

@@ -107,6 +107,8 @@ pub enum TenancyError {
     LimitExceeded(&'static str, String, String),
     #[error("invalid meter name")]
     InvalidMeter,
+    #[error("the tenant context cannot change during a migration step")]
+    StepContext,
 }
 
 impl TenancyError {
@@ -115,6 +117,7 @@ impl TenancyError {
         match self {
             TenancyError::NoContext => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION, // 28000
             TenancyError::NotPermitted
+            | TenancyError::StepContext
             | TenancyError::ReadScope
             | TenancyError::SignedModeRequired
             | TenancyError::Denied(_) => ERRCODE_INSUFFICIENT_PRIVILEGE, // 42501
@@ -228,6 +231,9 @@ tenancy.set_limit(tenant, ...) or moves it to another plan with tenancy.alter_te
         match self {
             TenancyError::LimitExceeded(..) => "",
             TenancyError::InvalidMeter => "For example tenancy.meter('webhook_events', 1).",
+            TenancyError::StepContext => {
+                "A migration's per-tenant step runs in its tenant's context only, and its up, cleanup and contract steps in none."
+            }
             TenancyError::NoContext => {
                 "Call tenancy.set_tenant(...) or tenancy.set_tenant_token(...) in this transaction."
             }

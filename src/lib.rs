@@ -25,6 +25,7 @@ pub mod error;
 pub mod gucs;
 pub mod hooks;
 pub mod invalidate;
+pub mod migrations;
 pub mod protect;
 pub mod stats;
 pub mod usage;
@@ -103,7 +104,7 @@ extension_sql_file!(
         crypto::rotate_key,
     ]
 );
-extension_sql_file!("../sql/migrations.sql", name = "migrations", requires = ["usage"]);
+extension_sql_file!("../sql/migrations.sql", name = "migrations", requires = ["usage", migrations::_run_step]);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]

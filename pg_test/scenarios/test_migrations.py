@@ -42,8 +42,8 @@ def mg(database):
 
 def add_cents(su, per_tenant="UPDATE app.mg_orders SET cents = amount * 100", **kw):
     run(su, "SELECT tenancy.add_migration('mg-cents', 1, 'ALTER TABLE app.mg_orders ADD COLUMN cents int', "
-            "per_tenant => %s, down => %s, cleanup => 'ALTER TABLE app.mg_orders DROP COLUMN cents', run_as => %s)",
-        per_tenant, kw.get("down", "UPDATE app.mg_orders SET cents = NULL"), APP)
+            "per_tenant => %s, down => %s, cleanup => 'ALTER TABLE app.mg_orders DROP COLUMN cents', run_as => %s, ddl_as => %s)",
+        per_tenant, kw.get("down", "UPDATE app.mg_orders SET cents = NULL"), APP, OWNER)
 
 
 def migrate(su, name, cohort=None):
@@ -105,7 +105,7 @@ def test_versions_apply_in_order(mg):
     su = mg
     add_cents(su)
     run(su, "SELECT tenancy.add_migration('mg-note', 2, 'ALTER TABLE app.mg_orders ADD COLUMN note text', "
-            "per_tenant => 'UPDATE app.mg_orders SET note = ''v2''', run_as => %s)", APP)
+            "per_tenant => 'UPDATE app.mg_orders SET note = ''v2''', run_as => %s, ddl_as => %s)", APP, OWNER)
     # version 2 before version 1 is expanded: refused
     assert sqlstate_of(su, "CALL tenancy.migrate('mg-note')") == "55000"
     migrate(su, "mg-cents", '{"tenants": ["mg-a"]}')
@@ -243,17 +243,22 @@ def test_bad_input_and_who_may(mg):
     for cohort in ('[]', '{"tenant": ["mg-a"]}', '{"tenants": "mg-a"}', '{"percent": 120}', '{"plan": 3}'):
         assert sqlstate_of(su, "CALL tenancy.migrate('mg-cents', %s)", cohort) == "22023", cohort
     assert sqlstate_of(su, "CALL tenancy.migrate('mg-cents', '{\"tenants\": [\"mg-a\", \"nosuch\"]}')") == "42704"
-    assert sqlstate_of(su, "SELECT tenancy.add_migration('mg-again', 1, 'SELECT 1')") == "22023"     # version
-    assert sqlstate_of(su, "SELECT tenancy.add_migration('Bad Name', 5, 'SELECT 1')") == "22023"
-    assert sqlstate_of(su, "SELECT tenancy.add_migration('mg-x', 5, 'SELECT 1', per_tenant => 'SELECT 1')") == "22023"
-    assert sqlstate_of(su, "SELECT tenancy.add_migration('mg-x', 5, 'SELECT 1', per_tenant => 'SELECT 1', run_as => 'postgres')") == "22023"
+    o = f"ddl_as => '{OWNER}'"
+    assert sqlstate_of(su, f"SELECT tenancy.add_migration('mg-again', 1, 'SELECT 1', {o})") == "22023"     # version
+    assert sqlstate_of(su, f"SELECT tenancy.add_migration('Bad Name', 5, 'SELECT 1', {o})") == "22023"
+    assert sqlstate_of(su, f"SELECT tenancy.add_migration('mg-x', 5, 'SELECT 1', per_tenant => 'SELECT 1', {o})") == "22023"
+    assert sqlstate_of(su, f"SELECT tenancy.add_migration('mg-x', 5, 'SELECT 1', per_tenant => 'SELECT 1', run_as => 'postgres', {o})") == "22023"
+    # the DDL steps never run as a superuser: ddl_as is required, and not a superuser
+    assert sqlstate_of(su, "SELECT tenancy.add_migration('mg-x', 5, 'SELECT 1')") == "22023"
+    assert sqlstate_of(su, "SELECT tenancy.add_migration('mg-x', 5, 'SELECT 1', ddl_as => 'postgres')") == "22023"
     # a procedure that commits between tenants: not inside a transaction block
     su.autocommit = False
     assert sqlstate_of(su, "CALL tenancy.migrate('mg-cents')") == "2D000"
     su.autocommit = True
     # the application role runs none of it and reads none of it
     for sql in ("CALL tenancy.migrate('mg-cents')", "CALL tenancy.rollback_migration('mg-cents')",
-                "SELECT tenancy.add_migration('mg-y', 9, 'SELECT 1')", "SELECT tenancy.contract_migration('mg-cents')",
+                "SELECT tenancy.add_migration('mg-y', 9, 'SELECT 1', ddl_as => 'scn_app')", "SELECT tenancy.contract_migration('mg-cents')",
+                "SELECT tenancy._run_step(0, NULL, NULL, 'SELECT 1', false)",
                 "SELECT * FROM tenancy.cohort()", "SELECT * FROM tenancy.migrations",
                 "SELECT * FROM tenancy.migration_ledger"):
         assert sqlstate_of(app, sql) == "42501", sql
@@ -299,3 +304,85 @@ def test_every_tenant_column_but_the_pointer_invalidates_verifications(mg):
     finally:
         run(su, "SELECT tenancy.set_status('mg-d', 'active')")
     app.close()
+
+
+def test_run_as_is_checked_again_at_each_step(mg):
+    su = mg
+    run(su, "DROP ROLE IF EXISTS mg_runner")
+    run(su, "CREATE ROLE mg_runner")
+    run(su, "GRANT USAGE ON SCHEMA app TO mg_runner")
+    run(su, "GRANT SELECT, UPDATE ON app.mg_orders TO mg_runner")
+    for t in MG:
+        run(su, "SELECT tenancy.grant_tenant('mg_runner', %s, 'read_write')", t)
+    run(su, "SELECT tenancy.add_migration('mg-cents', 1, 'ALTER TABLE app.mg_orders ADD COLUMN cents int', "
+            "per_tenant => 'UPDATE app.mg_orders SET cents = amount * 100', run_as => 'mg_runner', ddl_as => %s)", OWNER)
+    # made a role row security does not apply to after the migration was registered: no step runs
+    run(su, "ALTER ROLE mg_runner BYPASSRLS")
+    try:
+        r = migrate(su, "mg-cents", COHORT)
+        assert (r["applied"], r["failed"]) == (0, len(MG)), r
+        assert run(su, "SELECT DISTINCT sqlstate FROM tenancy.migration_ledger WHERE tenant = ANY (%s)", MG) == [("22023",)]
+        assert cents(su) == {t: 0 for t in MG}
+    finally:
+        run(su, "ALTER ROLE mg_runner NOBYPASSRLS")
+    r = migrate(su, "mg-cents", COHORT)
+    assert r["applied"] == len(MG), r
+    run(su, "DELETE FROM tenancy.migrations")
+    for t in MG:
+        run(su, "SELECT tenancy.revoke_tenant('mg_runner', %s)", t)
+    run(su, "DROP OWNED BY mg_runner")
+    run(su, "DROP ROLE mg_runner")
+
+
+def test_a_step_cannot_leave_its_role_its_tenant_or_the_migration(mg):
+    # the steps run in a security-restricted operation as their role: no way back to the
+    # superuser who called migrate(), no other tenant's rows, nothing left in the session
+    su = mg
+    own = connect(user=OWNER)
+    run(own, "CREATE TABLE app.mg_who (step text, who text)")
+    run(own, f"GRANT INSERT ON app.mg_who TO {APP}")
+    # a trigger the owner put on a table the up step changes runs as the owner, not as the superuser
+    run(own, """CREATE FUNCTION app.mg_note() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN INSERT INTO app.mg_who VALUES ('trigger', current_user); RETURN NULL; END $$""")
+    run(own, "CREATE TABLE app.mg_settings (v text)")
+    run(own, "CREATE TRIGGER mg_note AFTER INSERT ON app.mg_settings FOR EACH STATEMENT EXECUTE FUNCTION app.mg_note()")
+    own.close()
+    run(su, "SELECT tenancy.add_migration('mg-cents', 1, 'INSERT INTO app.mg_settings VALUES (''v1''); "
+            "INSERT INTO app.mg_who VALUES (''up'', current_user)', "
+            "per_tenant => 'INSERT INTO app.mg_who VALUES (''step'', current_user)', run_as => %s, ddl_as => %s)", APP, OWNER)
+    before = run(su, "SELECT current_user, current_setting('search_path')")
+    r = migrate(su, "mg-cents", '{"tenants": ["mg-a"]}')
+    assert r["applied"] == 1, r
+    assert sorted(run(su, "SELECT step, who FROM app.mg_who")) == sorted([("trigger", OWNER), ("up", OWNER), ("step", APP)])
+    assert run(su, "SELECT current_user, current_setting('search_path')") == before
+    # what a step may not do: each one fails its tenant (nothing of it kept), the SQLSTATE recorded
+    attempts = {
+        "mg-b": "RESET ROLE; DELETE FROM app.mg_orders",
+        "mg-c": "SELECT set_config('role', 'none', false); DELETE FROM app.mg_orders",
+        "mg-d": "SELECT set_config('pg_tenancy.tenant', 'mg-a', true); DELETE FROM app.mg_orders",
+        "mg-e": "CREATE TEMP TABLE mg_shadow (v text)",
+        "mg-f": "RESET pg_tenancy.tenant; DELETE FROM app.mg_orders",
+    }
+    run(su, "DELETE FROM tenancy.migrations")
+    run(su, "UPDATE tenancy.tenants SET schema_version = 0 WHERE id = ANY (%s)", MG)
+    for v, (t, sql) in enumerate(sorted(attempts.items()), start=1):
+        run(su, "SELECT tenancy.add_migration(%s, %s, 'SELECT 1', per_tenant => %s, run_as => %s, ddl_as => %s)",
+            f"mg-bad-{v}", v, sql, APP, OWNER)
+        run(su, "UPDATE tenancy.tenants SET schema_version = %s WHERE id = %s", v - 1, t)
+        r = migrate(su, f"mg-bad-{v}", f'{{"tenants": ["{t}"]}}')
+        assert r["failed"] == 1, (t, sql, r)
+        code = run(su, "SELECT sqlstate FROM tenancy.migration_ledger WHERE tenant = %s", t)[0][0]
+        assert code in ("42501", "28000"), (t, sql, code)
+    # no tenant lost a row, and the caller's session is as it was
+    assert dict(run(su, "SELECT tenant_id, count(*) FROM app.mg_orders GROUP BY 1")) == {t: 5 for t in MG}
+    assert run(su, "SELECT current_user, current_setting('search_path')") == before
+    assert run(su, "SELECT count(*) FROM pg_class WHERE relname = 'mg_shadow'") == [(0,)]
+    # a session-level SET in a step does not outlive it
+    run(su, "SELECT tenancy.add_migration('mg-set', 10, 'SELECT 1', per_tenant => 'SET search_path = app', run_as => %s, ddl_as => %s)", APP, OWNER)
+    run(su, "UPDATE tenancy.tenants SET schema_version = 5 WHERE id = 'mg-a'")
+    assert migrate(su, "mg-set", '{"tenants": ["mg-a"]}')["applied"] == 1
+    assert run(su, "SELECT current_setting('search_path')") == [(before[0][1],)]
+    own = connect(user=OWNER)
+    run(own, "DROP TABLE app.mg_who, app.mg_settings")
+    run(own, "DROP FUNCTION app.mg_note()")
+    own.close()

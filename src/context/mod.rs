@@ -171,6 +171,16 @@ static LAST: crate::util::Backend<RefCell<Option<Rc<Verified>>>> = crate::util::
 static STALE: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 /// See `generation`.
 static GENERATION: crate::util::Backend<Cell<u64>> = crate::util::Backend::new(Cell::new(0));
+/// While a migration step runs (crate::migrations): the only context value its statements may
+/// use (empty: none), whatever the setting is changed to by SET, set_config() or RESET.
+static STEP_PIN: crate::util::Backend<RefCell<Option<Vec<u8>>>> = crate::util::Backend::new(RefCell::new(None));
+
+/// Pin the context to `value` (None: no context) until the returned guard is dropped.
+pub fn pin_context(value: Option<&str>) -> crate::util::OnDrop<impl FnMut()> {
+    STEP_PIN.with(|p| *p.borrow_mut() = Some(value.unwrap_or("").as_bytes().to_vec()));
+    crate::util::OnDrop(|| STEP_PIN.with(|p| *p.borrow_mut() = None))
+}
+
 /// Refusals are not recorded (a look at the context that is not an attempt to use it).
 static QUIET: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 
@@ -460,6 +470,10 @@ pub fn with_context<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
 fn with_context_as_of_now<R>(f: impl FnOnce(&Verified) -> R) -> Result<R> {
     if !crate::util::preloaded() {
         return Err(TenancyError::PreloadRequired);
+    }
+    let pinned = STEP_PIN.with(|p| p.borrow().as_ref().map(|pin| raw_value().unwrap_or(b"") != pin.as_slice()));
+    if pinned == Some(true) {
+        return Err(TenancyError::StepContext);
     }
     let raw = raw_value().ok_or(TenancyError::NoContext)?;
     let user = crate::util::pg::user();
