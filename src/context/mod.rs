@@ -171,7 +171,7 @@ static LAST: crate::util::Backend<RefCell<Option<Rc<Verified>>>> = crate::util::
 static STALE: crate::util::Backend<Cell<bool>> = crate::util::Backend::new(Cell::new(false));
 /// See `generation`.
 static GENERATION: crate::util::Backend<Cell<u64>> = crate::util::Backend::new(Cell::new(0));
-/// While a migration step runs (crate::migrations): the only context value its statements may
+/// While a migration step runs (src/migrations.rs): the only context value its statements may
 /// use (empty: none), whatever the setting is changed to by SET, set_config() or RESET.
 static STEP_PIN: crate::util::Backend<RefCell<Option<Vec<u8>>>> = crate::util::Backend::new(RefCell::new(None));
 
