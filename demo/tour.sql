@@ -165,3 +165,18 @@ SELECT status FROM tenancy.unlock('acme');
 \echo '-- the same figures as Prometheus scrapes them (tenancy.metrics(), or the HTTP endpoint):'
 SELECT line FROM regexp_split_to_table(tenancy.metrics(), E'\n') AS line
  WHERE line ~ '^pg_tenancy_(statements_total|limit_refusals_total|meter_used|alert_active)\{tenant="acme"';
+
+\echo '== 12. A migration by tenant cohort: expand once, then tenant by tenant (each in its own transaction, in its context, as the application role), with a ledger and a pointer'
+\connect - postgres
+SELECT tenancy.add_migration('orders-cents', 1, up => 'ALTER TABLE shop.orders ADD COLUMN cents bigint',
+    per_tenant => 'UPDATE shop.orders SET cents = amount * 100', down => 'UPDATE shop.orders SET cents = NULL',
+    cleanup => 'ALTER TABLE shop.orders DROP COLUMN cents', run_as => 'demo_app', ddl_as => 'demo_owner');
+\echo '-- the first cohort: acme alone (the step has no WHERE: row security keeps it in its tenant)'
+CALL tenancy.migrate('orders-cents', '{"tenants": ["acme"]}');
+SELECT tenant_id, count(*) AS rows, count(cents) AS migrated FROM shop.orders GROUP BY 1 ORDER BY 1;
+\echo '-- then everyone: acme is not migrated twice'
+CALL tenancy.migrate('orders-cents');
+SELECT migration, tenant, state, attempts FROM tenancy.migration_ledger ORDER BY tenant;
+\echo '-- acme back to the version before (its down step), globex stays on the new one'
+CALL tenancy.rollback_migration('orders-cents', '{"tenants": ["acme"]}');
+SELECT id, schema_version FROM tenancy.tenants ORDER BY id;

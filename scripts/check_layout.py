@@ -26,7 +26,7 @@ FLOORS = [
     {"audit"},
     {"context"},
     {"crypto", "protect", "usage"},
-    {"backup"},
+    {"backup", "migrations"},
     {"hooks", "invalidate"},
 ]
 SQL_WORDS = re.compile(r"\b(SELECT|INSERT INTO|UPDATE|DELETE FROM|CREATE|ALTER TABLE|DROP|WITH)\b")

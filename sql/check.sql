@@ -384,6 +384,24 @@ WITH prot AS (
      WHERE EXISTS (SELECT 1 FROM tenancy.change_capture WHERE disabled_at IS NULL)
        AND current_setting('track_commit_timestamp') = 'off'
     UNION ALL
+    -- migrations by cohort: tenants whose step failed, and roles that can no longer run steps
+    SELECT 'WARNING', 'migration ' || l.migration,
+           format('%s tenant(s) failed its per-tenant step (SQLSTATE %s); they stay on the version before',
+                  count(*), string_agg(DISTINCT l.sqlstate, ', ' ORDER BY l.sqlstate)),
+           format('SELECT tenant, sqlstate FROM tenancy.migration_ledger WHERE migration = %L AND state = ''failed''; -- then CALL tenancy.migrate(%L, ...) again', l.migration, l.migration)
+      FROM tenancy.migration_ledger l
+     WHERE l.state = 'failed'
+     GROUP BY l.migration
+    UNION ALL
+    SELECT 'ERROR', 'migration ' || m.name,
+           'its ddl_as or run_as role no longer exists, is a superuser, or (run_as) bypasses row security: its steps are refused',
+           'Register the migration again (tenancy.add_migration) with roles that are neither.'
+      FROM tenancy.migrations m
+     WHERE m.contracted_at IS NULL
+       AND (NOT EXISTS (SELECT 1 FROM pg_authid a WHERE a.oid = m.ddl_as AND NOT a.rolsuper)
+            OR (m.run_as IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM pg_authid a WHERE a.oid = m.run_as AND NOT a.rolsuper AND NOT a.rolbypassrls)))
+    UNION ALL
     SELECT 'INFO', 'setting pg_tenancy.context_mode',
            'the tenant context can be set with a plain tenant id (open mode)',
            'ALTER SYSTEM SET pg_tenancy.context_mode = ''signed''; -- once the gateway mints tokens'

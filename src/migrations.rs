@@ -51,6 +51,9 @@ fn _run_step(role: pg_sys::Oid, context: Option<&str>, search_path: Option<&str>
 }
 
 /// Set a setting for the step (undone with its nest level).
+///
+/// # Safety
+/// Called inside the step's GUC nest level, in a transaction.
 unsafe fn set(name: &str, value: &str) {
     let (name, value) = (CString::new(name).unwrap_or_default(), CString::new(value).unwrap_or_default());
     // SAFETY: NUL-terminated strings; an invalid value raises as a PostgreSQL error.

@@ -386,3 +386,19 @@ def test_a_step_cannot_leave_its_role_its_tenant_or_the_migration(mg):
     run(own, "DROP TABLE app.mg_who, app.mg_settings")
     run(own, "DROP FUNCTION app.mg_note()")
     own.close()
+
+
+def test_check_reports_failed_tenants_and_unusable_roles(mg):
+    su = mg
+    run(su, "UPDATE app.mg_orders SET amount = 31 WHERE tenant_id = 'mg-c' AND id = 2")
+    add_cents(su, per_tenant="UPDATE app.mg_orders SET cents = 100 / (amount - 31)")
+    migrate(su, "mg-cents", '{"tenants": ["mg-b", "mg-c"]}')
+    rows = run(su, "SELECT severity, problem FROM tenancy.check() WHERE object = 'migration mg-cents'")
+    assert rows == [("WARNING", "1 tenant(s) failed its per-tenant step (SQLSTATE 22012); they stay on the version before")], rows
+    run(su, "DROP ROLE IF EXISTS mg_gone")
+    run(su, "CREATE ROLE mg_gone")
+    run(su, "SELECT tenancy.add_migration('mg-gone', 2, 'SELECT 1', ddl_as => 'mg_gone')")
+    run(su, "DROP ROLE mg_gone")
+    assert run(su, "SELECT severity FROM tenancy.check() WHERE object = 'migration mg-gone'") == [("ERROR",)]
+    # and its steps are refused, with a message that says why
+    assert sqlstate_of(su, "CALL tenancy.migrate('mg-gone')") == "22023"
