@@ -4,8 +4,10 @@
 //! AUTHORIZATION back to the superuser who called `migrate()`, and it cannot create temporary
 //! objects that would outlive it in that session. Every setting it changes, `SET` without
 //! `LOCAL` included, is rolled back when it ends. Its tenant context is pinned: a statement
-//! under any other value is refused (42501), whatever the setting is changed to. On an error,
-//! the (sub)transaction's abort restores the role and the settings.
+//! under any other value is refused (42501), whatever the setting is changed to. The guard and
+//! the audit log judge the step's role, not the superuser the session started as
+//! (`util::acting_role`). On an error, the (sub)transaction's abort restores the role and the
+//! settings. Not undone: session-level advisory locks the step takes or releases.
 use pgrx::prelude::*;
 use std::ffi::CString;
 
@@ -39,6 +41,7 @@ fn _run_step(role: pg_sys::Oid, context: Option<&str>, search_path: Option<&str>
         set("pg_tenancy.tenant", context.unwrap_or(""));
         {
             let _pin = crate::context::pin_context(context);
+            let _role = crate::util::step_as(role);
             Spi::run(sql).unwrap_or_else(|e| {
                 pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string(), "pg_tenancy")
                     .report(PgLogLevel::ERROR);

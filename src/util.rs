@@ -172,6 +172,29 @@ pub mod pg {
     }
 }
 
+/// While a migration step runs (src/migrations.rs): the role it runs as. The session's outer
+/// user is then still the superuser who called `migrate()`; the checks that judge "the role the
+/// session acts as" must judge the step's role instead ([`acting_role`]).
+static STEP_ROLE: Backend<std::cell::Cell<pgrx::pg_sys::Oid>> =
+    Backend::new(std::cell::Cell::new(pgrx::pg_sys::InvalidOid));
+
+/// Mark a migration step as running as `role` until the returned guard is dropped.
+pub fn step_as(role: pgrx::pg_sys::Oid) -> OnDrop<impl FnMut()> {
+    STEP_ROLE.set(role);
+    OnDrop(|| STEP_ROLE.set(pgrx::pg_sys::InvalidOid))
+}
+
+/// The role the session acts as: `GetOuterUserId()` (SET ROLE's, not the owner of a SECURITY
+/// DEFINER function that happens to run), or, during a migration step, the step's role.
+pub fn acting_role() -> pgrx::pg_sys::Oid {
+    let step = STEP_ROLE.get();
+    if step != pgrx::pg_sys::InvalidOid {
+        step
+    } else {
+        pg::outer_user()
+    }
+}
+
 /// Backend state in a plain `static`. PostgreSQL runs each backend as a single-threaded process
 /// and pg_tenancy starts no thread that touches this state (the master key command's reader
 /// threads touch only their pipe), so no second thread ever sees it; and unlike `thread_local!`

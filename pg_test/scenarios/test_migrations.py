@@ -402,3 +402,46 @@ def test_check_reports_failed_tenants_and_unusable_roles(mg):
     assert run(su, "SELECT severity FROM tenancy.check() WHERE object = 'migration mg-gone'") == [("ERROR",)]
     # and its steps are refused, with a message that says why
     assert sqlstate_of(su, "CALL tenancy.migrate('mg-gone')") == "22023"
+
+
+def test_the_guard_judges_the_steps_role_not_the_superuser_who_calls(mg):
+    # owner code a step reaches (here a SECURITY DEFINER function of the owner's) plants a
+    # restrictive policy that would copy every tenant's rows out: the guard refuses it as it
+    # refuses the owner, though the session started as the superuser who called migrate()
+    su = mg
+    own = connect(user=OWNER)
+    run(own, "CREATE TABLE app.mg_loot (x text)")
+    run(own, "GRANT INSERT, SELECT ON app.mg_loot TO PUBLIC")
+    run(own, """CREATE FUNCTION app.mg_spy(r app.mg_orders) RETURNS bool LANGUAGE plpgsql COST 0.0001
+                AS $$ BEGIN INSERT INTO app.mg_loot VALUES (r::text); RETURN true; END $$""")
+    run(own, """CREATE FUNCTION app.mg_plant() RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+                SET search_path = app, pg_catalog AS $$ BEGIN
+                EXECUTE 'CREATE POLICY mg_leak ON app.mg_orders AS RESTRICTIVE FOR SELECT USING (app.mg_spy(mg_orders))';
+                END $$""")
+    run(own, f"GRANT EXECUTE ON FUNCTION app.mg_plant() TO {APP}")
+    assert sqlstate_of(own, "SELECT app.mg_plant()") == "42501"      # the owner itself: refused
+    mark = run(su, "SELECT coalesce(max(id), 0) FROM tenancy.audit_log")[0][0]
+    try:
+        run(su, "SELECT tenancy.add_migration('mg-plant', 1, 'SELECT 1', per_tenant => 'SELECT app.mg_plant()', "
+                "run_as => %s, ddl_as => %s)", APP, OWNER)
+        r = migrate(su, "mg-plant", '{"tenants": ["mg-a"]}')
+        assert r["failed"] == 1, r
+        assert run(su, "SELECT sqlstate FROM tenancy.migration_ledger WHERE tenant = 'mg-a'") == [("42501",)]
+        # and through the up step, run as ddl_as
+        run(su, "SELECT tenancy.add_migration('mg-plant-up', 2, 'SELECT app.mg_plant()', ddl_as => %s)", OWNER)
+        run(su, "UPDATE tenancy.tenants SET schema_version = 1 WHERE id = 'mg-b'")
+        assert sqlstate_of(su, "CALL tenancy.migrate('mg-plant-up', '{\"tenants\": [\"mg-b\"]}')") == "42501"
+        assert run(su, "SELECT count(*) FROM pg_policy WHERE polname = 'mg_leak'") == [(0,)]
+        assert run(su, "SELECT count(*) FROM app.mg_loot") == [(0,)]
+        # the refusals are recorded against the step's role, never the superuser's
+        for _ in range(100):
+            roles = {r for (r,) in run(su, "SELECT role FROM tenancy.audit_log WHERE id > %s AND event = 'policy_tamper'", mark)}
+            if len(roles) >= 2:
+                break
+            time.sleep(0.05)
+        assert roles == {OWNER, APP}, roles
+    finally:
+        run(own, "DROP FUNCTION app.mg_plant()")
+        run(own, "DROP FUNCTION app.mg_spy(app.mg_orders)")
+        run(own, "DROP TABLE app.mg_loot")
+        own.close()

@@ -189,8 +189,9 @@ fn current_role() -> String {
     // SAFETY: syscache lookup of the current user id; noerr = true.
     unsafe {
         // The role the session acts as (after SET ROLE), not the owner of a SECURITY DEFINER
-        // function that happens to be running (the guard's event triggers are such functions).
-        let n = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), true);
+        // function that happens to be running (the guard's event triggers are such functions);
+        // during a migration step, the step's role.
+        let n = pg_sys::GetUserNameFromId(crate::util::acting_role(), true);
         if n.is_null() {
             String::new()
         } else {

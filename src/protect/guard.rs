@@ -663,10 +663,10 @@ fn _invoker_is_superuser() -> bool {
     invoker_is_superuser()
 }
 
-/// See `_invoker_is_superuser`.
+/// See `_invoker_is_superuser` (during a migration step: the step's role, never a superuser).
 pub(super) fn invoker_is_superuser() -> bool {
     // SAFETY: reads the role's catalog entry.
-    unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) }
+    unsafe { pg_sys::superuser_arg(crate::util::acting_role()) }
 }
 
 /// Whether the guard is on (`pg_tenancy.guard`). The guard's event triggers ask this first: the
