@@ -502,8 +502,12 @@ pub fn last_verified_tenant<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
     let v = LAST
         .with(|l| l.try_borrow().ok()?.as_ref().filter(|v| v.user == user && v.raw.as_bytes() == raw).cloned())
         .or_else(|| {
+            // (a plain id's verification from the cache, unless an invalidation has come since)
+            if STALE.get() {
+                return None;
+            }
             let hash = hash_of(raw);
-            CACHE.with(|c| c.try_borrow().ok()?.find(hash, |s| s.is(hash, raw, user)).map(|s| s.v.clone()))
+            CACHE.with(|c| c.try_borrow().ok()?.find(hash, |s| s.plain && s.is(hash, raw, user)).map(|s| s.v.clone()))
         })?;
     Some(f(&v.tenant))
 }

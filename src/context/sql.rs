@@ -45,6 +45,9 @@ pub unsafe extern "C-unwind" fn tenancy_set_tenant(fcinfo: pg_sys::FunctionCallI
     // stack (every tenant id fits), not the argument's memory itself.
     let copy = ArgCopy::new(bytes);
     let bytes = copy.as_bytes();
+    if !crate::util::preloaded() {
+        TenancyError::PreloadRequired.raise();
+    }
     let user = crate::util::pg::user();
     // Verified once, here, for the role calling (the setter); the setting's check hook is told
     // it was (see setting::set_context_verified). A plain id is its own tenant: returned as given.
@@ -57,9 +60,6 @@ pub unsafe extern "C-unwind" fn tenancy_set_tenant(fcinfo: pg_sys::FunctionCallI
                 // A token is not a tenant id: refuse rather than guess what the caller meant. (A
                 // malformed id, or an alias such as `007` for `7`, is refused and recorded below.)
                 TenancyError::InvalidTenantId.raise();
-            }
-            if !crate::util::preloaded() {
-                TenancyError::PreloadRequired.raise();
             }
             (tenant, with_verified(bytes, user, |v| v.superuser).or_raise())
         }
