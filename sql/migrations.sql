@@ -7,8 +7,8 @@
 -- when there is one), then `cleanup` undoes `up` once no tenant is left on the version;
 -- `contract` runs once every tenant has moved. Superusers only (privileges.sql).
 --
--- The procedures commit between tenants, so they take no SET clause: every name and operator
--- in them is qualified, and the work is done by functions that pin their search_path. A
+-- The procedures commit between tenants, so they take no SET clause: every name, type and
+-- operator in them is qualified, and the work is done by functions that pin their search_path. A
 -- migration's own SQL never runs as the superuser who calls: `up`, `cleanup` and `contract` run
 -- as `ddl_as`, the per-tenant steps as `run_as`, each in a security-restricted operation with
 -- the migration's search_path, pg_temp last (tenancy._run_step, src/migrations.rs).
@@ -350,10 +350,10 @@ $$;
 CREATE PROCEDURE tenancy.migrate(migration text, cohort jsonb DEFAULT NULL, INOUT report jsonb DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
-    t text;
-    tenants text[];
-    counts jsonb := '{"applied": 0, "already": 0, "failed": 0, "blocked": 0, "busy": 0}'::pg_catalog.jsonb;
-    started timestamptz := pg_catalog.clock_timestamp();
+    t pg_catalog.text;
+    tenants pg_catalog.text[];
+    counts pg_catalog.jsonb := '{"applied": 0, "already": 0, "failed": 0, "blocked": 0, "busy": 0}'::pg_catalog.jsonb;
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
 BEGIN
     PERFORM tenancy._expand(migration);
     tenants := tenancy._cohort_array(cohort);
@@ -372,11 +372,11 @@ $$;
 CREATE PROCEDURE tenancy.rollback_migration(migration text, cohort jsonb DEFAULT NULL, INOUT report jsonb DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
-    t text;
-    tenants text[];
-    counts jsonb := '{"rolled_back": 0, "not_on_version": 0, "failed": 0, "busy": 0}'::pg_catalog.jsonb;
-    started timestamptz := pg_catalog.clock_timestamp();
-    cleaned boolean;
+    t pg_catalog.text;
+    tenants pg_catalog.text[];
+    counts pg_catalog.jsonb := '{"rolled_back": 0, "not_on_version": 0, "failed": 0, "busy": 0}'::pg_catalog.jsonb;
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    cleaned pg_catalog.bool;
 BEGIN
     tenants := tenancy._cohort_array(cohort);
     IF tenancy._has_down(migration) THEN

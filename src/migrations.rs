@@ -37,11 +37,12 @@ fn _run_step(role: pg_sys::Oid, context: Option<&str>, search_path: Option<&str>
         let nest = pg_sys::NewGUCNestLevel();
         let restricted = (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32;
         pg_sys::SetUserIdAndSecContext(role, sec | restricted);
+        // (from here on, a refusal, the context's included, is recorded against the step's role)
+        let step = crate::util::step_as(role);
         set("search_path", &path);
         set("pg_tenancy.tenant", context.unwrap_or(""));
         {
             let _pin = crate::context::pin_context(context);
-            let _role = crate::util::step_as(role);
             Spi::run(sql).unwrap_or_else(|e| {
                 pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, e.to_string(), "pg_tenancy")
                     .report(PgLogLevel::ERROR);
@@ -49,6 +50,7 @@ fn _run_step(role: pg_sys::Oid, context: Option<&str>, search_path: Option<&str>
             });
         }
         pg_sys::AtEOXact_GUC(false, nest);
+        drop(step);
         pg_sys::SetUserIdAndSecContext(user, sec);
     }
 }
